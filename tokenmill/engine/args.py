@@ -1,0 +1,133 @@
+"""User-facing engine arguments, shared by the offline API, the CLI and the server."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokenmill.config import CacheConfig, SchedulerConfig, parse_dtype, parse_memory
+
+_AUTO = "auto"
+
+
+@dataclass
+class EngineArgs:
+    """Everything a user may set when creating an engine; ``None``/"auto" = pick a default."""
+
+    model: str | None = None  # None = the bundled SmolLM2-135M-Instruct GGUF
+    tokenizer: str | None = None  # defaults to the model's own tokenizer
+    load_format: str = _AUTO  # auto | safetensors | gguf | dummy
+    dtype: str = _AUTO  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
+    device: str = _AUTO  # auto | cpu | cuda | cuda:N
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory: int | str | None = None  # bytes or "2GiB"
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None  # exact block count (tests); overrides the budget
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"
+    attention_backend: str = _AUTO  # auto | torch | triton
+    seed: int = 0
+    num_threads: int | None = None  # CPU threads for torch; default: all cores
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def resolved_device(self) -> torch.device:
+        if self.device == _AUTO:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == _AUTO:
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = parse_dtype(self.dtype)
+        if dtype == torch.float16 and device.type == "cpu":
+            raise ValueError("float16 is supported on GPU only; use float32 or bfloat16 on CPU")
+        return dtype
+
+    def resolved_backend(self, device: torch.device) -> str:
+        if self.attention_backend == _AUTO:
+            return "triton" if device.type == "cuda" else "torch"
+        return self.attention_backend
+
+    def cache_config(self) -> CacheConfig:
+        memory = parse_memory(self.kv_cache_memory) if self.kv_cache_memory is not None else None
+        return CacheConfig(
+            block_size=self.block_size,
+            kv_cache_memory=memory,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            enable_prefix_caching=self.enable_prefix_caching,
+            num_gpu_blocks_override=self.num_kv_blocks,
+        )
+
+    def scheduler_config(self, model_max_len: int, device: torch.device) -> SchedulerConfig:
+        max_len = self.max_model_len or model_max_len
+        if self.max_model_len and self.max_model_len > model_max_len:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's context length "
+                f"{model_max_len}"
+            )
+        max_seqs = self.max_num_seqs or (256 if device.type == "cuda" else 64)
+        budget = self.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+        if not self.enable_chunked_prefill:
+            budget = max(budget, max_len)
+        return SchedulerConfig(
+            max_num_batched_tokens=budget,
+            max_num_seqs=max_seqs,
+            max_model_len=max_len,
+            policy=self.scheduling_policy,  # type: ignore[arg-type]
+            enable_chunked_prefill=self.enable_chunked_prefill,
+        )
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
+        unknown = set(kwargs) - cls.field_names()
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> "EngineArgs":
+        return cls(**{k: getattr(args, k) for k in cls.field_names() if hasattr(args, k)})
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        """Add the engine flags to a CLI (sub)command."""
+        g = parser.add_argument_group("engine")
+        g.add_argument("--model", default=None,
+                       help="HF model directory, .gguf file, or config dir with "
+                            "--load-format dummy (default: bundled SmolLM2-135M-Instruct)")
+        g.add_argument("--tokenizer", default=None, help="tokenizer directory or .gguf file")
+        g.add_argument("--load-format", default=_AUTO,
+                       choices=[_AUTO, "safetensors", "gguf", "dummy"])
+        g.add_argument("--dtype", default=_AUTO,
+                       help="auto | float32 | bfloat16 | float16 (GPU only)")
+        g.add_argument("--device", default=_AUTO, help="auto | cpu | cuda | cuda:N")
+        g.add_argument("--max-model-len", type=int, default=None)
+        g.add_argument("--block-size", type=int, default=16)
+        g.add_argument("--kv-cache-memory", default=None,
+                       help="KV-cache budget, e.g. 2GiB (CPU default 1GiB)")
+        g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        g.add_argument("--num-kv-blocks", type=int, default=None, help=argparse.SUPPRESS)
+        g.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
+                       action="store_false", help="disable automatic prefix caching")
+        g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help="token budget per step (default 2048 CPU / 8192 GPU)")
+        g.add_argument("--max-num-seqs", type=int, default=None,
+                       help="max sequences per step (default 64 CPU / 256 GPU)")
+        g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill",
+                       action="store_false")
+        g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+        g.add_argument("--attention-backend", default=_AUTO, choices=[_AUTO, "torch", "triton"])
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--num-threads", type=int, default=None,
+                       help="CPU threads for the forward pass (default: all cores)")

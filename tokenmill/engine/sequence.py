@@ -1,0 +1,85 @@
+"""Engine-internal state of one generated sequence (one of a request's ``n`` samples)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from tokenmill.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Tokens, progress and scheduling attributes of one sequence.
+
+    ``token_ids`` holds the prompt followed by the generated tokens;
+    ``num_computed_tokens`` of them have K/V in the cache. The scheduler's one
+    rule is to give each sequence ``num_tokens - num_computed_tokens`` more
+    tokens to compute, as the step's budget allows.
+    """
+
+    seq_id: str
+    request_id: str
+    index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    arrival_time: float
+    arrival_order: int
+    priority: int = 0
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (first schedule)
+    num_preemptions: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    generator: torch.Generator | None = None
+    # Output-side state, owned by the engine's output processor.
+    detokenizer: Any = None
+    text: str = ""
+    logprobs: list[Any] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    sent_text_len: int = 0
+    sent_token_len: int = 0
+    sent_logprob_len: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while prompt (or recomputed) tokens remain to be computed."""
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    def sort_key(self, policy: str) -> tuple:
+        """Queue order: smaller is served first."""
+        if policy == "priority":
+            return (self.priority, self.arrival_time, self.arrival_order)
+        return (self.arrival_time, self.arrival_order)

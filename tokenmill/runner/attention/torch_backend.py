@@ -1,0 +1,129 @@
+"""Reference attention backend in plain PyTorch; runs on CPU and GPU.
+
+Decodes (one query token per request) are batched: K/V are gathered from the
+paged cache through the block tables and masked past each sequence's length.
+Prefill chunks are handled one request at a time with
+``scaled_dot_product_attention`` (a fused kernel that does not keep the full
+score matrix) over the cached prefix plus the new tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.runner.attention.base import AttentionMetadata
+
+
+def write_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter new K/V rows into their cache slots; slots < 0 are padding."""
+    n = slot_mapping.shape[0]
+    k, v = k[:n], v[:n]
+    if n and bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    flat_k.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    flat_v.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Contiguous [length, kv_heads, head_dim] view of one sequence's cached K or V."""
+    block_size = cache.shape[1]
+    nblocks = (length + block_size - 1) // block_size
+    blocks = cache.index_select(0, block_table[:nblocks].long())
+    return blocks.reshape(-1, *cache.shape[2:])[:length]
+
+
+class TorchAttentionBackend:
+    """Paged attention with stock PyTorch operations."""
+
+    name = "torch"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.zeros_like(q)
+        if meta.num_seqs == 0:
+            return out
+        if meta.is_decode_only:
+            b = meta.num_seqs
+            out[:b] = self._decode(q[:b], k_cache, v_cache, meta, scale)
+            return out
+        qsl = meta.query_start_loc_cpu
+        for i, seq_len in enumerate(meta.seq_lens_cpu):
+            start, end = qsl[i], qsl[i + 1]
+            if end == start:
+                continue
+            out[start:end] = self._prefill_one(
+                q[start:end], k_cache, v_cache, meta.block_tables[i], seq_len, scale
+            )
+        return out
+
+    @staticmethod
+    def _prefill_one(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_len: int,
+        scale: float,
+    ) -> torch.Tensor:
+        q_len = q.shape[0]
+        keys = gather_kv(k_cache, block_table, seq_len).to(q.dtype)
+        values = gather_kv(v_cache, block_table, seq_len).to(q.dtype)
+        # [heads, tokens, dim] layout for SDPA; GQA handled by enable_gqa.
+        qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
+        if q_len == seq_len:
+            o = F.scaled_dot_product_attention(
+                qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True
+            )
+        else:
+            # Query j sits at absolute position seq_len - q_len + j (bottom-right causal).
+            qpos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+            kpos = torch.arange(seq_len, device=q.device)
+            mask = kpos[None, :] <= qpos[:, None]
+            o = F.scaled_dot_product_attention(
+                qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
+            )
+        return o.transpose(0, 1)
+
+    @staticmethod
+    def _decode(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        b, num_heads, head_dim = q.shape
+        block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+        group = num_heads // num_kv_heads
+        nblocks = (meta.max_seq_len + block_size - 1) // block_size
+        table = meta.block_tables[:b, :nblocks].long()
+        # [B, L, kv_heads, D] with L = nblocks * block_size, masked past seq_len.
+        keys = k_cache[table].reshape(b, -1, num_kv_heads, head_dim).to(q.dtype)
+        values = v_cache[table].reshape(b, -1, num_kv_heads, head_dim).to(q.dtype)
+        qg = q.view(b, num_kv_heads, group, head_dim)
+        scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale
+        length = keys.shape[1]
+        valid = torch.arange(length, device=q.device)[None, :] < meta.seq_lens[:b, None]
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.einsum("bhgl,blhd->bhgd", probs, values)
+        return out.reshape(b, num_heads, head_dim)
