@@ -1,0 +1,236 @@
+"""Building blocks of Llama-family decoders: RMSNorm, rotary embedding, SwiGLU.
+
+Every function here works on flattened token batches (``[T, ...]``): the engine
+packs the new tokens of all scheduled requests into one dimension, so there is
+no batch axis and positions come from an explicit tensor instead of
+``arange(seq_len)``.
+
+Numerics follow Hugging Face ``transformers`` on purpose (float32 variance in
+RMSNorm, float32 rotary angles cast to the activation dtype) so that logits can
+be compared with it at tight tolerances.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, with an optional fused residual add.
+
+    ``forward(x)`` returns the normalised ``x``. ``forward(x, residual)`` first
+    forms ``x + residual`` (the new residual stream) and returns
+    ``(norm(x + residual), x + residual)``; decoder layers use this to carry the
+    residual stream without an extra pass over memory.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(
+            torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        variance = x32.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x32 * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def rope_inv_freq(
+    head_dim: int, rope_theta: float, rope_scaling: Mapping[str, Any] | None = None
+) -> torch.Tensor:
+    """Inverse frequencies (float32, ``[head_dim // 2]``) of the rotary embedding.
+
+    Supports the default RoPE and Llama 3.1's frequency-dependent scaling
+    (``rope_type == "llama3"``: long wavelengths divided by ``factor``, short
+    ones kept, a smooth blend in between). The arithmetic mirrors
+    ``transformers`` step by step so the float32 values are bit-identical.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (rope_theta**exponents)
+    if not rope_scaling:
+        return inv_freq
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if kind in (None, "default"):
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3)")
+    factor = rope_scaling["factor"]
+    low_freq_factor = rope_scaling["low_freq_factor"]
+    high_freq_factor = rope_scaling["high_freq_factor"]
+    old_context_len = rope_scaling["original_max_position_embeddings"]
+
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dimension (HF / GPT-NeoX layout)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding with a precomputed cos/sin table.
+
+    The table holds ``[max_positions, head_dim]`` cos and sin values (angles
+    computed in float32, then stored in the module's dtype, which is what
+    ``transformers`` does per call). It is indexed by the positions tensor, so
+    tokens of different requests at different positions share one gather.
+    ``ensure_length`` grows the table when a longer context shows up; it takes
+    a host-side integer so the forward pass never syncs with the device.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_positions: int,
+        rope_theta: float = 10000.0,
+        rope_scaling: Mapping[str, Any] | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        # A plain attribute, not a buffer: module.to(bfloat16) must not round it.
+        self.inv_freq = rope_inv_freq(head_dim, rope_theta, rope_scaling)
+        cos, sin = self._table(max_positions, self.inv_freq.to(device))
+        dtype = dtype or torch.get_default_dtype()
+        # Buffers (not persistent: derived from the config, never in a checkpoint) so
+        # that module.to() moves them with the weights.
+        self.register_buffer("cos_cache", cos.to(dtype), persistent=False)
+        self.register_buffer("sin_cache", sin.to(dtype), persistent=False)
+
+    @staticmethod
+    def _table(length: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(length, device=inv_freq.device).float()
+        freqs = positions[:, None] * inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos(), angles.sin()
+
+    @property
+    def max_positions(self) -> int:
+        return self.cos_cache.shape[0]
+
+    def ensure_length(self, length: int) -> None:
+        """Make the table cover positions ``< length`` (doubling to amortise growth)."""
+        if length <= self.max_positions:
+            return
+        new_length = max(length, 2 * self.max_positions)
+        cos, sin = self._table(new_length, self.inv_freq.to(self.cos_cache.device))
+        self.cos_cache = cos.to(self.cos_cache.dtype)
+        self.sin_cache = sin.to(self.sin_cache.dtype)
+
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather ``[T, 1, head_dim]`` cos and sin for the positions (once per step)."""
+        cos = self.cos_cache[positions].to(dtype).unsqueeze(1)
+        sin = self.sin_cache[positions].to(dtype).unsqueeze(1)
+        return cos, sin
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q`` [T, heads, head_dim] and ``k`` [T, kv_heads, head_dim]."""
+        return apply_rotary(q, k, *self.cos_sin(positions, q.dtype))
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q``/``k`` ``[T, heads, head_dim]`` by precomputed ``[T, 1, head_dim]`` tables."""
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused ``[..., 2 * inter]`` gate/up projection: silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class Linear(nn.Module):
+    """``y = x @ weight.T + bias`` with uninitialised storage.
+
+    Unlike ``nn.Linear`` nothing is randomly initialised at construction: the
+    weights are about to be overwritten by a checkpoint (or dummy init), and
+    initialising an 8B model twice would cost seconds to minutes.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=dtype, device=device),
+            requires_grad=False,
+        )
+        if bias:
+            self.bias = nn.Parameter(
+                torch.empty(out_features, dtype=dtype, device=device), requires_grad=False
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class VocabEmbedding(nn.Module):
+    """Token-id lookup table ``[vocab, hidden]`` (uninitialised, like ``Linear``)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(
+            torch.empty(vocab_size, hidden_size, dtype=dtype, device=device),
+            requires_grad=False,
+        )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
