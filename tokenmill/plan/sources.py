@@ -1,0 +1,135 @@
+"""Resolve the planner's ``--model`` argument into hyper-parameters (and file sizes).
+
+Accepted: a built-in name (see ``catalog.KNOWN_MODELS``), a Hugging Face model
+directory, a ``config.json`` path, or a GGUF file, whose metadata gives the
+hyper-parameters and whose tensors give the real weight bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.config import ModelConfig
+from tokenmill.plan.catalog import KNOWN_MODELS
+from tokenmill.plan.weights import WeightBytes
+
+_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as the planner sees it."""
+
+    name: str  # short display name
+    config: ModelConfig
+    origin: str  # where the hyper-parameters came from
+    file_weights: WeightBytes | None = None  # measured from a GGUF file's tensors
+
+
+def load_model_source(spec: str) -> ModelSource:
+    """Resolve a built-in name, HF directory, ``config.json`` path or GGUF file."""
+    known = KNOWN_MODELS.get(spec.lower())
+    if known is not None:
+        hf = {k: v for k, v in known.items() if k != "source"}
+        return ModelSource(spec.lower(), ModelConfig.from_hf_dict(hf, source=spec),
+                           f"built-in table ({known['source']} config.json)")
+    if os.path.isdir(spec):
+        return _from_directory(spec)
+    if os.path.isfile(spec):
+        if spec.lower().endswith(".gguf"):
+            return load_gguf_source(spec)
+        return ModelSource(_display_name(spec), ModelConfig.from_json_file(spec), spec)
+    raise ValueError(f"--model {spec!r} is neither a file, a directory nor a known model; "
+                     f"known models: {', '.join(KNOWN_MODELS)}")
+
+
+def _from_directory(path: str) -> ModelSource:
+    config_path = os.path.join(path, "config.json")
+    if os.path.isfile(config_path):
+        return ModelSource(_display_name(path), ModelConfig.from_json_file(config_path),
+                           config_path)
+    ggufs = sorted(f for f in os.listdir(path) if f.lower().endswith(".gguf"))
+    if len(ggufs) == 1:
+        return load_gguf_source(os.path.join(path, ggufs[0]))
+    raise ValueError(f"{path}: no config.json and not exactly one .gguf file inside")
+
+
+def _display_name(path: str) -> str:
+    path = os.path.normpath(path)
+    base = os.path.basename(path)
+    if base == "config.json":
+        base = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return base
+
+
+def load_gguf_source(path: str) -> ModelSource:
+    """Read hyper-parameters from GGUF metadata and weight bytes from its tensors."""
+    import gguf  # imported here: reading a GGUF is the only use, and it is slow to import
+
+    reader = gguf.GGUFReader(path)
+    arch = _gguf_value(reader, "general.architecture")
+    if arch not in _GGUF_ARCHITECTURES:
+        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; "
+                         f"supported: {', '.join(_GGUF_ARCHITECTURES)}")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path}: no token_embd.weight tensor")
+
+    def meta(key: str, default: Any = None) -> Any:
+        value = _gguf_value(reader, f"{arch}.{key}")
+        if value is None and default is None:
+            raise ValueError(f"{path}: missing GGUF metadata {arch}.{key}")
+        return default if value is None else value
+
+    hidden = int(meta("embedding_length"))
+    heads = int(meta("attention.head_count"))
+    # GGUF stores tensor shapes fastest-dimension first: token_embd is [hidden, vocab].
+    vocab = int(meta("vocab_size", int(tensors["token_embd.weight"].shape[-1])))
+    hf: dict[str, Any] = {
+        "architectures": [_GGUF_ARCHITECTURES[arch]],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int(meta("feed_forward_length")),
+        "num_hidden_layers": int(meta("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta("attention.head_count_kv", heads)),
+        "head_dim": int(meta("attention.key_length", hidden // heads)),
+        "max_position_embeddings": int(meta("context_length", 2048)),
+        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(meta("rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+    }
+    for hf_key, gguf_key in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
+                             ("eos_token_id", "tokenizer.ggml.eos_token_id")):
+        value = _gguf_value(reader, gguf_key)
+        if value is not None:
+            hf[hf_key] = int(value)
+    config = ModelConfig.from_hf_dict(hf, source=path)
+    name = os.path.basename(path)[: -len(".gguf")]
+    return ModelSource(name, config, path, _gguf_weight_bytes(reader.tensors))
+
+
+def _gguf_value(reader: Any, key: str) -> Any:
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _gguf_weight_bytes(tensors: list[Any]) -> WeightBytes:
+    embedding = lm_head = layers = replicated = 0
+    bytes_by_type: Counter[str] = Counter()
+    for t in tensors:
+        size = int(t.n_bytes)
+        bytes_by_type[t.tensor_type.name] += size
+        if t.name == "token_embd.weight":
+            embedding += size
+        elif t.name == "output.weight":
+            lm_head += size
+        elif len(t.shape) == 1 and not t.name.endswith(".bias"):
+            replicated += size  # norms (and rope_freqs): every GPU keeps them whole
+        else:
+            layers += size
+    dominant = bytes_by_type.most_common(1)[0][0]
+    return WeightBytes(embedding, lm_head, layers, replicated, label=f"GGUF {dominant}")
