@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from tokenmill.engine.args import EngineArgs
 
@@ -21,7 +21,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
                    help="per-request sampling seed (reproducible output)")
 
 
-def _params(args: argparse.Namespace) -> "SamplingParams":  # noqa: F821
+def _params(args: argparse.Namespace) -> SamplingParams:  # noqa: F821
     from tokenmill.sampling import SamplingParams
 
     return SamplingParams(
@@ -30,7 +30,7 @@ def _params(args: argparse.Namespace) -> "SamplingParams":  # noqa: F821
     )
 
 
-def _stream(engine: "LLMEngine", request_id: str, prompt: list[int], params) -> str:  # noqa: F821
+def _stream(engine: LLMEngine, request_id: str, prompt: list[int], params) -> str:  # noqa: F821
     """Run one request to completion, printing text as it is produced."""
     engine.add_request(request_id, prompt, params)
     text = []

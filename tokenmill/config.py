@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -100,8 +101,9 @@ class ModelConfig:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
     @classmethod
-    def from_hf_dict(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_hf_dict(cls, cfg: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from a Hugging Face ``config.json`` dictionary."""
+        cfg = normalize_hf_config(dict(cfg))
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else _arch_from_model_type(cfg.get("model_type"))
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -149,7 +151,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
+    def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
         with open(path, encoding="utf-8") as f:
             return cls.from_hf_dict(json.load(f), source=str(path))
 
@@ -179,6 +181,26 @@ class ModelConfig:
         if self.eos_token_ids:
             d["eos_token_id"] = list(self.eos_token_ids)
         return d
+
+
+def normalize_hf_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fold transformers 5's ``rope_parameters`` into ``rope_theta``/``rope_scaling``.
+
+    transformers >= 5 writes ``{"rope_parameters": {"rope_theta": ..., "rope_type":
+    ...}}`` instead of the older top-level keys that ``ModelConfig.from_hf_dict``
+    reads; without this the theta would silently fall back to its default.
+    """
+    params = raw.get("rope_parameters")
+    if not isinstance(params, dict) or "rope_theta" in raw:
+        return raw
+    raw = dict(raw)
+    if "rope_theta" in params:
+        raw["rope_theta"] = params["rope_theta"]
+    if not raw.get("rope_scaling"):
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        kind = scaling.get("rope_type", scaling.get("type"))
+        raw["rope_scaling"] = None if kind in (None, "default") else scaling
+    return raw
 
 
 def _arch_from_model_type(model_type: str | None) -> str:
@@ -247,5 +269,5 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None
 
-    def replace(self, **changes: Any) -> "EngineConfig":
+    def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.outputs import RequestOutput

@@ -89,14 +89,14 @@ class EngineArgs:
         )
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
         unknown = set(kwargs) - cls.field_names()
         if unknown:
             raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
         return cls(**kwargs)
 
     @classmethod
-    def from_cli(cls, args: argparse.Namespace) -> "EngineArgs":
+    def from_cli(cls, args: argparse.Namespace) -> EngineArgs:
         return cls(**{k: getattr(args, k) for k in cls.field_names() if hasattr(args, k)})
 
     @staticmethod

@@ -13,8 +13,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
 from tokenmill.engine.args import EngineArgs
 from tokenmill.engine.engine import LLMEngine
@@ -53,12 +54,12 @@ class AsyncLLMEngine:
         self.dead_error: BaseException | None = None
 
     @classmethod
-    def from_engine_args(cls, **kwargs: Any) -> "AsyncLLMEngine":
+    def from_engine_args(cls, **kwargs: Any) -> AsyncLLMEngine:
         """Load the model (blocking: run it in a worker thread) and wrap the engine."""
         return cls(LLMEngine.from_engine_args(**kwargs))
 
     @classmethod
-    def from_args(cls, args: EngineArgs) -> "AsyncLLMEngine":
+    def from_args(cls, args: EngineArgs) -> AsyncLLMEngine:
         return cls(LLMEngine(args))
 
     # ------------------------------------------------------------ lifecycle

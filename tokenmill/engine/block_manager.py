@@ -19,8 +19,8 @@ changes nothing, so the scheduler can preempt and retry.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 # A full block's identity: (parent block hash, the block's token ids). Keeping
 # the token ids in the key makes lookups exact even if two hashes collide.

@@ -11,8 +11,9 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Any, Sequence as Seq
+from typing import Any
 
 import torch
 
@@ -128,7 +129,7 @@ class LLMEngine:
         )
 
     @classmethod
-    def from_engine_args(cls, **kwargs: Any) -> "LLMEngine":
+    def from_engine_args(cls, **kwargs: Any) -> LLMEngine:
         return cls(EngineArgs.from_kwargs(**kwargs))
 
     # --------------------------------------------------------------- requests
@@ -326,6 +327,8 @@ class LLMEngine:
             req.metrics.last_token_time = now
             self._append_token(seq, token, lp)
             if seq.finish_reason is not None:
+                if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
+                    seq.text += seq.detokenizer.flush()  # a character cut off at the end
                 self.scheduler.finish(seq)
                 self._generation_tokens_total += seq.num_output_tokens
         for req in touched.values():

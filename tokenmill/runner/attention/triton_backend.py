@@ -61,7 +61,7 @@ class TritonAttentionBackend:
         else:
             prefill_attention(
                 out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                meta.query_start_loc, meta.max_query_len, scale,
+                meta.query_start_loc, scale,
             )
         return out
 
