@@ -1,0 +1,185 @@
+"""Prefill (and mixed-batch) attention over variable-length chunks and a paged cache.
+
+Every request in the step contributes ``query_len`` new tokens whose K/V have
+already been written to the cache, after ``seq_len - query_len`` earlier
+tokens (a prefix-cache hit or earlier chunks). So all keys are read through the
+block table, whatever their origin. Flash-attention style: a program owns a
+tile of query rows, streams K/V tiles through on-chip memory and keeps an
+online softmax; no score matrix is ever stored.
+
+The grid is flat over query tiles of all requests (a program finds its request
+by binary search over ``query_start_loc``), so a step mixing many decodes with
+one long chunk launches about ``T / BLOCK_Q + B`` programs, not ``B`` times the
+longest chunk's tile count.
+
+Rows of a tile are (token, query head) pairs: ``BLOCK_Q`` consecutive tokens
+times the ``GROUP`` query heads that share one KV head (padded to a power of
+two), so each K/V tile is loaded once for the whole group.
+
+Causality is bottom-right aligned: query ``j`` of a request sits at absolute
+position ``seq_len - query_len + j`` and sees keys at positions <= that. Key
+tiles wholly visible to every row of the tile skip the mask; only the last few
+tiles, which straddle the diagonal, compute it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tokenmill.kernels.triton_utils import (
+    dot_precision,
+    launcher,
+    needs_fp32_compute,
+    next_power_of_2,
+)
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    scale_log2, num_seqs,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Request i owns query tiles starting at query_start_loc[i] // BLOCK_Q + i; those
+    # ranges never overlap, and the grid covers num_tokens // BLOCK_Q + num_seqs tiles
+    # (a few spare programs exit at once). Binary search for this tile's request.
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        go_right = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(go_right, hi, mid)
+    req = lo - 1
+
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    first = (tile - q_start // BLOCK_Q - req) * BLOCK_Q  # first query index of the tile
+    if first >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    context_len = seq_len - q_len
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    token = first + offs_m // GROUP_P2  # query index within the request
+    g = offs_m % GROUP_P2
+    head = kv_head * GROUP + g
+    row_mask = (token < q_len) & (g < GROUP)
+    d_mask = offs_d < HEAD_DIM
+    q_rows = (q_start + token).to(tl.int64)
+
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh
+                + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    q_pos = context_len + token  # absolute position of each row
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    table = block_tables_ptr + req.to(tl.int64) * stride_bt
+
+    last = tl.minimum(first + BLOCK_Q, q_len) - 1  # last real query index in the tile
+    # Keys < context_len + first + 1 are visible to every row; whole tiles of them
+    # need no mask. Keys up to context_len + last are visible to some rows.
+    unmasked_end = ((context_len + first + 1) // BLOCK_N) * BLOCK_N
+    kv_end = context_len + last + 1
+
+    for tile_start in range(0, kv_end, BLOCK_N):
+        pos = tile_start + offs_n
+        n_mask = pos < kv_end
+        block = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        in_block = pos % BLOCK_SIZE
+        k = tl.load(k_cache_ptr + block[None, :] * stride_kb + in_block[None, :] * stride_ks
+                    + kv_head * stride_kh + offs_d[:, None],
+                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + in_block[:, None] * stride_vs
+                    + kv_head * stride_vh + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION, out_dtype=tl.float32)
+        s = s * scale_log2
+        if tile_start >= unmasked_end:
+            visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+            s = tl.where(visible, s, float("-inf"))
+        # Row max stays finite: position 0 is visible to every row and lies in
+        # the first tile, so no row ever sees only -inf.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
+                                            input_precision=PRECISION, out_dtype=tl.float32)
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+def prefill_tile_sizes(head_dim: int, group: int) -> tuple[int, int]:
+    """(BLOCK_M query rows, BLOCK_N keys) per program; rows = tokens x grouped heads."""
+    block_m = 64
+    block_n = 32 if head_dim > 128 else 64
+    return max(block_m, next_power_of_2(group)), block_n
+
+
+def prefill_attention(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for a batch of chunks (any mix of prefills and decodes).
+
+    ``q``/``out``: [T, num_heads, head_dim], request ``i`` owning rows
+    ``query_start_loc[i]:query_start_loc[i+1]``; caches
+    [num_blocks, block_size, kv_heads, head_dim] already holding the new K/V;
+    ``seq_lens`` [B] int32 context length after this step; ``block_tables``
+    [B, max_blocks] int32. Rows outside every request are not touched. The
+    launch needs no host copy of the lengths (grid from T and B only).
+    """
+    num_seqs = seq_lens.shape[0]
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if num_seqs == 0 or num_tokens == 0:
+        return out
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    group = num_heads // num_kv_heads
+    group_p2 = next_power_of_2(group)
+    block_m, block_n = prefill_tile_sizes(head_dim, group)
+    block_q = block_m // group_p2
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    launcher(_prefill_attention_kernel, q.device)[grid](
+        out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        scale * LOG2E, num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q, BLOCK_D=next_power_of_2(head_dim), BLOCK_N=block_n,
+        UPCAST=needs_fp32_compute(q.device), PRECISION=dot_precision(q.dtype),
+    )
+    return out
