@@ -1,0 +1,114 @@
+"""Lifecycle of a real server process: 503 while the model loads, and a graceful drain
+on SIGTERM (running streams finish, new requests get 503, exit status 0)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+from server_utils import ServerProcess
+
+ARGS = ["--max-model-len", "512", "--kv-cache-memory", "64MiB"]
+
+
+class StreamReader(threading.Thread):
+    """Reads one streamed completion in the background."""
+
+    def __init__(self, url: str, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.body = {"prompt": "Tell me a long story.", "max_tokens": max_tokens,
+                     "temperature": 0, "ignore_eos": True, "stream": True,
+                     "stream_options": {"include_usage": True}}
+        self.started = threading.Event()
+        self.lines: list[str] = []
+        self.status: int | None = None
+
+    def run(self) -> None:
+        with httpx.stream("POST", self.url + "/v1/completions", json=self.body,
+                          timeout=600) as r:
+            self.status = r.status_code
+            for line in r.iter_lines():
+                if line:
+                    self.lines.append(line)
+                    self.started.set()
+
+    def events(self) -> list[dict]:
+        return [json.loads(line[6:]) for line in self.lines if line.startswith("data: {")]
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_loading_then_drain_on_sigterm():
+    server = ServerProcess([*ARGS, "--shutdown-timeout", "600", "--log-prompts"])
+    try:
+        seen = server.wait_ready()
+        # The HTTP server answers before the model is loaded.
+        assert 503 in seen and seen[-1] == 200, seen
+
+        streams = [StreamReader(server.url, 16) for _ in range(3)]
+        for stream in streams:
+            stream.start()
+        for stream in streams:
+            assert stream.started.wait(600)
+        server.signal(signal.SIGTERM)
+
+        wait_for(lambda: server.health_status() == 503)
+        health = httpx.get(server.url + "/health")
+        assert health.json()["status"] == "server_draining"
+        refused = httpx.post(server.url + "/v1/completions",
+                             json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "server_draining"
+        assert int(refused.headers["retry-after"]) >= 1
+
+        for stream in streams:
+            stream.join(600)
+            assert stream.status == 200
+            assert stream.lines[-1] == "data: [DONE]"
+            events = stream.events()
+            assert events[-1]["usage"]["completion_tokens"] == 16
+            assert not any("error" in e for e in events)
+        assert server.wait_exit(120) == 0
+        log = server.log_text()
+        assert "draining" in log
+        logged = [json.loads(line) for line in log.splitlines() if line.startswith('{"event"')]
+        assert {line.get("prompt") for line in logged if line["status"] == 200} == {
+            "Tell me a long story."}  # --log-prompts
+    finally:
+        server.cleanup()
+
+
+def test_shutdown_timeout_aborts_what_is_left():
+    server = ServerProcess([*ARGS, "--shutdown-timeout", "0.5"])
+    try:
+        server.wait_ready()
+        stream = StreamReader(server.url, 480)
+        stream.start()
+        assert stream.started.wait(600)
+        server.signal(signal.SIGTERM)
+        stream.join(600)
+        assert stream.lines[-1] == "data: [DONE]"
+        error = json.loads(stream.lines[-2][6:])["error"]
+        assert error["code"] == "server_draining"
+        assert server.wait_exit(120) == 0
+    finally:
+        server.cleanup()
+
+
+def test_model_that_cannot_load_exits_1(tmp_path):
+    server = ServerProcess(["--model", str(tmp_path / "missing.gguf")])
+    try:
+        assert server.wait_exit(300) == 1
+        log = server.log_text()
+        assert "failed to load the engine" in log and "missing.gguf" in log
+    finally:
+        server.cleanup()
