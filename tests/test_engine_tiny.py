@@ -56,7 +56,7 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     base = [rng.randrange(3, 256) for _ in range(40)]  # shared prefix for some prompts
     out = []
-    for i in range(n):
+    for _ in range(n):
         own = [rng.randrange(3, 256) for _ in range(rng.randint(1, 60))]
         out.append(base[: rng.choice([0, 20, 40])] + own)
     return out

@@ -28,7 +28,7 @@ if ON_GPU or interpreter_active():
     pytest.skip("the Triton kernel tests run in this process", allow_module_level=True)
 
 TESTS = Path(__file__).resolve().parent
-MODULES = ["test_triton_kernels.py", "test_triton_backend.py"]
+MODULES = ["test_triton_kernels.py", "test_triton_backend.py", "test_triton_engine.py"]
 
 
 def test_triton_kernel_tests_pass_in_an_interpreter_child_process():

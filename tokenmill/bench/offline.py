@@ -82,13 +82,15 @@ def run_tokenmill(llm: Any, work: Workload, warmup: bool = True) -> BenchResult:
     return BenchResult("tokenmill", dt, len(outs), work.input_tokens, produced)
 
 
-def load_hf_model(engine_model_path: str, fmt: str, dtype: Any, device: Any) -> Any:
+def load_hf_model(engine_model_path: str, fmt: str, dtype: Any, device: Any,
+                  gguf_file: str | None = None) -> Any:
+    """The same weights in HF transformers (its own GGUF loader for GGUF files)."""
     import os
 
     import transformers
 
     if fmt == "gguf":
-        d, f = os.path.split(engine_model_path)
+        d, f = os.path.split(gguf_file or engine_model_path)
         model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype)
     elif fmt == "dummy":
         cfg = transformers.AutoConfig.from_pretrained(engine_model_path)
@@ -161,9 +163,10 @@ def cmd_offline(args: argparse.Namespace) -> int:
     if not args.no_hf:
         dtype, device, path, fmt = (engine.config.dtype, engine.device, engine.model_path,
                                     engine.config.load_format)
+        gguf_file = engine.gguf_file
         del llm, engine
         gc.collect()
-        model = load_hf_model(path, fmt, dtype, device)
+        model = load_hf_model(path, fmt, dtype, device, gguf_file)
         model.generate(input_ids=__import__("torch").tensor([work.prompts[0][:8]]).to(device),
                        max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
         for bsz in args.hf_batch_size:

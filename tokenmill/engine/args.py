@@ -34,6 +34,8 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "fcfs"
     attention_backend: str = _AUTO  # auto | torch | triton
+    enforce_eager: bool = False  # True: never capture/replay CUDA graphs
+    max_cudagraph_batch_size: int | None = None  # largest graph-captured decode batch
     seed: int = 0
     num_threads: int | None = None  # CPU threads for torch; default: all cores
 
@@ -128,6 +130,11 @@ class EngineArgs:
                        action="store_false")
         g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
         g.add_argument("--attention-backend", default=_AUTO, choices=[_AUTO, "torch", "triton"])
+        g.add_argument("--enforce-eager", action="store_true",
+                       help="run every step eagerly (no CUDA graphs for decode)")
+        g.add_argument("--max-cudagraph-batch-size", type=int, default=None,
+                       help="largest decode batch captured as a CUDA graph "
+                            "(default: min(max-num-seqs, 256))")
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--num-threads", type=int, default=None,
                        help="CPU threads for the forward pass (default: all cores)")

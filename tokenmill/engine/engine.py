@@ -30,8 +30,9 @@ from tokenmill.engine.outputs import (
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
 from tokenmill.runner.attention.base import get_attention_backend
+from tokenmill.runner.cuda_graphs import DEFAULT_MAX_CAPTURE_BATCH, CudaGraphConfig
 from tokenmill.runner.kv_cache import allocate_kv_cache, bytes_per_block, num_kv_blocks
-from tokenmill.runner.model_runner import ModelRunner
+from tokenmill.runner.model_runner import ModelRunner, profile_peak_memory
 from tokenmill.sampling import Sampler, SamplingBatch, SamplingParams
 from tokenmill.sampling.sampler import compute_prompt_logprobs
 
@@ -85,6 +86,8 @@ class LLMEngine:
         self.model_config = loaded.config
         self.tokenizer = _load_tokenizer(args, resolved, loaded)
         self.model_path = resolved.path
+        self.gguf_file = resolved.gguf_file
+        self.model_name = _model_name(resolved)
         load_s = time.perf_counter() - t0
 
         cache_cfg = args.cache_config()
@@ -95,13 +98,33 @@ class LLMEngine:
             load_format=resolved.format, attention_backend=backend.name, seed=args.seed,
             num_threads=args.num_threads,
         )
-        num_blocks = num_kv_blocks(self.model_config, cache_cfg, dtype, device)
+        peak = None
+        if (device.type == "cuda" and cache_cfg.kv_cache_memory is None
+                and cache_cfg.num_gpu_blocks_override is None):
+            # Size the KV cache from what a worst-case step leaves free.
+            mc = self.model_config
+            peak = profile_peak_memory(
+                loaded.model, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
+                sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs,
+                cache_cfg.block_size, dtype, device,
+            )
+            torch.cuda.empty_cache()  # hand the profiling activations back to the device
+        num_blocks = num_kv_blocks(self.model_config, cache_cfg, dtype, device, peak)
         kv = allocate_kv_cache(self.model_config, num_blocks, cache_cfg.block_size, dtype, device)
         self.block_manager = BlockManager(
             num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching
         )
         self.scheduler = Scheduler(sched_cfg, self.block_manager)
-        self.runner = ModelRunner(loaded.model, kv, cache_cfg.block_size)
+        graph_cfg = None
+        if device.type == "cuda" and not args.enforce_eager:
+            largest = args.max_cudagraph_batch_size or DEFAULT_MAX_CAPTURE_BATCH
+            graph_cfg = CudaGraphConfig(
+                max_batch_size=max(1, min(largest, sched_cfg.max_num_seqs)),
+                max_model_len=sched_cfg.max_model_len,
+            )
+        self.runner = ModelRunner(loaded.model, kv, cache_cfg.block_size,
+                                  attn_backend=backend, graph_config=graph_cfg)
+        self.runner.capture_cuda_graphs()
         gen = torch.Generator(device=device).manual_seed(args.seed)
         self.sampler = Sampler(default_generator=gen)
         self.device = device
@@ -119,7 +142,8 @@ class LLMEngine:
         self._steps = 0
 
         capacity = num_blocks * cache_cfg.block_size
-        kv_mib = num_blocks * bytes_per_block(self.model_config, cache_cfg.block_size, dtype) / 2**20
+        block_bytes = bytes_per_block(self.model_config, cache_cfg.block_size, dtype)
+        kv_mib = num_blocks * block_bytes / 2**20
         logger.info(
             "loaded %s (%s, %s) in %.1fs on %s; KV cache: %d blocks x %d tokens = %d tokens "
             "(%.0f MiB); max concurrency at full context (%d tokens): %.2f",
@@ -326,11 +350,11 @@ class LLMEngine:
                 self._prompt_tokens_total += len(req.prompt_token_ids)
             req.metrics.last_token_time = now
             self._append_token(seq, token, lp)
+            self._generation_tokens_total += 1
             if seq.finish_reason is not None:
                 if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
                     seq.text += seq.detokenizer.flush()  # a character cut off at the end
                 self.scheduler.finish(seq)
-                self._generation_tokens_total += seq.num_output_tokens
         for req in touched.values():
             if req.finished and req.metrics.finished_time is None:
                 req.metrics.finished_time = time.time()
@@ -478,6 +502,19 @@ class LLMEngine:
         )
 
 
+def _model_name(resolved: Any) -> str:
+    """A short model id: the directory name, or the GGUF file name without quantization."""
+    if resolved.gguf_file:
+        name = os.path.basename(resolved.gguf_file)
+        name = name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+        stem, dot, suffix = name.rpartition(".")
+        # "SmolLM2-135M-Instruct.Q4_1" -> "SmolLM2-135M-Instruct"
+        if dot and suffix.upper().startswith(("Q", "F16", "F32", "BF16", "IQ")):
+            name = stem
+        return name
+    return os.path.basename(os.path.normpath(resolved.path))
+
+
 def _load_tokenizer(args: EngineArgs, resolved: Any, loaded: Any) -> Any:
     """The model's tokenizer (GGUF metadata or HF files), or None for bare dummy configs."""
     path = args.tokenizer
@@ -490,7 +527,7 @@ def _load_tokenizer(args: EngineArgs, resolved: Any, loaded: Any) -> Any:
     from tokenmill.tokenizer import Tokenizer
 
     if path is not None:
-        return Tokenizer.from_gguf_file(path) if path.endswith(".gguf") else Tokenizer.from_hf_dir(path)
+        return Tokenizer.from_path(path)
     if getattr(loaded, "gguf_reader", None) is not None:
         return Tokenizer.from_gguf_reader(loaded.gguf_reader)
     return Tokenizer.from_hf_dir(resolved.path)

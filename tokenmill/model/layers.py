@@ -8,6 +8,11 @@ no batch axis and positions come from an explicit tensor instead of
 Numerics follow Hugging Face ``transformers`` on purpose (float32 variance in
 RMSNorm, float32 rotary angles cast to the activation dtype) so that logits can
 be compared with it at tight tolerances.
+
+On CUDA (with Triton installed) RMSNorm, SiLU-and-multiply and the rotary
+rotation run as fused Triton kernels from :mod:`tokenmill.kernels`, which
+round exactly where the eager code below does. Everywhere else the eager code
+runs unchanged. ``use_triton=True``/``False`` forces a path (tests).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokenmill import kernels
 
 
 class RMSNorm(nn.Module):
@@ -42,6 +49,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(
             torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False
         )
+        self.use_triton: bool | None = None  # None: fused kernel on CUDA, eager elsewhere
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -51,6 +59,10 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if use_fused_kernels(x, self.use_triton):
+            if residual is None:
+                return kernels.rms_norm(x, self.weight, self.eps, use_triton=True)
+            return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps, use_triton=True)
         if residual is None:
             return self._norm(x)
         residual = x + residual
@@ -58,6 +70,13 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def use_fused_kernels(x: torch.Tensor, use_triton: bool | None = None) -> bool:
+    """Whether ``x`` goes through the Triton kernels: forced, or on CUDA with Triton."""
+    if use_triton is not None:
+        return use_triton
+    return x.is_cuda and kernels.triton_available()
 
 
 def rope_inv_freq(
@@ -167,14 +186,30 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    use_triton: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``q``/``k`` ``[T, heads, head_dim]`` by precomputed ``[T, 1, head_dim]`` tables."""
+    """Rotate ``q``/``k`` ``[T, heads, head_dim]`` by precomputed ``[T, 1, head_dim]`` tables.
+
+    The eager path returns new tensors. The fused path rotates ``q`` and ``k``
+    in place (they may be views of the fused QKV output) and returns them.
+    """
+    if use_fused_kernels(q, use_triton):
+        # The tables are already gathered per token, so token t reads row t.
+        rows = torch.arange(q.shape[0], device=q.device)
+        return kernels.apply_rotary(
+            q, k, cos.squeeze(1), sin.squeeze(1), rows, use_triton=True
+        )
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
     """SwiGLU on a fused ``[..., 2 * inter]`` gate/up projection: silu(gate) * up."""
+    if use_fused_kernels(x, use_triton):
+        return kernels.silu_and_mul(x, use_triton=True)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 

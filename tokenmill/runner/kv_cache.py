@@ -19,18 +19,34 @@ def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> 
     return model.kv_bytes_per_token_per_dtype_byte * elem * block_size
 
 
+def gpu_kv_cache_budget(
+    total: int, free: int, reserved: int, peak: int, utilization: float
+) -> int:
+    """Bytes the KV cache may take on a GPU (may be <= 0 when nothing is left).
+
+    ``utilization`` of the device's ``total`` memory is ours to use; from it
+    go ``peak`` (the most this process had allocated: weights plus the
+    activations of a worst-case step) and whatever other processes (and the
+    CUDA context) hold: ``total - free - reserved``, where ``reserved`` is
+    what PyTorch's allocator holds for this process.
+    """
+    other = max(total - free - reserved, 0)
+    return int(total * utilization) - peak - other
+
+
 def num_kv_blocks(
     model: ModelConfig,
     cache: CacheConfig,
     dtype: torch.dtype,
     device: torch.device,
+    peak_memory: int | None = None,
 ) -> int:
     """How many blocks the memory budget holds.
 
     CPU: ``cache.kv_cache_memory`` bytes (default 1 GiB). GPU: an explicit
-    ``kv_cache_memory`` wins; otherwise ``gpu_memory_utilization`` of the
-    device's total memory minus what is already allocated (weights and the
-    peak of a profiling forward pass run by the caller before this).
+    ``kv_cache_memory`` wins; otherwise :func:`gpu_kv_cache_budget` with
+    ``peak_memory`` (from a profiling forward pass run by the caller; default:
+    the allocator's peak so far). The budget is logged.
     """
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
@@ -39,9 +55,16 @@ def num_kv_blocks(
         budget = cache.kv_cache_memory
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        used_by_us = torch.cuda.max_memory_allocated(device)
-        other = total - free - torch.cuda.memory_reserved(device)
-        budget = int(total * cache.gpu_memory_utilization) - used_by_us - max(other, 0)
+        reserved = torch.cuda.memory_reserved(device)
+        peak = torch.cuda.max_memory_allocated(device) if peak_memory is None else peak_memory
+        budget = gpu_kv_cache_budget(total, free, reserved, peak, cache.gpu_memory_utilization)
+        logger.info(
+            "GPU memory: total %.2f GiB x utilization %.2f; peak of a worst-case step "
+            "(weights + activations) %.2f GiB; other processes and CUDA context %.2f GiB; "
+            "KV-cache budget %.2f GiB",
+            total / 2**30, cache.gpu_memory_utilization, peak / 2**30,
+            max(total - free - reserved, 0) / 2**30, budget / 2**30,
+        )
     else:
         budget = DEFAULT_CPU_KV_CACHE_BYTES
     blocks = budget // per_block
