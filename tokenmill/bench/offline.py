@@ -132,11 +132,13 @@ def run_hf(model: Any, work: Workload, batch_size: int, device: Any) -> BenchRes
 
 def format_table(results: list[BenchResult]) -> str:
     base = results[0]
-    lines = [f"{'engine':<34}{'time s':>9}{'out tok/s':>12}{'total tok/s':>13}{'ratio':>8}"]
+    # ratio: tokenmill's output tokens/s divided by this row's (> 1 = tokenmill faster).
+    lines = [f"{'engine':<34}{'time s':>9}{'out tok/s':>12}{'total tok/s':>13}"
+             f"{'tokenmill/x':>13}"]
     for r in results:
         ratio = base.output_tps / r.output_tps if r is not base else 1.0
         lines.append(f"{r.name:<34}{r.seconds:>9.2f}{r.output_tps:>12.1f}"
-                     f"{r.total_tps:>13.1f}{ratio:>7.2f}x")
+                     f"{r.total_tps:>13.1f}{ratio:>12.2f}x")
     return "\n".join(lines)
 
 
