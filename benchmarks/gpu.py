@@ -49,6 +49,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from tokenmill.config import ModelConfig  # noqa: E402
+from tokenmill.plan.weights import count_parameters  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_MODELS = ("qwen2.5-0.5b", "llama-3.1-8b")
@@ -165,15 +166,9 @@ def weight_bytes_per_step(cfg: ModelConfig, dtype_bytes: int) -> int:
     The embedding table is only gathered row by row, so it counts once, as the
     LM head, whether or not the two are tied.
     """
-    hidden, heads, kv_heads, head_dim = (cfg.hidden_size, cfg.num_attention_heads,
-                                         cfg.num_key_value_heads, cfg.head_dim)
-    attn = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
-    if cfg.attention_bias:
-        attn += (heads + 2 * kv_heads) * head_dim
-    mlp = 3 * hidden * cfg.intermediate_size
-    per_layer = attn + mlp + 2 * hidden
-    params = cfg.num_hidden_layers * per_layer + hidden + cfg.vocab_size * hidden
-    return params * dtype_bytes
+    counts = count_parameters(cfg)
+    gathered = 0 if cfg.tie_word_embeddings else counts.embedding
+    return (counts.total - gathered) * dtype_bytes
 
 
 def kv_bytes(cfg: ModelConfig, tokens: float, dtype_bytes: int) -> float:

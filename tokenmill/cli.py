@@ -124,13 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenmill.bench import offline
 
     offline.add_cli(bench_sub)
-    _optional_cli("tokenmill.bench.serve", bench_sub)
-    _optional_cli("tokenmill.server.cli", sub)
-    _optional_cli("tokenmill.plan", sub)
+    _add_subcommands("tokenmill.bench.serve", bench_sub)
+    _add_subcommands("tokenmill.server.cli", sub)
+    _add_subcommands("tokenmill.plan", sub)
     return parser
 
 
-def _optional_cli(module: str, subparsers: argparse._SubParsersAction) -> None:
+def _add_subcommands(module: str, subparsers: argparse._SubParsersAction) -> None:
+    """Let ``module`` register its subcommand(s) through its ``add_cli``."""
     import importlib
 
     importlib.import_module(module).add_cli(subparsers)

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,7 +60,6 @@ class _Request:
     metrics: RequestMetrics
     prompt_logprobs: list[TokenLogprob | None] | None = None
     forked: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:

@@ -109,10 +109,8 @@ class Scheduler:
         return True
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence and free its blocks."""
-        self._remove(seq)
-        seq.status = SequenceStatus.FINISHED
-        self.block_manager.free(seq.seq_id)
+        """Remove a finished sequence and free its blocks."""
+        self.abort(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self._remove(seq)

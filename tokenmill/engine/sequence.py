@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -51,7 +51,6 @@ class Sequence:
     sent_text_len: int = 0
     sent_token_len: int = 0
     sent_logprob_len: int = 0
-    stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -72,11 +71,6 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
-
-    @property
-    def in_prefill(self) -> bool:
-        """True while prompt (or recomputed) tokens remain to be computed."""
-        return self.num_computed_tokens < self.num_tokens - 1
 
     def sort_key(self, policy: str) -> tuple:
         """Queue order: smaller is served first."""

@@ -128,16 +128,8 @@ def chat_chunk(
     usage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk``; with include_usage every chunk has a ``usage`` key."""
-    chunk: dict[str, Any] = {
-        "id": response_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if include_usage:
-        chunk["usage"] = usage
-    return chunk
+    return _chunk("chat.completion.chunk", response_id, created, model, choices,
+                  include_usage, usage)
 
 
 def chat_chunk_choice(
@@ -192,9 +184,22 @@ def completion_chunk(
     include_usage: bool,
     usage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One streamed ``text_completion`` chunk (same usage rule as chat)."""
+    return _chunk("text_completion", response_id, created, model, choices, include_usage, usage)
+
+
+def _chunk(
+    object_name: str,
+    response_id: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    include_usage: bool,
+    usage: dict[str, Any] | None,
+) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": response_id,
-        "object": "text_completion",
+        "object": object_name,
         "created": created,
         "model": model,
         "choices": choices,
