@@ -117,6 +117,7 @@ def step_tensors(
         max_seq_len=int(step.seq_lens.max()) if step.num_seqs else 0,
         query_start_loc_cpu=step.query_start_loc.tolist(),
         seq_lens_cpu=step.seq_lens.tolist(),
+        has_padding_slots=bool((step.slot_mapping < 0).any()),
     )
     return (
         _to_device(step.input_ids, torch.int64, device),

@@ -30,6 +30,8 @@ class AttentionMetadata:
     # Host copies for backends that branch or loop in Python.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Whether any slot is -1 (padding), known on the host; None = unknown, check on device.
+    has_padding_slots: bool | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -5,6 +5,12 @@ paged cache through the block tables and masked past each sequence's length.
 Prefill chunks are handled one request at a time with
 ``scaled_dot_product_attention`` (a fused kernel that does not keep the full
 score matrix) over the cached prefix plus the new tokens.
+
+On the CPU, sequences with short queries (decodes, speculative verification,
+chunks of up to ``SHORT_QUERY_LEN`` tokens) go to a native kernel that reads
+K/V in place from the paged cache (:mod:`tokenmill.kernels.cpu`); the
+PyTorch code above is the fallback when it cannot be built, and the path for
+long prefill chunks, where SDPA's matmul tiles win.
 """
 
 from __future__ import annotations
@@ -12,7 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tokenmill.kernels import cpu as cpu_kernels
 from tokenmill.runner.attention.base import AttentionMetadata
+
+# Longest query the native CPU kernel takes; longer prefill chunks use SDPA.
+SHORT_QUERY_LEN = 16
 
 
 def write_kv_cache(
@@ -21,11 +31,18 @@ def write_kv_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    has_padding: bool | None = None,
 ) -> None:
-    """Scatter new K/V rows into their cache slots; slots < 0 are padding."""
+    """Scatter new K/V rows into their cache slots; slots < 0 are padding.
+
+    ``has_padding`` is the host's answer to "is any slot < 0" (None: check here,
+    which syncs with the device).
+    """
     n = slot_mapping.shape[0]
     k, v = k[:n], v[:n]
-    if n and bool((slot_mapping < 0).any()):
+    if has_padding is None:
+        has_padding = bool(n and (slot_mapping < 0).any())
+    if has_padding:
         keep = slot_mapping >= 0
         slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
@@ -57,23 +74,43 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = torch.zeros_like(q)
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, meta.has_padding_slots)
+        out = q.new_zeros(q.shape)  # contiguous even when q is a strided view
         if meta.num_seqs == 0:
+            return out
+        if q.device.type == "cpu" and cpu_kernels.paged_attention(
+            q, out, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+            scale, SHORT_QUERY_LEN,
+        ):
+            if meta.max_query_len > SHORT_QUERY_LEN:
+                self._prefill_each(q, out, k_cache, v_cache, meta, scale, SHORT_QUERY_LEN)
             return out
         if meta.is_decode_only:
             b = meta.num_seqs
             out[:b] = self._decode(q[:b], k_cache, v_cache, meta, scale)
             return out
+        self._prefill_each(q, out, k_cache, v_cache, meta, scale)
+        return out
+
+    def _prefill_each(
+        self,
+        q: torch.Tensor,
+        out: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        skip_up_to: int = 0,
+    ) -> None:
+        """Attend every sequence with more than ``skip_up_to`` query tokens, one at a time."""
         qsl = meta.query_start_loc_cpu
         for i, seq_len in enumerate(meta.seq_lens_cpu):
             start, end = qsl[i], qsl[i + 1]
-            if end == start:
+            if end - start <= skip_up_to:
                 continue
             out[start:end] = self._prefill_one(
                 q[start:end], k_cache, v_cache, meta.block_tables[i], seq_len, scale
             )
-        return out
 
     @staticmethod
     def _prefill_one(

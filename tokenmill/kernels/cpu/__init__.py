@@ -1,0 +1,157 @@
+"""Native CPU kernels: C sources compiled on first use, called through ctypes.
+
+The C code has no PyTorch headers, so it compiles in about a second with the
+system C compiler (``$CC``, else ``cc``/``gcc``) and needs no build step at
+install time. The shared object is cached under ``$TOKENMILL_CACHE_DIR``
+(default ``~/.cache/tokenmill``) keyed by the source, the flags, the compiler
+and the CPU's feature flags (it is built with ``-march=native``), so a cache
+shared between different machines never runs foreign instructions.
+
+OpenMP: the library links ``libgomp.so.1``, which resolves to the copy
+PyTorch has already loaded (same soname), so its parallel loops run on
+PyTorch's thread pool with ``torch.set_num_threads`` threads.
+
+If no compiler is found or the build fails, :func:`cpu_kernels` returns None
+(logged once) and callers use their PyTorch path. ``TOKENMILL_CPU_KERNELS=0``
+turns the native kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = ("paged_attention.c",)
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+
+_i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+_ATTENTION_ARGTYPES = [
+    _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
+    _i32, _i32, _i32, _i32, _i32, _i32, _f32, _i32,
+]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TOKENMILL_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "tokenmill")
+    return Path(root) / "kernels"
+
+
+def _build(compiler: str) -> Path:
+    here = Path(__file__).parent
+    sources = [here / name for name in _SOURCES]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256()
+    for part in [*(p.read_bytes() for p in sources), " ".join(_FLAGS).encode(),
+                 version.encode(), _cpu_flags().encode()]:
+        key.update(part)
+    target = _cache_dir() / f"tokenmill_cpu_{key.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build next to the target, then rename: concurrent builders never see half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *_FLAGS, *map(str, sources), "-o", tmp, "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def cpu_kernels() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None when native kernels are unavailable."""
+    if os.environ.get("TOKENMILL_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("no C compiler found: CPU attention uses the PyTorch path")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError) as exc:
+        logger.warning("CPU kernels unavailable, using the PyTorch path: %s", exc)
+        return None
+    for name in ("paged_attention_f32", "paged_attention_bf16"):
+        fn = getattr(lib, name)
+        fn.argtypes = _ATTENTION_ARGTYPES
+        fn.restype = None
+    return lib
+
+
+def paged_attention(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    max_q_len: int,
+) -> bool:
+    """Attention of every sequence with at most ``max_q_len`` query tokens, into ``out``.
+
+    ``q``/``out`` are ``[T, H, D]`` with contiguous heads; caches are
+    ``[num_blocks, block_size, KVH, D]``; metadata tensors are int32 on the
+    CPU. Rows of longer sequences are left untouched. Returns False (doing
+    nothing) when the kernel cannot run these inputs, so the caller falls back.
+    """
+    lib = cpu_kernels()
+    dtype = q.dtype
+    if (
+        lib is None
+        or q.device.type != "cpu"
+        or dtype not in (torch.float32, torch.bfloat16)
+        or not (out.dtype == k_cache.dtype == v_cache.dtype == dtype)
+        or q.stride(2) != 1 or q.stride(1) != q.shape[2]
+        or out.stride(2) != 1 or out.stride(1) != out.shape[2]
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+        or not (query_start_loc.dtype == seq_lens.dtype == block_tables.dtype == torch.int32)
+        or not (query_start_loc.is_contiguous() and seq_lens.is_contiguous()
+                and block_tables.is_contiguous())
+    ):
+        return False
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_heads = q.shape[1]
+    fn = lib.paged_attention_f32 if dtype == torch.float32 else lib.paged_attention_bf16
+    fn(
+        q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0),
+        k_cache.data_ptr(), v_cache.data_ptr(),
+        query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
+        seq_lens.shape[0], block_tables.shape[1] if block_tables.dim() == 2 else 0,
+        num_heads, num_kv_heads, head_dim, block_size, float(scale), int(max_q_len),
+    )
+    return True
