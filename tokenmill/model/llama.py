@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -35,13 +36,23 @@ from tokenmill.model.layers import (
     RotaryEmbedding,
     VocabEmbedding,
     apply_rotary,
+    fold_rotary_sign,
+    rotate_eager,
     silu_and_mul,
+    use_fused_kernels,
 )
 from tokenmill.runner.attention.base import AttentionBackend, AttentionMetadata
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
-# (cos, sin), each [T, 1, head_dim]: gathered once per step, shared by every layer.
-RopeTables = tuple[torch.Tensor, torch.Tensor]
+
+
+class RopeTables(NamedTuple):
+    """Rotary tables gathered once per step for the step's positions, read by every layer."""
+
+    cos: torch.Tensor  # [T, 1, head_dim]
+    sin: torch.Tensor  # [T, 1, head_dim]
+    # fold_rotary_sign(sin) for the eager path; None when the fused kernels rotate.
+    sin_folded: torch.Tensor | None
 
 # Checkpoint entries that carry no weights we need (old Llama checkpoints store the
 # rotary inverse frequencies; we recompute them from the config).
@@ -86,11 +97,19 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(tokens, self.num_kv_heads, self.head_dim).contiguous()
-        q, k = apply_rotary(q, k, *rope)
+        if rope.sin_folded is not None:
+            # Eager path: rotate the Q and K heads together (a third of the ops).
+            qk_size = self.q_size + self.kv_size
+            qk = qkv[:, :qk_size].view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+            q, k = rotate_eager(qk, rope.cos, rope.sin_folded).split(
+                [self.num_heads, self.num_kv_heads], dim=1)
+            v = qkv[:, qk_size:].view(tokens, self.num_kv_heads, self.head_dim)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(tokens, self.num_heads, self.head_dim)
+            k = k.view(tokens, self.num_kv_heads, self.head_dim)
+            v = v.reshape(tokens, self.num_kv_heads, self.head_dim).contiguous()
+            q, k = apply_rotary(q, k, rope.cos, rope.sin)
         k_cache, v_cache = kv_cache
         out = self.attn_backend.forward(q, k, v, k_cache, v_cache, attn_metadata, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
@@ -186,7 +205,9 @@ class LlamaModel(nn.Module):
         # Host-side bound: every position in this step is < max_seq_len (no device sync).
         self.rotary.ensure_length(attn_metadata.max_seq_len)
         hidden = self.embed_tokens(input_ids)
-        rope = self.rotary.cos_sin(positions, hidden.dtype)
+        cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
+        folded = None if use_fused_kernels(hidden) else fold_rotary_sign(sin)
+        rope = RopeTables(cos, sin, folded)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(rope, hidden, residual, kv_cache, attn_metadata)
@@ -233,6 +254,8 @@ class LlamaCausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype, device)
+        # A tied model's head when it must differ from the embedding (a quantized copy).
+        self.tied_lm_head: nn.Module | None = None
         self._slots = self._checkpoint_layout(qkv_bias, o_bias)
 
     # ------------------------------------------------------------------ running
@@ -257,9 +280,16 @@ class LlamaCausalLM(nn.Module):
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
         return head.weight
 
+    def set_quantized_lm_head(self, head: nn.Module) -> None:
+        """Compute logits with ``head`` instead of the tied embedding matrix."""
+        self.tied_lm_head = head
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[N, vocab]`` for hidden states ``[N, hidden]``."""
-        return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
+        head = self.lm_head if self.lm_head is not None else self.tied_lm_head
+        if head is not None:
+            return head(hidden).float()
+        return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
 
     # ----------------------------------------------------------------- loading
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from tokenmill.config import ModelConfig
 from tokenmill.model.layers import RMSNorm
+from tokenmill.model.quantization import check_quantization, quantize_model
 from tokenmill.model.registry import get_model_class
 from tokenmill.runner.attention.base import AttentionBackend
 
@@ -168,17 +169,26 @@ def load_model(
     dtype: torch.dtype,
     device: str | torch.device,
     attn_backend: AttentionBackend,
+    quantization: str | None = None,
 ) -> LoadedModel:
-    """Build the model in ``dtype`` directly on ``device`` and load its weights."""
+    """Build the model in ``dtype`` directly on ``device`` and load its weights.
+
+    ``quantization`` ("int4") replaces the loaded linear layers by quantized
+    ones (see :mod:`tokenmill.model.quantization`).
+    """
+    check_quantization(quantization, torch.device(device))
     if resolved.format == "gguf":
-        return _load_gguf(resolved, dtype, device, attn_backend)
-    config = read_hf_config(resolved.path)
-    model = get_model_class(config.architecture)(config, attn_backend, dtype, device)
-    if resolved.format == "dummy":
-        init_dummy_weights(model)
+        loaded = _load_gguf(resolved, dtype, device, attn_backend)
     else:
-        load_safetensors(model, resolved.path)
-    return LoadedModel(config=config, model=model.eval())
+        config = read_hf_config(resolved.path)
+        model = get_model_class(config.architecture)(config, attn_backend, dtype, device)
+        if resolved.format == "dummy":
+            init_dummy_weights(model)
+        else:
+            load_safetensors(model, resolved.path)
+        loaded = LoadedModel(config=config, model=model.eval())
+    quantize_model(loaded.model, quantization)
+    return loaded
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> ModelConfig:

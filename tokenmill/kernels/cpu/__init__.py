@@ -32,7 +32,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention.c",)
+_SOURCES = ("paged_attention.c", "int8_matmul.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 _i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -40,6 +40,7 @@ _ATTENTION_ARGTYPES = [
     _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
     _i32, _i32, _i32, _i32, _i32, _i32, _f32, _i32,
 ]
+_INT8_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 
 
 def _compiler() -> str | None:
@@ -108,7 +109,31 @@ def cpu_kernels() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = _ATTENTION_ARGTYPES
         fn.restype = None
+    lib.int8_matmul_f32.argtypes = _INT8_MATMUL_ARGTYPES
+    lib.int8_matmul_f32.restype = None
     return lib
+
+
+def int8_matmul(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``x @ (codes * scales).T + bias`` for float32 ``x`` ``[M, K]``; None if unavailable.
+
+    ``codes`` int8 ``[N, K]`` and ``scales`` float32 ``[N, K // 32]``, contiguous.
+    """
+    lib = cpu_kernels()
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    n = codes.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    lib.int8_matmul_f32(
+        x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k,
+    )
+    return out
 
 
 def paged_attention(

@@ -1,0 +1,116 @@
+"""Native CPU kernels against their PyTorch references (no timing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.kernels import cpu
+from tokenmill.runner.attention.torch_backend import TorchAttentionBackend
+
+pytestmark = pytest.mark.skipif(cpu.cpu_kernels() is None, reason="no C compiler")
+
+HEADS, KV_HEADS, DIM, BLOCK = 6, 2, 32, 16
+
+
+def _paged_case(q_lens, seq_lens, seed=0, num_blocks=64):
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=g)
+    v_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=g)
+    perm = torch.randperm(num_blocks, generator=g)
+    max_blocks = max(-(-n // BLOCK) for n in seq_lens)
+    tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(seq_lens):
+        count = -(-n // BLOCK)
+        tables[i, :count] = perm[used:used + count]
+        used += count
+    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    qsl[1:] = torch.tensor(q_lens).cumsum(0)
+    q = torch.randn(int(qsl[-1]), HEADS, DIM, generator=g)
+    return q, k_cache, v_cache, qsl, torch.tensor(seq_lens, dtype=torch.int32), tables
+
+
+def _reference(q, k_cache, v_cache, qsl, seq_lens, tables, scale):
+    out = torch.zeros_like(q)
+    for i in range(len(seq_lens)):
+        a, b = int(qsl[i]), int(qsl[i + 1])
+        if b > a:
+            out[a:b] = TorchAttentionBackend._prefill_one(
+                q[a:b], k_cache, v_cache, tables[i], int(seq_lens[i]), scale)
+    return out
+
+
+@pytest.mark.parametrize("q_lens,seq_lens", [
+    ([1], [1]),
+    ([1, 1, 1], [5, 16, 17]),  # inside a block, exactly one block, one past
+    ([4, 1, 3, 1], [40, 70, 3, 128]),  # speculative-verify-like short queries
+    ([1, 0, 2], [9, 4, 33]),  # an empty query row is skipped
+])
+def test_paged_attention_matches_sdpa(q_lens, seq_lens):
+    q, kc, vc, qsl, lens, tables = _paged_case(q_lens, seq_lens)
+    out = torch.zeros_like(q)
+    assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, DIM**-0.5, 16)
+    torch.testing.assert_close(out, _reference(q, kc, vc, qsl, lens, tables, DIM**-0.5),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_skips_long_queries_and_reads_strided_q():
+    q_lens, seq_lens = [1, 20, 2], [30, 20, 50]
+    q, kc, vc, qsl, lens, tables = _paged_case(q_lens, seq_lens, seed=1)
+    # q as a strided view of a wider [T, HEADS + 2, DIM] tensor, like the fused QKV split
+    wide = torch.randn(q.shape[0], HEADS + 2, DIM)
+    wide[:, :HEADS] = q
+    view = wide[:, :HEADS]
+    out = torch.full_like(q, 7.0)
+    assert cpu.paged_attention(view, out, kc, vc, qsl, lens, tables, 0.2, 16)
+    ref = _reference(q, kc, vc, qsl, lens, tables, 0.2)
+    torch.testing.assert_close(out[:1], ref[:1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[21:], ref[21:], rtol=1e-5, atol=1e-5)
+    assert bool((out[1:21] == 7.0).all())  # the 20-token query was left to the caller
+
+
+def test_paged_attention_bfloat16():
+    q, kc, vc, qsl, lens, tables = _paged_case([1, 2], [20, 45], seed=2)
+    out = torch.zeros_like(q, dtype=torch.bfloat16)
+    assert cpu.paged_attention(q.bfloat16(), out, kc.bfloat16(), vc.bfloat16(), qsl, lens,
+                               tables, DIM**-0.5, 16)
+    ref = _reference(q.bfloat16().float(), kc.bfloat16().float(), vc.bfloat16().float(),
+                     qsl, lens, tables, DIM**-0.5)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_paged_attention_declines_what_it_cannot_run():
+    q, kc, vc, qsl, lens, tables = _paged_case([1], [8])
+    out = torch.zeros_like(q)
+    assert not cpu.paged_attention(q.double(), out.double(), kc.double(), vc.double(),
+                                   qsl, lens, tables, 1.0, 16)
+    assert not cpu.paged_attention(q, out, kc, vc, qsl.long(), lens, tables, 1.0, 16)
+
+
+@pytest.mark.parametrize("m,n", [(1, 7), (2, 64), (5, 33), (16, 128)])
+def test_int8_matmul_matches_dense(m, n):
+    from tokenmill.model.quantization import dequantize_int8, quantize_int8
+
+    g = torch.Generator().manual_seed(m * 100 + n)
+    codes, scales = quantize_int8(torch.randn(n, 64, generator=g))
+    x = torch.randn(m, 64, generator=g)
+    bias = torch.randn(n, generator=g)
+    got = cpu.int8_matmul(x, codes, scales, bias)
+    expected = x @ dequantize_int8(codes, scales).T + bias
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu.int8_matmul(x, codes, scales, None), expected - bias,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_can_be_disabled(monkeypatch):
+    monkeypatch.setenv("TOKENMILL_CPU_KERNELS", "0")
+    cpu.cpu_kernels.cache_clear()
+    try:
+        assert cpu.cpu_kernels() is None
+        q, kc, vc, qsl, lens, tables = _paged_case([1], [8])
+        assert not cpu.paged_attention(q, torch.zeros_like(q), kc, vc, qsl, lens, tables,
+                                       1.0, 16)
+    finally:
+        monkeypatch.delenv("TOKENMILL_CPU_KERNELS")
+        cpu.cpu_kernels.cache_clear()

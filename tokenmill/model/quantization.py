@@ -1,0 +1,225 @@
+"""Weight-only int4 / int8 quantization for CPU decoding.
+
+Single-stream decode on a CPU reads every weight once per token, so it is
+bound by weight bytes; 4-bit weights read 8x fewer bytes than float32. After
+the weights are loaded, each ``Linear`` of the decoder is replaced:
+
+- ``int4``: an :class:`Int4Linear`, asymmetric group-wise codes (groups of 32
+  along the input dimension, like llama.cpp's Q4_0/Q4_1 blocks) run through
+  PyTorch's CPU int4 matmul (``aten._weight_int4pack_mm_for_cpu``). The LM
+  head gets 8 bits (:class:`Int8Linear`), as llama.cpp's Q4 files keep it:
+  4-bit logits cost SmolLM2 about 5% perplexity, 8-bit ones nothing measurable.
+- ``int8``: every linear, head included, is an :class:`Int8Linear`:
+  symmetric codes with one scale per group of 32 (llama.cpp's Q8_0), computed
+  by a native kernel (:mod:`tokenmill.kernels.cpu`; PyTorch's own int8
+  weight-only matmul is about 10x slower than float32 on CPUs without
+  AVX-512). A Q8_0 tensor's own codes and scales are recovered exactly.
+
+That kernel dequantizes ``w = (q - 8) * scale + zero`` per group. A Q4_1 block
+stores ``w = d * q + m`` with ``m`` the group minimum and ``q`` in 0..15, so
+quantizing a dequantized Q4_1 weight with the group's min/max recovers the
+file's own codes exactly; only ``d`` and ``m`` are rounded (to bfloat16, the
+kernel's scale type). Other sources (float checkpoints, Q8_0, Q6_K) are
+rounded to 4 bits here, a real quality cost: ``tokenmill eval ppl`` measures it.
+
+Activations stay in the model's dtype everywhere else (norms, attention,
+residual stream); only the matmul input is rounded to bfloat16, the one input
+type the kernel is fast for on CPUs without AVX-512 (float32 inputs take a
+scalar path about 10x slower).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from tokenmill.model.layers import Linear
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATION_METHODS = ("int4", "int8")
+INT4_GROUP_SIZE = 32
+INT8_GROUP_SIZE = 32
+
+
+def check_quantization(method: str | None, device: torch.device) -> None:
+    """Raise ValueError for an unknown method or one this device cannot run."""
+    if method is None:
+        return
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(
+            f"unknown quantization {method!r}; choose one of {', '.join(QUANTIZATION_METHODS)}"
+        )
+    if device.type != "cpu":
+        raise ValueError(f"quantization {method!r} is implemented for CPU only, not {device}")
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric 4-bit codes of ``weight`` ``[N, K]``.
+
+    Returns ``(codes, scales, zeros)``: int32 codes in 0..15 ``[N, K]`` and
+    float32 ``[N, K // group_size]`` scales and zeros such that
+    ``weight ~= (codes - 8) * scale + zero`` within each group.
+    """
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
+    groups = weight.float().reshape(n, k // group_size, group_size)
+    low = groups.amin(dim=-1)
+    high = groups.amax(dim=-1)
+    scales = (high - low) / 15
+    # A constant group has no spread: any positive scale reproduces it exactly.
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp_(0, 15)
+    zeros = low + 8 * scales
+    return codes.to(torch.int32).reshape(n, k), scales, zeros
+
+
+def dequantize_int4(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    group_size: int = INT4_GROUP_SIZE,
+) -> torch.Tensor:
+    """Float32 weight ``[N, K]`` back from :func:`quantize_int4`'s output."""
+    n, k = codes.shape
+    groups = codes.float().reshape(n, k // group_size, group_size) - 8
+    return (groups * scales[..., None] + zeros[..., None]).reshape(n, k)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit codes of ``weight`` ``[N, K]``, one scale per group of 32.
+
+    Returns int8 codes ``[N, K]`` and float32 scales ``[N, K // 32]`` with
+    ``weight ~= codes * scale`` (llama.cpp's Q8_0: scale = max |w| / 127).
+    """
+    n, k = weight.shape
+    if k % INT8_GROUP_SIZE:
+        raise ValueError(f"in_features {k} is not a multiple of the group size {INT8_GROUP_SIZE}")
+    groups = weight.float().reshape(n, k // INT8_GROUP_SIZE, INT8_GROUP_SIZE)
+    scales = groups.abs().amax(dim=-1) / 127
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(groups / scales[..., None]).clamp_(-127, 127)
+    return codes.to(torch.int8).reshape(n, k), scales
+
+
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Float32 weight ``[N, K]`` back from :func:`quantize_int8`'s output."""
+    n, k = codes.shape
+    groups = codes.float().reshape(n, k // INT8_GROUP_SIZE, INT8_GROUP_SIZE)
+    return (groups * scales[..., None]).reshape(n, k)
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` as int8 codes and float32 group scales.
+
+    Computed in float32 by the native CPU kernel; without it (no C compiler)
+    the weight is dequantized per call, slower but the same numbers.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        codes, scales = quantize_int8(weight)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
+                                                           requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from tokenmill.kernels.cpu import int8_matmul
+
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).float()
+        y = int8_matmul(flat, self.codes, self.scales, self.bias)
+        if y is None:
+            y = torch.nn.functional.linear(flat, dequantize_int8(self.codes, self.scales),
+                                           self.bias)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, group={INT8_GROUP_SIZE}, "
+                f"bias={self.bias is not None}")
+
+
+class Int4Linear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` in packed 4-bit groups (CPU int4 kernel)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        group_size: int = INT4_GROUP_SIZE,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.group_size = group_size
+        codes, scales, zeros = quantize_int4(weight, group_size)
+        # Buffers, not parameters: nothing here is trainable, and module.to(dtype)
+        # must not cast the packed bytes.
+        self.register_buffer(
+            "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        )
+        # [K // group, N, 2] (scale, zero): the kernel's layout.
+        self.register_buffer(
+            "scales_zeros",
+            torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16),
+        )
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: Linear, group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
+        return cls(linear.weight.data, linear.bias, group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.packed, self.group_size, self.scales_zeros
+        ).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, "
+                f"group={self.group_size}, bias={self.bias is not None}")
+
+
+def _quantized(linear: Linear, bits: int) -> nn.Module:
+    if bits == 4:
+        return Int4Linear.from_linear(linear)
+    return Int8Linear(linear.weight.data, linear.bias)
+
+
+def quantize_model(model: nn.Module, method: str | None) -> int:
+    """Replace the quantizable ``Linear`` layers of ``model`` in place; returns how many.
+
+    Layers whose input size is not a multiple of 32 stay dense. The LM head
+    (``model.lm_head``, or for an embedding-tied model a quantized copy of the
+    embedding set with ``set_quantized_lm_head``) always gets 8 bits; the
+    embedding itself stays dense for lookups.
+    """
+    if method is None:
+        return 0
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"unknown quantization {method!r}")
+    layer_bits = 4 if method == "int4" else 8
+    head = getattr(model, "lm_head", None)
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Linear) and child.in_features % INT4_GROUP_SIZE == 0:
+                setattr(parent, name, _quantized(child, 8 if child is head else layer_bits))
+                replaced += 1
+    set_head = getattr(model, "set_quantized_lm_head", None)
+    if set_head is not None and head is None:
+        embedding = model.lm_head_weight
+        if embedding.shape[1] % INT8_GROUP_SIZE == 0:
+            set_head(Int8Linear(embedding))
+            replaced += 1
+    logger.info("%s weight-only quantization: %d linear layers", method, replaced)
+    return replaced
