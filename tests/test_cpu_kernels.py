@@ -90,17 +90,40 @@ def test_paged_attention_declines_what_it_cannot_run():
 
 @pytest.mark.parametrize("m,n", [(1, 7), (2, 64), (5, 33), (16, 128)])
 def test_int8_matmul_matches_dense(m, n):
-    from tokenmill.model.quantization import dequantize_int8, quantize_int8
+    from tokenmill.model.quantization import dequantize_int8, quantize_int8, round_to_q8
 
     g = torch.Generator().manual_seed(m * 100 + n)
     codes, scales = quantize_int8(torch.randn(n, 64, generator=g))
     x = torch.randn(m, 64, generator=g)
     bias = torch.randn(n, generator=g)
     got = cpu.int8_matmul(x, codes, scales, bias)
-    expected = x @ dequantize_int8(codes, scales).T + bias
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    expected = round_to_q8(x) @ dequantize_int8(codes, scales).T + bias
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cpu.int8_matmul(x, codes, scales, None), expected - bias,
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 4, 6, 9, 130])  # 130: three panels of 64 rows
+@pytest.mark.parametrize("n", [1, 8, 13])
+def test_q4_matmul_matches_dense(m, n):
+    from tokenmill.model.quantization import dequantize_int4, quantize_int4, round_to_q8
+
+    g = torch.Generator().manual_seed(m * 10 + n)
+    codes, scales, zeros = quantize_int4(torch.randn(n, 96, generator=g))
+    mins = (zeros - 8 * scales).contiguous()
+    x = torch.randn(m, 96, generator=g) * 4
+    bias = torch.randn(n, generator=g)
+    got = cpu.q4_matmul(x, cpu.pack_q4(codes), scales.contiguous(), mins, bias)
+    expected = round_to_q8(x) @ dequantize_int4(codes, scales, zeros).T + bias
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pack_q4_uses_q4_1_nibble_order():
+    codes = torch.arange(64, dtype=torch.int32).remainder(16).view(1, 64)
+    packed = cpu.pack_q4(codes)
+    assert packed.shape == (1, 32)
+    assert int(packed[0, 0]) == codes[0, 0] | (codes[0, 16] << 4)
+    assert int(packed[0, 17]) == codes[0, 33] | (codes[0, 49] << 4)
 
 
 def test_kernels_can_be_disabled(monkeypatch):

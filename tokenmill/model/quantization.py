@@ -105,6 +105,20 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.to(torch.int8).reshape(n, k), scales
 
 
+def round_to_q8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[M, K]`` rounded the way the native kernels round their input.
+
+    Per group of 32: ``dx = max |x| / 127``, ``x ~= dx * round(x / dx)``
+    (ties to even). Used where the native kernels are missing, so results do
+    not depend on whether a C compiler was found.
+    """
+    m, k = x.shape
+    groups = x.float().reshape(m, k // INT8_GROUP_SIZE, INT8_GROUP_SIZE)
+    scale = groups.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return (torch.round(groups * inv) * scale).reshape(m, k)
+
+
 def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Float32 weight ``[N, K]`` back from :func:`quantize_int8`'s output."""
     n, k = codes.shape
@@ -115,8 +129,10 @@ def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` as int8 codes and float32 group scales.
 
-    Computed in float32 by the native CPU kernel; without it (no C compiler)
-    the weight is dequantized per call, slower but the same numbers.
+    Computed by the native CPU kernel (input rounded to 8 bits per group of
+    32, integer dot products); without it (no C compiler) the weight is
+    dequantized per call and multiplied with the same rounded input: slower,
+    the same numbers up to summation order.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -135,8 +151,8 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, self.in_features).float()
         y = int8_matmul(flat, self.codes, self.scales, self.bias)
         if y is None:
-            y = torch.nn.functional.linear(flat, dequantize_int8(self.codes, self.scales),
-                                           self.bias)
+            y = torch.nn.functional.linear(
+                round_to_q8(flat), dequantize_int8(self.codes, self.scales), self.bias)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -145,28 +161,54 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """``y = x @ W.T + b`` with ``W`` in packed 4-bit groups (CPU int4 kernel)."""
+    """``y = x @ W.T + b`` with ``W`` in 4-bit groups of 32.
+
+    Two CPU kernels, picked once at construction:
+
+    - ``native`` (:func:`tokenmill.kernels.cpu.q4_matmul`, when a C compiler is
+      available): Q4_1-layout weights times the input rounded to 8 bits per
+      group, integer dot products, the way llama.cpp runs its Q4 files;
+    - ``torch`` (``aten._weight_int4pack_mm_for_cpu``): the same codes with
+      bfloat16 scales and a bfloat16 copy of the input.
+
+    Both give the same greedy result as float32 most of the time, never
+    bit-identical logits; ``tokenmill eval ppl`` measures the cost.
+    """
 
     def __init__(
         self,
         weight: torch.Tensor,
         bias: torch.Tensor | None = None,
         group_size: int = INT4_GROUP_SIZE,
+        kernel: str | None = None,
     ) -> None:
         super().__init__()
+        from tokenmill.kernels import cpu
+
         self.out_features, self.in_features = weight.shape
         self.group_size = group_size
+        if kernel is None:
+            kernel = "native" if cpu.cpu_kernels() is not None and group_size == 32 else "torch"
+        if kernel not in ("native", "torch"):
+            raise ValueError(f"unknown int4 kernel {kernel!r}")
+        self.kernel = kernel
         codes, scales, zeros = quantize_int4(weight, group_size)
         # Buffers, not parameters: nothing here is trainable, and module.to(dtype)
         # must not cast the packed bytes.
-        self.register_buffer(
-            "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        )
-        # [K // group, N, 2] (scale, zero): the kernel's layout.
-        self.register_buffer(
-            "scales_zeros",
-            torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16),
-        )
+        if kernel == "native":
+            self.register_buffer("packed", cpu.pack_q4(codes))
+            self.register_buffer("scales", scales.contiguous())
+            self.register_buffer("mins", (zeros - 8 * scales).contiguous())  # Q4_1's m
+        else:
+            self.register_buffer(
+                "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            )
+            # [K // group, N, 2] (scale, zero): the kernel's layout.
+            self.register_buffer(
+                "scales_zeros",
+                torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+                .to(torch.bfloat16),
+            )
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
 
@@ -176,17 +218,23 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        flat = x.reshape(-1, self.in_features)
+        if self.kernel == "native":
+            from tokenmill.kernels.cpu import q4_matmul
+
+            bias = None if self.bias is None else self.bias.float()
+            y = q4_matmul(flat.float(), self.packed, self.scales, self.mins, bias)
+            return y.to(x.dtype).reshape(*lead, self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat, self.packed, self.group_size, self.scales_zeros
+            flat.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros
         ).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, "
-                f"group={self.group_size}, bias={self.bias is not None}")
+        return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "
+                f"kernel={self.kernel}, bias={self.bias is not None}")
 
 
 def _quantized(linear: Linear, bits: int) -> nn.Module:

@@ -32,7 +32,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention.c", "int8_matmul.c")
+_SOURCES = ("paged_attention.c", "int8_matmul.c", "q4_matmul.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 _i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -41,6 +41,7 @@ _ATTENTION_ARGTYPES = [
     _i32, _i32, _i32, _i32, _i32, _i32, _f32, _i32,
 ]
 _INT8_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
+_Q4_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 
 
 def _compiler() -> str | None:
@@ -110,8 +111,48 @@ def cpu_kernels() -> ctypes.CDLL | None:
         fn.argtypes = _ATTENTION_ARGTYPES
         fn.restype = None
     lib.int8_matmul_f32.argtypes = _INT8_MATMUL_ARGTYPES
-    lib.int8_matmul_f32.restype = None
+    lib.int8_matmul_f32.restype = ctypes.c_int
+    lib.q4_matmul_f32.argtypes = _Q4_MATMUL_ARGTYPES
+    lib.q4_matmul_f32.restype = ctypes.c_int
     return lib
+
+
+def pack_q4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes ``[N, K]`` (0..15) into ``[N, K // 2]`` bytes, Q4_1's order.
+
+    Byte ``j`` of group ``g`` holds element ``32 g + j`` in its low nibble and
+    element ``32 g + j + 16`` in its high nibble.
+    """
+    n, k = codes.shape
+    groups = codes.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (groups[:, :, 0] | (groups[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def q4_matmul(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """``x @ W.T + bias`` with ``W = scales * code + mins`` per group of 32 (Q4_1).
+
+    ``x`` is float32 ``[M, K]`` (rounded to 8 bits per group of 32 inside, as
+    llama.cpp does); ``packed`` from :func:`pack_q4`; ``scales``/``mins``
+    float32 ``[N, K // 32]``. None when the kernel is unavailable.
+    """
+    lib = cpu_kernels()
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    n = packed.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    status = lib.q4_matmul_f32(
+        x.data_ptr(), x.stride(0), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k,
+    )
+    if status != 0:
+        raise MemoryError("q4_matmul_f32: out of memory for the quantized input")
+    return out
 
 
 def int8_matmul(
@@ -119,7 +160,8 @@ def int8_matmul(
 ) -> torch.Tensor | None:
     """``x @ (codes * scales).T + bias`` for float32 ``x`` ``[M, K]``; None if unavailable.
 
-    ``codes`` int8 ``[N, K]`` and ``scales`` float32 ``[N, K // 32]``, contiguous.
+    ``codes`` int8 ``[N, K]`` and ``scales`` float32 ``[N, K // 32]``, contiguous;
+    ``x`` is rounded to 8 bits per group of 32 inside (integer dot products).
     """
     lib = cpu_kernels()
     if lib is None or x.dtype != torch.float32 or x.device.type != "cpu":
@@ -129,10 +171,12 @@ def int8_matmul(
     m, k = x.shape
     n = codes.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
-    lib.int8_matmul_f32(
+    status = lib.int8_matmul_f32(
         x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k,
     )
+    if status != 0:
+        raise MemoryError("int8_matmul_f32: out of memory for the quantized input")
     return out
 
 

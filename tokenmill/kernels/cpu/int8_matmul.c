@@ -1,79 +1,137 @@
 /*
  * y = x @ W.T (+ bias) for a weight stored as int8 codes with one float scale
- * per group of 32 inputs (llama.cpp's Q8_0 layout: w = code * scale).
+ * per group of 32 inputs (llama.cpp's Q8_0: w = code * scale), the input
+ * rounded to 8 bits per group of 32 as well (x ~= dx * qx).
  *
- * Made for the small-M case of decoding (M = sequences in the step). Each
- * thread takes tiles of 4 weight rows, dequantizes them once into a float
- * buffer that stays in L1, then runs the 4 rows against the inputs two at a
- * time: 8 independent accumulators per k, 6 loads per 8 multiply-adds. The
- * weight is read from memory once per call, a quarter of float32's bytes.
- * Threads are PyTorch's own OpenMP pool (see paged_attention.c).
+ * Per group: sum_j w_j x_j ~= scale * dx * sum_j code_j qx_j, an exact
+ * integer sum. AVX2 has only an unsigned x signed byte multiply-add, so the
+ * weight's signs move onto the input first (|w| * sign(w) x), as llama.cpp
+ * does. Each pass over a group's 32 weight bytes serves up to four input rows;
+ * weight rows are split over PyTorch's OpenMP threads (see paged_attention.c).
  *
- * x [M, K] (row stride x_stride), codes [N, K], scales [N, K / 32],
- * out [M, N] (row stride out_stride); float32 but the codes. K % 32 == 0.
+ * x [M, K] float (row stride x_stride), codes [N, K], scales [N, K / 32],
+ * out [M, N] (row stride out_stride). K % 32 == 0.
  */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
-#define ROWS 4
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define TM_AVX2 1
+#endif
 
-static void dequant_rows(const int8_t *codes, const float *scales, int K, int rows,
-                         float *w) {
+#define MT 4
+
+void tm_quantize_rows_q8(const float *x, int64_t x_stride, int M, int K, int8_t *qx, float *dx,
+                         float *sx); /* q4_matmul.c */
+
+#ifdef TM_AVX2
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static void row_dots_q8(const int8_t *w, const float *ws, const int8_t *qx, const float *dx,
+                        int K, int m0, int rows, float *res) {
     const int groups = K / 32;
-    for (int r = 0; r < rows; r++) {
-        for (int g = 0; g < groups; g++) {
-            const float scale = scales[(int64_t)r * groups + g];
-            const int8_t *c = codes + (int64_t)r * K + g * 32;
-            float *dst = w + (int64_t)r * K + g * 32;
-            #pragma omp simd
-            for (int j = 0; j < 32; j++) dst[j] = (float)c[j] * scale;
+#ifdef TM_AVX2
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[MT];
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + g * 32));
+        const __m256i aw = _mm256_sign_epi8(wv, wv);
+        for (int r = 0; r < rows; r++) {
+            const int64_t row = (int64_t)(m0 + r);
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + row * K + g * 32));
+            const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
+            const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[g] * dx[row * groups + g]), acc[r]);
         }
     }
+    for (int r = 0; r < rows; r++) res[r] = hsum8(acc[r]);
+#else
+    for (int r = 0; r < rows; r++) {
+        const int64_t row = (int64_t)(m0 + r);
+        float total = 0.0f;
+        for (int g = 0; g < groups; g++) {
+            int dot = 0;
+            for (int j = 0; j < 32; j++) dot += w[g * 32 + j] * qx[row * K + g * 32 + j];
+            total += (float)dot * (ws[g] * dx[row * groups + g]);
+        }
+        res[r] = total;
+    }
+#endif
 }
 
-void int8_matmul_f32(const float *x, int64_t x_stride, const int8_t *codes, const float *scales,
-                     const float *bias, float *out, int64_t out_stride, int M, int N, int K) {
+#ifdef TM_AVX2
+/* The full tile: one weight row against input rows m0 .. m0 + 3, in registers. */
+static void tile_1x4_q8(const int8_t *w, const float *ws, const int8_t *qx, const float *dx,
+                        int K, int m0, float *res) {
     const int groups = K / 32;
-    const int tiles = (N + ROWS - 1) / ROWS;
-    #pragma omp parallel
-    {
-        float w[ROWS * K];
-        #pragma omp for schedule(static)
-        for (int t = 0; t < tiles; t++) {
-            const int n0 = t * ROWS;
-            const int rows = N - n0 < ROWS ? N - n0 : ROWS;
-            dequant_rows(codes + (int64_t)n0 * K, scales + (int64_t)n0 * groups, K, rows, w);
-            for (int r = rows; r < ROWS; r++)  /* pad a short last tile with zeros */
-                for (int k = 0; k < K; k++) w[r * K + k] = 0.0f;
-            const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
-            int m = 0;
-            for (; m + 2 <= M; m += 2) {
-                const float *xa = x + (int64_t)m * x_stride, *xb = xa + x_stride;
-                float a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-                #pragma omp simd reduction(+:a0, a1, a2, a3, b0, b1, b2, b3)
-                for (int k = 0; k < K; k++) {
-                    const float u = xa[k], v = xb[k];
-                    a0 += w0[k] * u; a1 += w1[k] * u; a2 += w2[k] * u; a3 += w3[k] * u;
-                    b0 += w0[k] * v; b1 += w1[k] * v; b2 += w2[k] * v; b3 += w3[k] * v;
-                }
-                const float ra[ROWS] = {a0, a1, a2, a3}, rb[ROWS] = {b0, b1, b2, b3};
-                for (int r = 0; r < rows; r++) {
-                    const float b = bias ? bias[n0 + r] : 0.0f;
-                    out[(int64_t)m * out_stride + n0 + r] = ra[r] + b;
-                    out[(int64_t)(m + 1) * out_stride + n0 + r] = rb[r] + b;
-                }
-            }
-            for (; m < M; m++) {
-                const float *xa = x + (int64_t)m * x_stride;
-                float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-                #pragma omp simd reduction(+:a0, a1, a2, a3)
-                for (int k = 0; k < K; k++) {
-                    const float u = xa[k];
-                    a0 += w0[k] * u; a1 += w1[k] * u; a2 += w2[k] * u; a3 += w3[k] * u;
-                }
-                const float ra[ROWS] = {a0, a1, a2, a3};
-                for (int r = 0; r < rows; r++)
-                    out[(int64_t)m * out_stride + n0 + r] = ra[r] + (bias ? bias[n0 + r] : 0.0f);
-            }
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const int8_t *x0 = qx + (int64_t)m0 * K;
+    const float *d0 = dx + (int64_t)m0 * groups;
+    for (int g = 0; g < groups; g++) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + g * 32));
+        const __m256i aw = _mm256_sign_epi8(wv, wv);
+#define TM_STEP(R, A)                                                                          \
+        {                                                                                      \
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(x0 + (int64_t)(R) * K + g * 32)); \
+            const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));          \
+            const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));           \
+            A = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[g] * d0[(R) * groups + g]), A);        \
+        }
+        TM_STEP(0, a0)
+        TM_STEP(1, a1)
+        TM_STEP(2, a2)
+        TM_STEP(3, a3)
+#undef TM_STEP
+    }
+    res[0] = hsum8(a0);
+    res[1] = hsum8(a1);
+    res[2] = hsum8(a2);
+    res[3] = hsum8(a3);
+}
+#endif
+
+int int8_matmul_f32(const float *x, int64_t x_stride, const int8_t *codes, const float *scales,
+                    const float *bias, float *out, int64_t out_stride, int M, int N, int K) {
+    const int groups = K / 32;
+    int8_t *qx = malloc((size_t)M * K);
+    float *dx = malloc(sizeof(float) * (size_t)M * groups);
+    float *sx = malloc(sizeof(float) * (size_t)M * groups);
+    if (!qx || !dx || !sx) {
+        free(qx);
+        free(dx);
+        free(sx);
+        return -1;
+    }
+    tm_quantize_rows_q8(x, x_stride, M, K, qx, dx, sx);
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const int8_t *w = codes + (int64_t)n * K;
+        const float *ws = scales + (int64_t)n * groups;
+        const float b = bias ? bias[n] : 0.0f;
+        float res[MT];
+        for (int m0 = 0; m0 < M; m0 += MT) {
+            const int rows = M - m0 < MT ? M - m0 : MT;
+#ifdef TM_AVX2
+            if (rows == MT)
+                tile_1x4_q8(w, ws, qx, dx, K, m0, res);
+            else
+#endif
+                row_dots_q8(w, ws, qx, dx, K, m0, rows, res);
+            for (int r = 0; r < rows; r++) out[(int64_t)(m0 + r) * out_stride + n] = res[r] + b;
         }
     }
+    free(qx);
+    free(dx);
+    free(sx);
+    return 0;
 }
