@@ -137,3 +137,18 @@ def test_kernels_can_be_disabled(monkeypatch):
     finally:
         monkeypatch.delenv("TOKENMILL_CPU_KERNELS")
         cpu.cpu_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("head_dim", [12, 128])  # the generic loop; two 64-wide V passes
+def test_paged_attention_other_head_dims(head_dim):
+    g = torch.Generator().manual_seed(head_dim)
+    kc = torch.randn(8, BLOCK, KV_HEADS, head_dim, generator=g)
+    vc = torch.randn(8, BLOCK, KV_HEADS, head_dim, generator=g)
+    tables = torch.tensor([[3, 1, 4], [0, 2, 5]], dtype=torch.int32)
+    lens = torch.tensor([40, 21], dtype=torch.int32)
+    qsl = torch.tensor([0, 1, 3], dtype=torch.int32)
+    q = torch.randn(3, HEADS, head_dim, generator=g)
+    out = torch.zeros_like(q)
+    assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, head_dim**-0.5, 16)
+    torch.testing.assert_close(out, _reference(q, kc, vc, qsl, lens, tables, head_dim**-0.5),
+                               rtol=1e-5, atol=1e-5)

@@ -21,7 +21,13 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define TM_AVX2 1
+#endif
 
 static inline float bf16_to_f32(uint16_t x) {
     uint32_t u = (uint32_t)x << 16;
@@ -108,5 +114,130 @@ void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_c
     }                                                                                          \
 }
 
-DEFINE_PAGED_ATTENTION(paged_attention_f32, float, f32)
+DEFINE_PAGED_ATTENTION(paged_attention_f32_generic, float, f32)
 DEFINE_PAGED_ATTENTION(paged_attention_bf16, uint16_t, bf16)
+
+#ifdef TM_AVX2
+/* Eight dot products at once: rows k0..k7 (each D floats) with q; returns the eight sums. */
+static inline __m256 dot8(const float *q, const float *k, int64_t row, int D) {
+    __m256 a[8];
+    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * row + d), a[j]);
+    }
+    /* transpose-reduce: lane j of the result = horizontal sum of a[j] */
+    const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+    const __m256 lo = _mm256_permute2f128_ps(h0123, h4567, 0x20);
+    const __m256 hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
+    return _mm256_add_ps(lo, hi);
+}
+
+/* float32, head_dim % 8 == 0: per query, all scores first (two-pass softmax), then the
+   weighted sum of V with the accumulator in registers. Scores live in a per-thread
+   buffer of the longest context. Same results as the generic kernel up to rounding. */
+static void paged_attention_f32_avx2(const float *q, int64_t q_stride, float *out,
+                                     int64_t out_stride, const float *k_cache,
+                                     const float *v_cache, const int32_t *query_start,
+                                     const int32_t *seq_lens, const int32_t *block_tables,
+                                     int num_seqs, int max_blocks, int num_heads,
+                                     int num_kv_heads, int D, int block_size, float scale,
+                                     int max_q_len) {
+    const int group = num_heads / num_kv_heads;
+    const int64_t row = (int64_t)num_kv_heads * D;
+    int max_len = 0;
+    for (int b = 0; b < num_seqs; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    #pragma omp parallel
+    {
+        float *sc = malloc(sizeof(float) * ((size_t)max_len + 8));
+        float *qs = malloc(sizeof(float) * (size_t)D);
+        float *acc = malloc(sizeof(float) * (size_t)D);
+        #pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int b = 0; b < num_seqs; b++) {
+            for (int hk = 0; hk < num_kv_heads; hk++) {
+                const int q0 = query_start[b], qlen = query_start[b + 1] - q0;
+                if (qlen <= 0 || qlen > max_q_len || !sc) continue;
+                const int len = seq_lens[b];
+                const int32_t *table = block_tables + (int64_t)b * max_blocks;
+                for (int i = 0; i < qlen; i++) {
+                    const int visible = len - qlen + i + 1;
+                    for (int g = 0; g < group; g++) {
+                        const int head = hk * group + g;
+                        const float *qp = q + (int64_t)(q0 + i) * q_stride + (int64_t)head * D;
+                        for (int d = 0; d < D; d++) qs[d] = qp[d] * scale;
+                        /* scores, 8 keys at a time inside each block */
+                        float mx = -INFINITY;
+                        for (int start = 0; start < visible; start += block_size) {
+                            const float *kb = k_cache
+                                + (int64_t)table[start / block_size] * block_size * row
+                                + (int64_t)hk * D;
+                            const int n = visible - start < block_size ? visible - start
+                                                                       : block_size;
+                            int j = 0;
+                            for (; j + 8 <= n; j += 8)
+                                _mm256_storeu_ps(sc + start + j, dot8(qs, kb + j * row, row, D));
+                            for (; j < n; j++) {
+                                float dot = 0.0f;
+                                for (int d = 0; d < D; d++) dot += qs[d] * kb[j * row + d];
+                                sc[start + j] = dot;
+                            }
+                        }
+                        for (int t = 0; t < visible; t++) mx = sc[t] > mx ? sc[t] : mx;
+                        float sum = 0.0f;
+                        for (int t = 0; t < visible; t++) {
+                            sc[t] = expf(sc[t] - mx);
+                            sum += sc[t];
+                        }
+                        /* weighted sum of V rows, accumulator in registers (D <= 128) */
+                        for (int d0 = 0; d0 < D; d0 += 64) {
+                            const int w = D - d0 < 64 ? D - d0 : 64; /* multiple of 8 */
+                            __m256 a[8];
+                            for (int c = 0; c < 8; c++) a[c] = _mm256_setzero_ps();
+                            for (int start = 0; start < visible; start += block_size) {
+                                const float *vb = v_cache
+                                    + (int64_t)table[start / block_size] * block_size * row
+                                    + (int64_t)hk * D + d0;
+                                const int n = visible - start < block_size ? visible - start
+                                                                           : block_size;
+                                for (int j = 0; j < n; j++) {
+                                    const __m256 p = _mm256_set1_ps(sc[start + j]);
+                                    for (int c = 0; c < w / 8; c++)
+                                        a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vb + j * row + 8 * c),
+                                                               a[c]);
+                                }
+                            }
+                            for (int c = 0; c < w / 8; c++) _mm256_storeu_ps(acc + d0 + 8 * c, a[c]);
+                        }
+                        float *op = out + (int64_t)(q0 + i) * out_stride + (int64_t)head * D;
+                        const float inv = 1.0f / sum;
+                        for (int d = 0; d < D; d++) op[d] = acc[d] * inv;
+                    }
+                }
+            }
+        }
+        free(sc);
+        free(qs);
+        free(acc);
+    }
+}
+#endif
+
+void paged_attention_f32(const float *q, int64_t q_stride, float *out, int64_t out_stride,
+                         const float *k_cache, const float *v_cache, const int32_t *query_start,
+                         const int32_t *seq_lens, const int32_t *block_tables, int num_seqs,
+                         int max_blocks, int num_heads, int num_kv_heads, int head_dim,
+                         int block_size, float scale, int max_q_len) {
+#ifdef TM_AVX2
+    if (head_dim % 8 == 0) {
+        paged_attention_f32_avx2(q, q_stride, out, out_stride, k_cache, v_cache, query_start,
+                                 seq_lens, block_tables, num_seqs, max_blocks, num_heads,
+                                 num_kv_heads, head_dim, block_size, scale, max_q_len);
+        return;
+    }
+#endif
+    paged_attention_f32_generic(q, q_stride, out, out_stride, k_cache, v_cache, query_start,
+                                seq_lens, block_tables, num_seqs, max_blocks, num_heads,
+                                num_kv_heads, head_dim, block_size, scale, max_q_len);
+}

@@ -150,6 +150,42 @@ static void tile_2x4(const uint8_t *w0, const uint8_t *w1, const float *d0, cons
     res[1][0] = hsum256(a10) + c1[0]; res[1][1] = hsum256(a11) + c1[1];
     res[1][2] = hsum256(a12) + c1[2]; res[1][3] = hsum256(a13) + c1[3];
 }
+
+/* Weight rows n .. n + 3 against one input row (decode): one input load per group
+   serves four rows, four accumulators stay in registers. */
+static void tile_4x1(const uint8_t *w, const float *d, const float *mn, const int8_t *qx,
+                     const float *dx, const float *sx, int K, int m, float res[4]) {
+    const int groups = K / 32;
+    const int64_t wrow = K / 2;
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+    const int8_t *xr = qx + (int64_t)m * K;
+    const float *dxr = dx + (int64_t)m * groups, *sxr = sx + (int64_t)m * groups;
+    for (int g = 0; g < groups; g++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + g * 32));
+        const float dxv = dxr[g], sxv = sxr[g];
+#define TM_ROW(R, A, C)                                                                        \
+        {                                                                                      \
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(w + (R) * wrow + g * 16));   \
+            const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low4),    \
+                                               _mm_and_si128(raw, low4));                      \
+            const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones)); \
+            A = _mm256_fmadd_ps(sums, _mm256_set1_ps(d[(R) * groups + g] * dxv), A);           \
+            C += mn[(R) * groups + g] * sxv;                                                   \
+        }
+        TM_ROW(0, a0, c0)
+        TM_ROW(1, a1, c1)
+        TM_ROW(2, a2, c2)
+        TM_ROW(3, a3, c3)
+#undef TM_ROW
+    }
+    res[0] = hsum256(a0) + c0;
+    res[1] = hsum256(a1) + c1;
+    res[2] = hsum256(a2) + c2;
+    res[3] = hsum256(a3) + c3;
+}
 #endif
 
 int q4_matmul_f32(const float *x, int64_t x_stride, const uint8_t *packed, const float *d,
@@ -172,21 +208,31 @@ int q4_matmul_f32(const float *x, int64_t x_stride, const uint8_t *packed, const
     const int mend = M - mb < MB ? M : mb + MB;
     const int full = mb + (mend - mb) - (mend - mb) % MT; /* rows covered by whole tiles */
     #pragma omp parallel for schedule(static)
-    for (int np = 0; np < (N + 1) / 2; np++) {
-        const int n0 = 2 * np, nrows = N - n0 < 2 ? N - n0 : 2;
+    for (int nq = 0; nq < (N + 3) / 4; nq++) {
+        const int n0 = 4 * nq, nrows = N - n0 < 4 ? N - n0 : 4;
         int m0 = mb;
 #ifdef TM_AVX2
-        if (nrows == 2) {
-            const uint8_t *w0 = packed + (int64_t)n0 * (K / 2), *w1 = w0 + K / 2;
-            const float *d0 = d + (int64_t)n0 * groups, *m0p = mins + (int64_t)n0 * groups;
-            float res[2][MT];
+        if (nrows == 4) {
+            const uint8_t *w0 = packed + (int64_t)n0 * (K / 2);
+            const float *d0 = d + (int64_t)n0 * groups, *mn0 = mins + (int64_t)n0 * groups;
+            float res[2][MT], one[4];
             for (; m0 < full; m0 += MT) {
-                tile_2x4(w0, w1, d0, d0 + groups, m0p, m0p + groups, qx, dx, sx, K, m0, res);
-                for (int j = 0; j < 2; j++) {
-                    const float b = bias ? bias[n0 + j] : 0.0f;
-                    for (int r = 0; r < MT; r++)
-                        out[(int64_t)(m0 + r) * out_stride + n0 + j] = res[j][r] + b;
+                for (int half = 0; half < 2; half++) {
+                    const int64_t o = 2 * half;
+                    tile_2x4(w0 + o * (K / 2), w0 + (o + 1) * (K / 2), d0 + o * groups,
+                             d0 + (o + 1) * groups, mn0 + o * groups, mn0 + (o + 1) * groups,
+                             qx, dx, sx, K, m0, res);
+                    for (int j = 0; j < 2; j++) {
+                        const float b = bias ? bias[n0 + o + j] : 0.0f;
+                        for (int r = 0; r < MT; r++)
+                            out[(int64_t)(m0 + r) * out_stride + n0 + o + j] = res[j][r] + b;
+                    }
                 }
+            }
+            for (; m0 < mend; m0++) {
+                tile_4x1(w0, d0, mn0, qx, dx, sx, K, m0, one);
+                for (int j = 0; j < 4; j++)
+                    out[(int64_t)m0 * out_stride + n0 + j] = one[j] + (bias ? bias[n0 + j] : 0.0f);
             }
         }
 #endif
