@@ -1,4 +1,4 @@
-"""``tokenmill`` command line: serve | generate | chat | bench | plan."""
+"""``tokenmill`` command line: serve | generate | chat | bench | eval | plan."""
 
 from __future__ import annotations
 
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     offline.add_cli(bench_sub)
     _add_subcommands("tokenmill.bench.serve", bench_sub)
+    ev = sub.add_parser("eval", help="quality evaluations through the engine: perplexity")
+    _add_subcommands("tokenmill.eval.ppl", ev.add_subparsers(dest="eval_command", metavar="EVAL"))
     _add_subcommands("tokenmill.server.cli", sub)
     _add_subcommands("tokenmill.plan", sub)
     return parser
