@@ -254,6 +254,43 @@ class SchedulerConfig:
             )
 
 
+SPECULATIVE_METHODS = ("ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: who proposes draft tokens and how many per step.
+
+    ``ngram`` looks the sequence's latest ``n``-gram up in its own tokens
+    (``n`` from ``ngram_prompt_lookup_max`` down to ``ngram_prompt_lookup_min``)
+    and proposes what followed it; ``draft`` runs the smaller ``model`` (same
+    vocabulary) autoregressively. Either way the target verifies up to
+    ``num_speculative_tokens`` drafts per sequence in one forward pass.
+    """
+
+    method: Literal["ngram", "draft"]
+    num_speculative_tokens: int = 4
+    ngram_prompt_lookup_max: int = 4
+    ngram_prompt_lookup_min: int = 1
+    model: str | None = None  # draft-model path (method "draft" only)
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(
+                f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                f"got {self.method!r}"
+            )
+        if self.num_speculative_tokens <= 0:
+            raise ValueError("num_speculative_tokens must be positive")
+        if not 1 <= self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max:
+            raise ValueError(
+                "need 1 <= ngram_prompt_lookup_min <= ngram_prompt_lookup_max, got "
+                f"{self.ngram_prompt_lookup_min} and {self.ngram_prompt_lookup_max}"
+            )
+        if self.method == "draft" and not self.model:
+            raise ValueError("speculative method 'draft' needs a speculative model path")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, assembled once from user arguments."""
@@ -263,6 +300,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     dtype: torch.dtype = torch.float32
+    quantization: str | None = None
     device: str = "cpu"
     load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
     attention_backend: str = "torch"

@@ -9,7 +9,13 @@ from typing import Any
 
 import torch
 
-from tokenmill.config import CacheConfig, SchedulerConfig, parse_dtype, parse_memory
+from tokenmill.config import (
+    CacheConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+    parse_dtype,
+    parse_memory,
+)
 
 _AUTO = "auto"
 
@@ -22,6 +28,7 @@ class EngineArgs:
     tokenizer: str | None = None  # defaults to the model's own tokenizer
     load_format: str = _AUTO  # auto | safetensors | gguf | dummy
     dtype: str = _AUTO  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
+    quantization: str | None = None  # None | "int4" | "int8" (weight-only, CPU)
     device: str = _AUTO  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None
     block_size: int = 16
@@ -38,6 +45,13 @@ class EngineArgs:
     max_cudagraph_batch_size: int | None = None  # largest graph-captured decode batch
     seed: int = 0
     num_threads: int | None = None  # CPU threads for torch; default: all cores
+    # Speculative decoding (off unless a method is named; see SpeculativeConfig).
+    speculative_method: str | None = None  # None | "ngram" | "draft"
+    num_speculative_tokens: int = 4
+    ngram_prompt_lookup_max: int = 4
+    ngram_prompt_lookup_min: int = 1
+    speculative_model: str | None = None  # draft model path (same vocabulary)
+    speculative_quantization: str | None = None  # the draft's weight quantization
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -90,6 +104,24 @@ class EngineArgs:
             enable_chunked_prefill=self.enable_chunked_prefill,
         )
 
+    def speculative_config(self) -> SpeculativeConfig | None:
+        """The speculative-decoding settings, or None when speculation is off."""
+        if self.speculative_method is None:
+            if self.speculative_model is not None:
+                raise ValueError("--speculative-model needs --speculative-method draft")
+            return None
+        if self.speculative_method != "draft" and (
+                self.speculative_model is not None or self.speculative_quantization is not None):
+            raise ValueError("--speculative-model and --speculative-quantization are only "
+                             "used with --speculative-method draft")
+        return SpeculativeConfig(
+            method=self.speculative_method,  # type: ignore[arg-type]
+            num_speculative_tokens=self.num_speculative_tokens,
+            ngram_prompt_lookup_max=self.ngram_prompt_lookup_max,
+            ngram_prompt_lookup_min=self.ngram_prompt_lookup_min,
+            model=self.speculative_model,
+        )
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
         unknown = set(kwargs) - cls.field_names()
@@ -113,6 +145,10 @@ class EngineArgs:
                        choices=[_AUTO, "safetensors", "gguf", "dummy"])
         g.add_argument("--dtype", default=_AUTO,
                        help="auto | float32 | bfloat16 | float16 (GPU only)")
+        g.add_argument("--quantization", default=None, choices=["int4", "int8"],
+                       help="weight-only quantization (CPU): int4 = 4-bit groups of 32 "
+                            "(a Q4_0/Q4_1 GGUF keeps its own codes), 8-bit LM head; "
+                            "int8 = 8-bit groups of 32 everywhere (Q8_0); default: none")
         g.add_argument("--device", default=_AUTO, help="auto | cpu | cuda | cuda:N")
         g.add_argument("--max-model-len", type=int, default=None)
         g.add_argument("--block-size", type=int, default=16)
@@ -138,3 +174,18 @@ class EngineArgs:
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--num-threads", type=int, default=None,
                        help="CPU threads for the forward pass (default: all cores)")
+        s = parser.add_argument_group("speculative decoding")
+        s.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
+                       help="propose draft tokens by n-gram prompt lookup or with a draft "
+                            "model, verified by the target in one pass (default: off)")
+        s.add_argument("--num-speculative-tokens", type=int, default=4,
+                       help="most draft tokens per sequence and step (default 4)")
+        s.add_argument("--ngram-prompt-lookup-max", type=int, default=4,
+                       help="longest n-gram the ngram proposer looks up (default 4)")
+        s.add_argument("--ngram-prompt-lookup-min", type=int, default=1,
+                       help="shortest n-gram the ngram proposer looks up (default 1)")
+        s.add_argument("--speculative-model", default=None,
+                       help="draft model for --speculative-method draft (HF dir or .gguf; "
+                            "must share the target's vocabulary)")
+        s.add_argument("--speculative-quantization", default=None, choices=["int4", "int8"],
+                       help="weight quantization of the draft model (default: none)")

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,7 +27,7 @@ from tokenmill.engine.outputs import (
     RequestOutput,
     TokenLogprob,
 )
-from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
+from tokenmill.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
 from tokenmill.runner.attention.base import get_attention_backend
 from tokenmill.runner.cuda_graphs import DEFAULT_MAX_CAPTURE_BATCH, CudaGraphConfig
@@ -35,6 +35,9 @@ from tokenmill.runner.kv_cache import allocate_kv_cache, bytes_per_block, num_kv
 from tokenmill.runner.model_runner import ModelRunner, profile_peak_memory
 from tokenmill.sampling import Sampler, SamplingBatch, SamplingParams
 from tokenmill.sampling.sampler import compute_prompt_logprobs
+
+if TYPE_CHECKING:
+    from tokenmill.spec.speculator import Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +84,8 @@ class LLMEngine:
 
         t0 = time.perf_counter()
         resolved = resolve_model(args.model, args.load_format)
-        loaded = load_model(resolved, dtype=dtype, device=str(device), attn_backend=backend)
+        loaded = load_model(resolved, dtype=dtype, device=str(device), attn_backend=backend,
+                            quantization=args.quantization)
         self.model_config = loaded.config
         self.tokenizer = _load_tokenizer(args, resolved, loaded)
         self.model_path = resolved.path
@@ -93,10 +97,21 @@ class LLMEngine:
         sched_cfg = args.scheduler_config(self.model_config.max_position_embeddings, device)
         self.config = EngineConfig(
             model=self.model_config, model_path=resolved.path, cache=cache_cfg,
-            scheduler=sched_cfg, dtype=dtype, device=str(device),
+            scheduler=sched_cfg, dtype=dtype, quantization=args.quantization, device=str(device),
             load_format=resolved.format, attention_backend=backend.name, seed=args.seed,
             num_threads=args.num_threads,
         )
+        spec_cfg = args.speculative_config()
+        draft_loaded = None
+        if spec_cfg is not None and spec_cfg.method == "draft":
+            from tokenmill.spec.draft_model import load_draft_model
+
+            # Loaded before KV sizing so its weights count against the budget.
+            draft_loaded = load_draft_model(
+                spec_cfg.model or "", self.model_config, sched_cfg.max_model_len, dtype,
+                device, backend, load_format="dummy" if args.load_format == "dummy" else "auto",
+                quantization=args.speculative_quantization,
+            )
         peak = None
         if (device.type == "cuda" and cache_cfg.kv_cache_memory is None
                 and cache_cfg.num_gpu_blocks_override is None):
@@ -109,6 +124,12 @@ class LLMEngine:
             )
             torch.cuda.empty_cache()  # hand the profiling activations back to the device
         num_blocks = num_kv_blocks(self.model_config, cache_cfg, dtype, device, peak)
+        if draft_loaded is not None and cache_cfg.num_gpu_blocks_override is None:
+            from tokenmill.spec.draft_model import split_kv_blocks
+
+            # The draft's cache mirrors the target's block for block: share the budget.
+            num_blocks = split_kv_blocks(num_blocks, self.model_config, draft_loaded.config,
+                                         cache_cfg.block_size, dtype)
         kv = allocate_kv_cache(self.model_config, num_blocks, cache_cfg.block_size, dtype, device)
         self.block_manager = BlockManager(
             num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching
@@ -132,6 +153,17 @@ class LLMEngine:
             self.tokenizer.eos_token_ids if self.tokenizer is not None
             else self.model_config.eos_token_ids
         )
+        self.speculator: Speculator | None = None
+        if spec_cfg is not None:
+            from tokenmill.spec.draft_model import build_draft_proposer
+            from tokenmill.spec.speculator import Speculator
+
+            draft = None if draft_loaded is None else build_draft_proposer(
+                draft_loaded, num_blocks, cache_cfg.block_size, dtype, device, backend,
+                self.eos_token_ids, gen,
+            )
+            self.speculator = Speculator(spec_cfg, self.block_manager, self.max_model_len,
+                                         self.eos_token_ids, gen, draft)
 
         self._requests: dict[str, _Request] = {}
         self._seq_to_request: dict[str, _Request] = {}
@@ -284,6 +316,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling + forward + sampling step; return outputs of touched requests."""
         sched = self.scheduler.schedule()
+        if self.speculator is not None:
+            self.speculator.copy_blocks(sched.block_copies)
         if sched.is_empty:
             if sched.block_copies:
                 self.runner.copy_blocks(sched.block_copies)
@@ -298,14 +332,18 @@ class LLMEngine:
         rows_for_sampling: list[int] = []
         sample_seqs: list[Sequence] = []
         touched: dict[str, _Request] = {}
+        work: list[tuple[Sequence, ScheduledSeq]] = []
+        spec_items: list[tuple[Sequence, ScheduledSeq, range]] = []
         row = 0
         for item in sched.seqs:
             req = self._seq_to_request[item.seq_id]
             seq = next(s for s in req.seqs if s.seq_id == item.seq_id)
             touched[req.request_id] = req
+            work.append((seq, item))
             if req.metrics.scheduled_time is None:
                 req.metrics.scheduled_time = now
-            seq.num_computed_tokens += len(item.token_ids)
+            # Draft positions count as computed only once verified (below).
+            seq.num_computed_tokens += len(item.token_ids) - item.num_draft_tokens
             self.block_manager.cache_full_blocks(seq.seq_id, seq.token_ids,
                                                  seq.num_computed_tokens)
             rows = range(row, row + item.num_logits)
@@ -314,13 +352,33 @@ class LLMEngine:
                     and seq.num_output_tokens == 0):
                 first_pos = item.start_pos + len(item.token_ids) - item.num_logits
                 self._record_prompt_logprobs(req, seq, first_pos, logits[rows.start:rows.stop])
-            if seq.num_computed_tokens == seq.num_tokens:
+            if item.num_draft_tokens:
+                spec_items.append((seq, item, rows))
+            elif seq.num_computed_tokens == seq.num_tokens:
                 rows_for_sampling.append(rows.stop - 1)
                 sample_seqs.append(seq)
 
-        if not sample_seqs:
-            return list(touched.values())
+        finished: list[Sequence] = []  # freed at the end, after the draft model's pass
+        if sample_seqs:
+            self._sample(rows_for_sampling, sample_seqs, logits, now, finished)
+        if spec_items:
+            self._verify(spec_items, logits, now, finished)
+        if self.speculator is not None:
+            self.speculator.propose(work)
+        for seq in finished:
+            if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
+                seq.text += seq.detokenizer.flush()  # a character cut off at the end
+            self.scheduler.finish(seq)
+        for req in touched.values():
+            if req.finished and req.metrics.finished_time is None:
+                req.metrics.finished_time = time.time()
+        return list(touched.values())
 
+    def _sample(
+        self, rows_for_sampling: list[int], sample_seqs: list[Sequence], logits: torch.Tensor,
+        now: float, finished: list[Sequence],
+    ) -> None:
+        """One token for each sequence that reached the end of its tokens."""
         # n > 1: the first sequence just finished its prompt; fork the siblings
         # so they share its KV blocks, and sample each from the same logits.
         expanded_rows: list[int] = []
@@ -343,21 +401,46 @@ class LLMEngine:
         )
         result = self.sampler(logits[expanded_rows], batch)
         for seq, token, lp in zip(expanded_seqs, result.token_ids, result.logprobs):
-            req = self._seq_to_request[seq.seq_id]
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-                self._prompt_tokens_total += len(req.prompt_token_ids)
-            req.metrics.last_token_time = now
-            self._append_token(seq, token, lp)
-            self._generation_tokens_total += 1
+            self._emit_token(seq, token, lp, now)
             if seq.finish_reason is not None:
-                if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
-                    seq.text += seq.detokenizer.flush()  # a character cut off at the end
-                self.scheduler.finish(seq)
-        for req in touched.values():
-            if req.finished and req.metrics.finished_time is None:
-                req.metrics.finished_time = time.time()
-        return list(touched.values())
+                finished.append(seq)
+
+    def _verify(
+        self, spec_items: list[tuple[Sequence, ScheduledSeq, range]], logits: torch.Tensor,
+        now: float, finished: list[Sequence],
+    ) -> None:
+        """Verify speculative drafts; append accepted drafts + one target token each."""
+        assert self.speculator is not None
+        results = self.speculator.verify(
+            [seq for seq, _, _ in spec_items],
+            [item.num_draft_tokens for _, item, _ in spec_items],
+            [logits[rows.start : rows.stop] for _, _, rows in spec_items],
+            self.sampler,
+        )
+        for (seq, _, _), verified in zip(spec_items, results):
+            computed = seq.num_computed_tokens  # every real token, drafts excluded
+            appended = 0
+            for token, lp in zip(verified.token_ids, verified.logprobs):
+                self._emit_token(seq, token, lp, now)
+                appended += 1
+                if seq.finish_reason is not None:
+                    break  # the rest is discarded
+            # Accepted drafts have valid K/V; rejected positions are recomputed
+            # (overwritten) later, so only the accepted prefix counts as computed.
+            seq.num_computed_tokens = computed + min(verified.num_accepted, appended)
+            self.block_manager.cache_full_blocks(seq.seq_id, seq.token_ids,
+                                                 seq.num_computed_tokens)
+            if seq.finish_reason is not None:
+                finished.append(seq)
+
+    def _emit_token(self, seq: Sequence, token: int, lp: TokenLogprob | None, now: float) -> None:
+        req = self._seq_to_request[seq.seq_id]
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+            self._prompt_tokens_total += len(req.prompt_token_ids)
+        req.metrics.last_token_time = now
+        self._append_token(seq, token, lp)
+        self._generation_tokens_total += 1
 
     def _fork(self, req: _Request, parent: Sequence) -> list[Sequence]:
         req.forked = True
@@ -486,6 +569,7 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
+        spec = self.speculator
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -498,6 +582,9 @@ class LLMEngine:
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
             steps_total=self._steps,
+            spec_draft_tokens_total=spec.num_draft_tokens if spec else 0,
+            spec_accepted_tokens_total=spec.num_accepted_tokens if spec else 0,
+            spec_verifications_total=spec.num_verifications if spec else 0,
         )
 
 

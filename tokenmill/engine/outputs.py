@@ -77,3 +77,16 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     steps_total: int
+    # Speculative decoding (zero when off): drafts verified, drafts accepted, and
+    # sequence-steps that verified drafts (accepted / verifications = mean
+    # accepted drafts per step; each such step also adds one target token).
+    spec_draft_tokens_total: int = 0
+    spec_accepted_tokens_total: int = 0
+    spec_verifications_total: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Accepted / proposed draft tokens (0 when none were proposed)."""
+        if not self.spec_draft_tokens_total:
+            return 0.0
+        return self.spec_accepted_tokens_total / self.spec_draft_tokens_total

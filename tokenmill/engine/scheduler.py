@@ -13,6 +13,11 @@ recently arrived one under FCFS) is preempted: it gives back every block and
 returns to the waiting queue to be recomputed later (its prefix will often
 still be in the prefix cache). The queue is ordered by arrival (or priority),
 so a preempted sequence is first in line and nothing starves.
+
+Speculative decoding adds no second rule: a running sequence whose tokens are
+all scheduled and that carries proposed draft tokens gets them appended to its
+share, budget and free blocks permitting (never at the cost of preempting
+anyone), with logits at every position so the engine can verify them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class ScheduledSeq:
     start_pos: int  # position of token_ids[0] (= tokens already computed)
     block_table: list[int]
     num_logits: int  # trailing positions of this chunk whose logits are needed
+    num_draft_tokens: int = 0  # trailing token_ids that are speculative proposals
 
 
 @dataclass
@@ -116,6 +122,7 @@ class Scheduler:
         self._remove(seq)
         self.block_manager.free(seq.seq_id)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids, seq.spec_probs = [], None  # proposed for the old state
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.add(seq)
@@ -129,6 +136,7 @@ class Scheduler:
         bm = self.block_manager
 
         # 1) Running sequences, highest priority first.
+        planned: list[tuple[Sequence, int]] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -144,9 +152,15 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break  # seq preempted itself: nothing lower-priority was left
-            scheduled.append(self._scheduled(seq, num_new))
+            planned.append((seq, num_new))
             budget -= num_new
             i += 1
+
+        # 1b) Draft tokens of running sequences, from what the real tokens left.
+        for seq, num_new in planned:
+            num_drafts = self._fit_drafts(seq, num_new, budget)
+            scheduled.append(self._scheduled(seq, num_new, num_drafts))
+            budget -= num_drafts
 
         # 2) Waiting sequences, in queue order; stop at the first that does not
         # fit so that nothing behind it can overtake it (no starvation).
@@ -185,21 +199,39 @@ class Scheduler:
             preempted_ids=preempted,
         )
 
-    def _scheduled(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+    def _fit_drafts(self, seq: Sequence, num_new: int, budget: int) -> int:
+        """How many of ``seq``'s drafts fit this step (blocks for them are taken).
+
+        Drafts follow the last token, so only a sequence whose every token is
+        scheduled can carry them; they use leftover budget and free blocks only.
+        """
+        drafts = len(seq.spec_token_ids)
+        if not drafts or seq.num_computed_tokens + num_new != seq.num_tokens:
+            return 0
+        bm = self.block_manager
+        end = seq.num_tokens
+        room = (len(bm.block_table(seq.seq_id)) + bm.num_free_blocks) * bm.block_size - end
+        num_drafts = max(0, min(drafts, budget, room))
+        if num_drafts and bm.append_slots(seq.seq_id, end + num_drafts) is None:
+            return 0  # cannot happen given ``room``; stay safe
+        return num_drafts
+
+    def _scheduled(self, seq: Sequence, num_new: int, num_drafts: int = 0) -> ScheduledSeq:
         start = seq.num_computed_tokens
         end = start + num_new
         reaches_end = end == seq.num_tokens
-        num_logits = 1 if reaches_end else 0
+        num_logits = 1 + num_drafts if reaches_end else 0
         prompt_logprobs = getattr(seq.params, "prompt_logprobs", None)
         if prompt_logprobs is not None and seq.num_output_tokens == 0 and seq.index == 0:
             # Every prompt position predicts the next prompt token.
             num_logits = num_new
         return ScheduledSeq(
             seq_id=seq.seq_id,
-            token_ids=seq.token_ids[start:end],
+            token_ids=seq.token_ids[start:end] + seq.spec_token_ids[:num_drafts],
             start_pos=start,
             block_table=self.block_manager.block_table(seq.seq_id),
             num_logits=num_logits,
+            num_draft_tokens=num_drafts,
         )
 
     def abort(self, seq: Sequence) -> bool:

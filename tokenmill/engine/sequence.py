@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -42,6 +42,11 @@ class Sequence:
     num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     generator: torch.Generator | None = None
+    # Speculative decoding: draft tokens proposed to follow token_ids (not part of
+    # them until verified), and the proposal distributions q [len, V] they were
+    # sampled from (None: deterministic proposals, i.e. one-hot q).
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: torch.Tensor | None = None
     # Output-side state, owned by the engine's output processor.
     detokenizer: Any = None
     text: str = ""

@@ -168,6 +168,48 @@ class Sampler:
         return scores.argmax(dim=-1)
 
 
+def probability_rows(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The distribution ``[R, V]`` the sampler draws each row's token from.
+
+    The same processing as :class:`Sampler`: penalties, the ``min_tokens``
+    mask, then ``softmax(logits / T)`` restricted to the tokens that survive
+    top-k/top-p/min-p and renormalised. Greedy rows are one-hot at their
+    argmax. Speculative decoding verifies draft tokens against these rows.
+    """
+    if logits.dim() != 2 or logits.shape[0] != len(batch.params):
+        raise ValueError(
+            f"logits must be [B, V] with B = {len(batch.params)} rows, "
+            f"got shape {tuple(logits.shape)}"
+        )
+    raw = logits.float()
+    x = _penalised_logits(raw, batch)
+    x = _mask_below_min_tokens(x, raw, batch)
+    probs = torch.zeros_like(x)
+    params = batch.params
+    greedy_rows = [i for i, p in enumerate(params) if p.is_greedy]
+    random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if greedy_rows:
+        index = torch.tensor(greedy_rows, device=x.device)
+        probs[index, x[index].argmax(dim=-1)] = 1.0
+    if random_rows:
+        index = torch.tensor(random_rows, device=x.device)
+        rows = x[index]
+        chosen = [params[i] for i in random_rows]
+        temperatures = [p.temperature for p in chosen]
+        cutoffs = filter_cutoffs(
+            rows,
+            temperatures=temperatures,
+            top_k=[p.top_k for p in chosen],
+            top_p=[p.top_p for p in chosen],
+            min_p=[p.min_p for p in chosen],
+        )
+        scaled = rows / _vector(temperatures, rows).unsqueeze(1)
+        if cutoffs is not None:
+            scaled = scaled.masked_fill(rows < cutoffs.unsqueeze(1), _NEG_INF)
+        probs[index] = torch.softmax(scaled, dim=-1)
+    return probs
+
+
 def apply_penalties(
     logits: torch.Tensor,
     prompt_token_ids: Sequence[Sequence[int]],

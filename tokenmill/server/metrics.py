@@ -5,7 +5,8 @@ Two sources feed one registry owned by the app (no global registry):
 * per-request observations made by the serving code (latency histograms, lengths,
   finish reasons, HTTP status codes);
 * the engine's own counters and gauges (running/waiting requests, KV-cache usage,
-  prefix-cache queries and hits, preemptions, token totals), read from
+  prefix-cache queries and hits, preemptions, token totals, speculative-decoding
+  drafts and acceptances), read from
   ``engine.stats()`` each time ``/metrics`` is scraped, so they are never stale.
 """
 
@@ -74,6 +75,16 @@ class _EngineStatsCollector:
                 "Prompt tokens found in the prefix cache.",
                 stats.prefix_cache_hits if stats else 0),
             "tokenmill_engine_steps": ("Engine steps run.", stats.steps_total if stats else 0),
+            "tokenmill_spec_decode_draft_tokens": (
+                "Speculative draft tokens verified by the target model.",
+                stats.spec_draft_tokens_total if stats else 0),
+            "tokenmill_spec_decode_accepted_tokens": (
+                "Speculative draft tokens accepted (acceptance rate = accepted / draft).",
+                stats.spec_accepted_tokens_total if stats else 0),
+            "tokenmill_spec_decode_verifications": (
+                "Sequence-steps that verified draft tokens (accepted / verifications = "
+                "mean accepted drafts per step).",
+                stats.spec_verifications_total if stats else 0),
         }
         for name, (doc, value) in counters.items():
             # CounterMetricFamily appends the _total suffix itself.
