@@ -256,7 +256,7 @@ def test_smollm2_quantized_close_to_float32_teacher_forced():
     nll_ref = -sum(e.logprob for e in ref) / len(ref)
     # int4: the file's own codes, Q8_0 head, matmul inputs rounded to 8 bits; int8
     # re-rounds the Q4_1 layers onto a symmetric 8-bit grid. Both stay close to float32.
-    for quant, bound in (("int4", 0.06), ("int8", 0.06)):
+    for quant, bound in (("int4", 0.1), ("int8", 0.1)):
         _, got = results[quant]
         deltas = [abs(a.logprob - b.logprob) for a, b in zip(ref, got)]
         assert len(deltas) == len(ids) - 1 > 30
