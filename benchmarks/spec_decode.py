@@ -74,11 +74,12 @@ def make_llm(mode: str, args: argparse.Namespace) -> LLM:
     if mode == "ngram":
         spec = dict(speculative_method="ngram")
     elif mode == "draft":
-        spec = dict(speculative_method="draft", speculative_model=default_model_path())
+        spec = dict(speculative_method="draft", speculative_model=default_model_path(),
+                    speculative_quantization=args.draft_quantization)
     if mode != "off":
         spec["num_speculative_tokens"] = args.num_speculative_tokens
     return LLM(max_model_len=1024, kv_cache_memory="128MiB", num_threads=args.num_threads,
-               max_num_seqs=args.max_num_seqs, **spec)
+               max_num_seqs=args.max_num_seqs, quantization=args.quantization, **spec)
 
 
 def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, repeats: int = 1) -> dict:
@@ -111,6 +112,11 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=1,
                    help="batch size (default 1: the latency case speculation is for)")
     p.add_argument("--num-threads", type=int, default=2)
+    p.add_argument("--quantization", default=None, choices=["int4", "int8"],
+                   help="the target's weight quantization (default: float32)")
+    p.add_argument("--draft-quantization", default=None, choices=["int4", "int8"],
+                   help="the self-draft's weight quantization, e.g. int4 under a float32 "
+                        "target (default: same weights as the target: float32)")
     p.add_argument("--repeats", type=int, default=2,
                    help="runs per cell; the fastest counts (prefix-cache hits after the first "
                         "only skip prefill, which this table does not time separately)")
@@ -138,7 +144,8 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M, {args.num_prompts} prompts x {args.max_tokens} tokens, greedy, "
           f"k={args.num_speculative_tokens}, batch {args.max_num_seqs}, "
-          f"{args.num_threads} threads, best of {args.repeats}")
+          f"{args.num_threads} threads, best of {args.repeats}, target "
+          f"{args.quantization or 'float32'}, draft {args.draft_quantization or 'float32'}")
     header = (f"{'workload':<11} {'mode':<6} {'out tok/s':>9} {'accept':>7} "
               f"{'acc/step':>8} {'steps':>6} {'speed-up':>8} {'same out':>8}")
     print(header)

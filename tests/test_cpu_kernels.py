@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -152,3 +154,30 @@ def test_paged_attention_other_head_dims(head_dim):
     assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, head_dim**-0.5, 16)
     torch.testing.assert_close(out, _reference(q, kc, vc, qsl, lens, tables, head_dim**-0.5),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 baseline build")
+def test_portable_build_matches(monkeypatch):
+    """The loops compiled without AVX2 (-march=x86-64) give the same results."""
+    from tokenmill.model.quantization import dequantize_int4, quantize_int4, round_to_q8
+
+    monkeypatch.setenv("TOKENMILL_CPU_MARCH", "x86-64")
+    cpu.cpu_kernels.cache_clear()
+    try:
+        assert cpu.cpu_kernels() is not None
+        q, kc, vc, qsl, lens, tables = _paged_case([1, 3, 1], [20, 33, 64], seed=5)
+        out = torch.zeros_like(q)
+        assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, DIM**-0.5, 16)
+        torch.testing.assert_close(out, _reference(q, kc, vc, qsl, lens, tables, DIM**-0.5),
+                                   rtol=1e-5, atol=1e-5)
+        g = torch.Generator().manual_seed(9)
+        codes, scales, zeros = quantize_int4(torch.randn(9, 64, generator=g))
+        x = torch.randn(6, 64, generator=g)
+        got = cpu.q4_matmul(x, cpu.pack_q4(codes), scales.contiguous(),
+                            (zeros - 8 * scales).contiguous(), None)
+        torch.testing.assert_close(got, round_to_q8(x) @ dequantize_int4(codes, scales, zeros).T,
+                                   rtol=1e-4, atol=1e-4)
+        test_int8_matmul_matches_dense(5, 33)
+    finally:
+        monkeypatch.delenv("TOKENMILL_CPU_MARCH")
+        cpu.cpu_kernels.cache_clear()

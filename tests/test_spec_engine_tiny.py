@@ -64,6 +64,10 @@ SPEC = {
     "ngram": lambda models, arch: dict(speculative_method="ngram", num_speculative_tokens=3),
     "draft-self": lambda models, arch: dict(speculative_method="draft",
                                             speculative_model=models[arch]),
+    # A quantized copy of the target as its own draft: cheaper, still well matched.
+    "draft-self-int4": lambda models, arch: dict(speculative_method="draft",
+                                                 speculative_model=models[arch],
+                                                 speculative_quantization="int4"),
     "draft-other": lambda models, arch: dict(
         speculative_method="draft", num_speculative_tokens=3,
         speculative_model=models["qwen2" if arch == "llama" else "llama"]),

@@ -4,8 +4,10 @@ The C code has no PyTorch headers, so it compiles in about a second with the
 system C compiler (``$CC``, else ``cc``/``gcc``) and needs no build step at
 install time. The shared object is cached under ``$TOKENMILL_CACHE_DIR``
 (default ``~/.cache/tokenmill``) keyed by the source, the flags, the compiler
-and the CPU's feature flags (it is built with ``-march=native``), so a cache
-shared between different machines never runs foreign instructions.
+and the CPU's feature flags (it is built with ``-march=native``, or
+``$TOKENMILL_CPU_MARCH``), so a cache shared between different machines never
+runs foreign instructions. The AVX2 paths have portable C twins that give the
+same results up to float summation order.
 
 OpenMP: the library links ``libgomp.so.1``, which resolves to the copy
 PyTorch has already loaded (same soname), so its parallel loops run on
@@ -33,7 +35,13 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "int8_matmul.c", "q4_matmul.c")
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+
+
+def _march() -> str:
+    """Target CPU: this one, unless ``TOKENMILL_CPU_MARCH`` names another (e.g. x86-64,
+    which builds the portable loops instead of the AVX2 paths; tests use it)."""
+    return os.environ.get("TOKENMILL_CPU_MARCH", "native")
 
 _i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _ATTENTION_ARGTYPES = [
@@ -70,7 +78,8 @@ def _build(compiler: str) -> Path:
     sources = [here / name for name in _SOURCES]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256()
-    for part in [*(p.read_bytes() for p in sources), " ".join(_FLAGS).encode(),
+    flags = (*_FLAGS, f"-march={_march()}")
+    for part in [*(p.read_bytes() for p in sources), " ".join(flags).encode(),
                  version.encode(), _cpu_flags().encode()]:
         key.update(part)
     target = _cache_dir() / f"tokenmill_cpu_{key.hexdigest()[:16]}.so"
@@ -81,7 +90,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *_FLAGS, *map(str, sources), "-o", tmp, "-lm"]
+        cmd = [compiler, *flags, *map(str, sources), "-o", tmp, "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -117,6 +126,28 @@ def cpu_kernels() -> ctypes.CDLL | None:
     return lib
 
 
+def _run_matmul(
+    name: str, x: torch.Tensor, n: int, w0: int, w1: int, w2: int | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Call a quantized matmul kernel (weight pointers ``w0, w1[, w2]``) on float32 ``x``."""
+    lib = cpu_kernels()
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    out = torch.empty(m, n, dtype=torch.float32)
+    weights = (w0, w1) if w2 is None else (w0, w1, w2)
+    status = getattr(lib, name)(
+        x.data_ptr(), x.stride(0), *weights,
+        None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k,
+    )
+    if status != 0:
+        raise MemoryError(f"{name}: out of memory for the quantized input")
+    return out
+
+
 def pack_q4(codes: torch.Tensor) -> torch.Tensor:
     """Pack 4-bit codes ``[N, K]`` (0..15) into ``[N, K // 2]`` bytes, Q4_1's order.
 
@@ -138,21 +169,8 @@ def q4_matmul(
     llama.cpp does); ``packed`` from :func:`pack_q4`; ``scales``/``mins``
     float32 ``[N, K // 32]``. None when the kernel is unavailable.
     """
-    lib = cpu_kernels()
-    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu":
-        return None
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m, k = x.shape
-    n = packed.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32)
-    status = lib.q4_matmul_f32(
-        x.data_ptr(), x.stride(0), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(),
-        None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k,
-    )
-    if status != 0:
-        raise MemoryError("q4_matmul_f32: out of memory for the quantized input")
-    return out
+    return _run_matmul("q4_matmul_f32", x, packed.shape[0],
+                       packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), bias)
 
 
 def int8_matmul(
@@ -163,21 +181,8 @@ def int8_matmul(
     ``codes`` int8 ``[N, K]`` and ``scales`` float32 ``[N, K // 32]``, contiguous;
     ``x`` is rounded to 8 bits per group of 32 inside (integer dot products).
     """
-    lib = cpu_kernels()
-    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu":
-        return None
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m, k = x.shape
-    n = codes.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32)
-    status = lib.int8_matmul_f32(
-        x.data_ptr(), x.stride(0), codes.data_ptr(), scales.data_ptr(),
-        None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k,
-    )
-    if status != 0:
-        raise MemoryError("int8_matmul_f32: out of memory for the quantized input")
-    return out
+    return _run_matmul("int8_matmul_f32", x, codes.shape[0],
+                       codes.data_ptr(), scales.data_ptr(), None, bias)
 
 
 def paged_attention(

@@ -23,8 +23,14 @@
 
 #define MT 4
 
-void tm_quantize_rows_q8(const float *x, int64_t x_stride, int M, int K, int8_t *qx, float *dx,
-                         float *sx); /* q4_matmul.c */
+/* q4_matmul.c: the input rounded to 8 bits per group of 32 */
+typedef struct {
+    int8_t *qx;
+    float *dx;
+    float *sx;
+} tm_q8_input;
+int tm_q8_input_make(tm_q8_input *in, const float *x, int64_t x_stride, int M, int K);
+void tm_q8_input_free(tm_q8_input *in);
 
 #ifdef TM_AVX2
 static inline float hsum8(__m256 v) {
@@ -103,16 +109,10 @@ static void tile_1x4_q8(const int8_t *w, const float *ws, const int8_t *qx, cons
 int int8_matmul_f32(const float *x, int64_t x_stride, const int8_t *codes, const float *scales,
                     const float *bias, float *out, int64_t out_stride, int M, int N, int K) {
     const int groups = K / 32;
-    int8_t *qx = malloc((size_t)M * K);
-    float *dx = malloc(sizeof(float) * (size_t)M * groups);
-    float *sx = malloc(sizeof(float) * (size_t)M * groups);
-    if (!qx || !dx || !sx) {
-        free(qx);
-        free(dx);
-        free(sx);
-        return -1;
-    }
-    tm_quantize_rows_q8(x, x_stride, M, K, qx, dx, sx);
+    tm_q8_input in;
+    if (tm_q8_input_make(&in, x, x_stride, M, K) != 0) return -1;
+    const int8_t *qx = in.qx;
+    const float *dx = in.dx;
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const int8_t *w = codes + (int64_t)n * K;
@@ -130,8 +130,6 @@ int int8_matmul_f32(const float *x, int64_t x_stride, const int8_t *codes, const
             for (int r = 0; r < rows; r++) out[(int64_t)(m0 + r) * out_stride + n] = res[r] + b;
         }
     }
-    free(qx);
-    free(dx);
-    free(sx);
+    tm_q8_input_free(&in);
     return 0;
 }

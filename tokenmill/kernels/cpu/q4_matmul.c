@@ -31,8 +31,8 @@
 #define MB 64 /* input rows per panel */
 
 /* qx = round(x / dx) with dx = max|x| / 127 per group; sx = dx * sum(qx). */
-void tm_quantize_rows_q8(const float *x, int64_t x_stride, int M, int K, int8_t *qx, float *dx,
-                          float *sx) {
+static void tm_quantize_rows_q8(const float *x, int64_t x_stride, int M, int K, int8_t *qx,
+                                float *dx, float *sx) {
     const int groups = K / 32;
     for (int m = 0; m < M; m++) {
         for (int g = 0; g < groups; g++) {
@@ -52,6 +52,33 @@ void tm_quantize_rows_q8(const float *x, int64_t x_stride, int M, int K, int8_t 
             sx[(int64_t)m * groups + g] = scale * (float)sum;
         }
     }
+}
+
+/* The quantized copy of a matmul's input, shared by both matmul kernels. */
+typedef struct {
+    int8_t *qx; /* [M, K] codes */
+    float *dx;  /* [M, K / 32] scales */
+    float *sx;  /* [M, K / 32] scale * sum of codes */
+} tm_q8_input;
+
+void tm_q8_input_free(tm_q8_input *in) {
+    free(in->qx);
+    free(in->dx);
+    free(in->sx);
+}
+
+/* Allocate and fill; returns -1 (nothing allocated) when memory runs out. */
+int tm_q8_input_make(tm_q8_input *in, const float *x, int64_t x_stride, int M, int K) {
+    const size_t groups = (size_t)M * (K / 32);
+    in->qx = malloc((size_t)M * K);
+    in->dx = malloc(sizeof(float) * groups);
+    in->sx = malloc(sizeof(float) * groups);
+    if (!in->qx || !in->dx || !in->sx) {
+        tm_q8_input_free(in);
+        return -1;
+    }
+    tm_quantize_rows_q8(x, x_stride, M, K, in->qx, in->dx, in->sx);
+    return 0;
 }
 
 #ifdef TM_AVX2
@@ -192,16 +219,10 @@ int q4_matmul_f32(const float *x, int64_t x_stride, const uint8_t *packed, const
                   const float *mins, const float *bias, float *out, int64_t out_stride, int M,
                   int N, int K) {
     const int groups = K / 32;
-    int8_t *qx = malloc((size_t)M * K);
-    float *dx = malloc(sizeof(float) * (size_t)M * groups);
-    float *sx = malloc(sizeof(float) * (size_t)M * groups);
-    if (!qx || !dx || !sx) {
-        free(qx);
-        free(dx);
-        free(sx);
-        return -1;
-    }
-    tm_quantize_rows_q8(x, x_stride, M, K, qx, dx, sx);
+    tm_q8_input in;
+    if (tm_q8_input_make(&in, x, x_stride, M, K) != 0) return -1;
+    const int8_t *qx = in.qx;
+    const float *dx = in.dx, *sx = in.sx;
     /* Long inputs (prefill) go in panels of MB rows, so a panel's quantized rows stay
        in L2 while every weight row passes over them. */
     for (int mb = 0; mb < M; mb += MB) {
@@ -249,8 +270,6 @@ int q4_matmul_f32(const float *x, int64_t x_stride, const uint8_t *packed, const
         }
     }
     }
-    free(qx);
-    free(dx);
-    free(sx);
+    tm_q8_input_free(&in);
     return 0;
 }

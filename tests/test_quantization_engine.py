@@ -1,0 +1,55 @@
+"""Quantized engines keep the engine's invariances: the same greedy tokens alone or
+batched, with chunked prefill, under preemption and with prefix-cache hits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from test_engine_tiny import _save_tiny
+
+from tokenmill.llm import LLM
+from tokenmill.model.quantization import Int4Linear, Int8Linear
+from tokenmill.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    return _save_tiny(tmp_path_factory.mktemp("tiny_quant"), "llama")[0]
+
+
+def _prompts(n: int) -> list[list[int]]:
+    rng = random.Random(1)
+    shared = [rng.randrange(3, 256) for _ in range(20)]
+    return [shared[: rng.choice([0, 20])] + [rng.randrange(3, 256)
+                                            for _ in range(rng.randint(2, 25))]
+            for _ in range(n)]
+
+
+def _tokens(path: str, prompts, **engine_args) -> list[list[int]]:
+    llm = LLM(path, num_threads=1, **engine_args)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks  # nothing leaked
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_quantized_engine_invariance(tiny_llama, quant):
+    prompts = _prompts(8)
+    llm = LLM(tiny_llama, num_threads=1, quantization=quant)
+    kind = Int4Linear if quant == "int4" else Int8Linear
+    layer = llm.engine.runner.model.model.layers[0]
+    assert isinstance(layer.mlp.gate_up_proj, kind)
+    batched = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    # prefix-cache hits: the same prompts again on the warm engine
+    again = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    assert again == batched
+    alone = [_tokens(tiny_llama, [p], quantization=quant)[0] for p in prompts[:3]]
+    assert alone == batched[:3]
+    assert _tokens(tiny_llama, prompts, quantization=quant, max_num_batched_tokens=7) == batched
+    assert _tokens(tiny_llama, prompts, quantization=quant, num_kv_blocks=30,
+                   block_size=4) == batched
+
