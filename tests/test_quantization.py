@@ -142,17 +142,23 @@ def test_int8_linear_matches_dense_dequantized(monkeypatch, native, rows):
     assert float((got - dense).norm() / dense.norm()) < 0.01
 
 
-def test_quantize_model_swaps_linears_and_ties_head():
+def _dummy_model(architecture: str, num_layers: int, **config):
+    """A small dummy-weight model (hidden 64, intermediate 96: every linear quantizable)."""
     from tokenmill.config import ModelConfig
     from tokenmill.model.llama import LlamaCausalLM
     from tokenmill.model.loader import init_dummy_weights
     from tokenmill.runner.attention.torch_backend import TorchAttentionBackend
 
-    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=128, hidden_size=64,
-                      intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    cfg = ModelConfig(architecture=architecture, vocab_size=128, hidden_size=64,
+                      intermediate_size=96, num_hidden_layers=num_layers, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, **config)
     model = LlamaCausalLM(cfg, TorchAttentionBackend(), torch.float32, "cpu")
     init_dummy_weights(model)
+    return model
+
+
+def test_quantize_model_swaps_linears_and_ties_head():
+    model = _dummy_model("LlamaForCausalLM", 2, tie_word_embeddings=True)
     hidden = torch.randn(3, 64)
     dense_logits = model.compute_logits(hidden)
     # 2 layers x (qkv, o, gate_up, down) + the tied head (8-bit).
@@ -168,16 +174,7 @@ def test_quantize_model_swaps_linears_and_ties_head():
 
 
 def test_quantize_model_untied_head_gets_8_bits():
-    from tokenmill.config import ModelConfig
-    from tokenmill.model.llama import LlamaCausalLM
-    from tokenmill.model.loader import init_dummy_weights
-    from tokenmill.runner.attention.torch_backend import TorchAttentionBackend
-
-    cfg = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=128, hidden_size=64,
-                      intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, attention_bias=True)
-    model = LlamaCausalLM(cfg, TorchAttentionBackend(), torch.float32, "cpu")
-    init_dummy_weights(model)
+    model = _dummy_model("Qwen2ForCausalLM", 1, attention_bias=True)
     assert quantize_model(model, "int8") == 4 + 1
     assert isinstance(model.lm_head, Int8Linear)
     assert isinstance(model.model.layers[0].self_attn.qkv_proj, Int8Linear)

@@ -34,6 +34,22 @@ def make_scheduler(num_blocks=64, block_size=4, budget=8, max_seqs=8, policy="fc
     return Scheduler(cfg, BlockManager(num_blocks, block_size, prefix))
 
 
+def add_random_requests(
+    sched: Scheduler, reqs: list[tuple[int, int]], num_blocks: int, block_size: int = 4
+) -> tuple[dict[str, Sequence], dict[str, int]]:
+    """Queue (prompt length, output length) requests that can fit the pool (as the
+    engine would); returns the sequences and their wanted output lengths by id."""
+    seqs: dict[str, Sequence] = {}
+    want: dict[str, int] = {}
+    for i, (plen, olen) in enumerate(reqs):
+        if -(-(plen + olen) // block_size) > num_blocks:
+            continue  # the engine rejects these up front
+        s = make_seq(f"r{i}", plen, float(i))
+        seqs[s.seq_id], want[s.seq_id] = s, olen
+        sched.add(s)
+    return seqs, want
+
+
 def complete_step(sched: Scheduler, out: SchedulerOutput, seqs: dict[str, Sequence]) -> None:
     """What the engine does after a forward: advance, cache, append a token when due."""
     for item in out.seqs:
@@ -163,14 +179,7 @@ def test_abort_frees_blocks_everywhere():
 def test_everything_finishes_and_nothing_leaks(reqs, budget, num_blocks):
     """Random prompts/output lengths under a tiny pool: all complete, all blocks return."""
     sched = make_scheduler(num_blocks=num_blocks, block_size=4, budget=budget, max_seqs=4)
-    seqs: dict[str, Sequence] = {}
-    want: dict[str, int] = {}
-    for i, (plen, olen) in enumerate(reqs):
-        if -(-(plen + olen) // 4) > num_blocks:
-            continue  # the engine rejects these up front
-        s = make_seq(f"r{i}", plen, float(i))
-        seqs[s.seq_id], want[s.seq_id] = s, olen
-        sched.add(s)
+    seqs, want = add_random_requests(sched, reqs, num_blocks)
     for _ in range(2000):
         if not sched.has_work():
             break

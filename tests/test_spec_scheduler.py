@@ -6,7 +6,7 @@ import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_scheduler import make_scheduler, make_seq, plan
+from test_scheduler import add_random_requests, make_scheduler, make_seq, plan
 
 from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
@@ -122,14 +122,7 @@ def test_random_drafts_and_acceptances_finish_everything_without_leaks(
 ):
     rng = random.Random(seed)
     sched = make_scheduler(num_blocks=num_blocks, block_size=4, budget=budget, max_seqs=4)
-    seqs: dict[str, Sequence] = {}
-    want: dict[str, int] = {}
-    for i, (plen, olen) in enumerate(reqs):
-        if -(-(plen + olen) // 4) > num_blocks:
-            continue  # the engine rejects these up front
-        s = make_seq(f"r{i}", plen, float(i))
-        seqs[s.seq_id], want[s.seq_id] = s, olen
-        sched.add(s)
+    seqs, want = add_random_requests(sched, reqs, num_blocks)
     for _ in range(3000):
         if not sched.has_work():
             break

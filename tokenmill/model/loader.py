@@ -173,8 +173,8 @@ def load_model(
 ) -> LoadedModel:
     """Build the model in ``dtype`` directly on ``device`` and load its weights.
 
-    ``quantization`` ("int4") replaces the loaded linear layers by quantized
-    ones (see :mod:`tokenmill.model.quantization`).
+    ``quantization`` ("int4" or "int8") replaces the loaded linear layers by
+    quantized ones (see :mod:`tokenmill.model.quantization`).
     """
     check_quantization(quantization, torch.device(device))
     if resolved.format == "gguf":

@@ -35,6 +35,7 @@ import logging
 import torch
 from torch import nn
 
+from tokenmill.kernels import cpu
 from tokenmill.model.layers import Linear
 
 logger = logging.getLogger(__name__)
@@ -145,11 +146,9 @@ class Int8Linear(nn.Module):
                                                            requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from tokenmill.kernels.cpu import int8_matmul
-
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).float()
-        y = int8_matmul(flat, self.codes, self.scales, self.bias)
+        y = cpu.int8_matmul(flat, self.codes, self.scales, self.bias)
         if y is None:
             y = torch.nn.functional.linear(
                 round_to_q8(flat), dequantize_int8(self.codes, self.scales), self.bias)
@@ -183,8 +182,6 @@ class Int4Linear(nn.Module):
         kernel: str | None = None,
     ) -> None:
         super().__init__()
-        from tokenmill.kernels import cpu
-
         self.out_features, self.in_features = weight.shape
         self.group_size = group_size
         if kernel is None:
@@ -220,10 +217,8 @@ class Int4Linear(nn.Module):
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
         if self.kernel == "native":
-            from tokenmill.kernels.cpu import q4_matmul
-
             bias = None if self.bias is None else self.bias.float()
-            y = q4_matmul(flat.float(), self.packed, self.scales, self.mins, bias)
+            y = cpu.q4_matmul(flat.float(), self.packed, self.scales, self.mins, bias)
             return y.to(x.dtype).reshape(*lead, self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros

@@ -35,6 +35,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "int8_matmul.c", "q4_matmul.c")
+_HEADERS = ("q8_input.h",)  # part of the cache key, not compiled on their own
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 
@@ -79,7 +80,8 @@ def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256()
     flags = (*_FLAGS, f"-march={_march()}")
-    for part in [*(p.read_bytes() for p in sources), " ".join(flags).encode(),
+    headers = [here / name for name in _HEADERS]
+    for part in [*(p.read_bytes() for p in sources + headers), " ".join(flags).encode(),
                  version.encode(), _cpu_flags().encode()]:
         key.update(part)
     target = _cache_dir() / f"tokenmill_cpu_{key.hexdigest()[:16]}.so"

@@ -12,34 +12,13 @@
  * x [M, K] float (row stride x_stride), codes [N, K], scales [N, K / 32],
  * out [M, N] (row stride out_stride). K % 32 == 0.
  */
-#include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define TM_AVX2 1
-#endif
+#include "q8_input.h"
 
 #define MT 4
 
-/* q4_matmul.c: the input rounded to 8 bits per group of 32 */
-typedef struct {
-    int8_t *qx;
-    float *dx;
-    float *sx;
-} tm_q8_input;
-int tm_q8_input_make(tm_q8_input *in, const float *x, int64_t x_stride, int M, int K);
-void tm_q8_input_free(tm_q8_input *in);
 
-#ifdef TM_AVX2
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-#endif
 
 static void row_dots_q8(const int8_t *w, const float *ws, const int8_t *qx, const float *dx,
                         int K, int m0, int rows, float *res) {
@@ -59,7 +38,7 @@ static void row_dots_q8(const int8_t *w, const float *ws, const int8_t *qx, cons
             acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[g] * dx[row * groups + g]), acc[r]);
         }
     }
-    for (int r = 0; r < rows; r++) res[r] = hsum8(acc[r]);
+    for (int r = 0; r < rows; r++) res[r] = tm_hsum256(acc[r]);
 #else
     for (int r = 0; r < rows; r++) {
         const int64_t row = (int64_t)(m0 + r);
@@ -99,10 +78,10 @@ static void tile_1x4_q8(const int8_t *w, const float *ws, const int8_t *qx, cons
         TM_STEP(3, a3)
 #undef TM_STEP
     }
-    res[0] = hsum8(a0);
-    res[1] = hsum8(a1);
-    res[2] = hsum8(a2);
-    res[3] = hsum8(a3);
+    res[0] = tm_hsum256(a0);
+    res[1] = tm_hsum256(a1);
+    res[2] = tm_hsum256(a2);
+    res[3] = tm_hsum256(a3);
 }
 #endif
 

@@ -22,10 +22,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define TM_AVX2 1
-#endif
+#include "q8_input.h"
 
 #define MT 4  /* input rows per pass over a weight row */
 #define MB 64 /* input rows per panel */
@@ -54,20 +51,12 @@ static void tm_quantize_rows_q8(const float *x, int64_t x_stride, int M, int K, 
     }
 }
 
-/* The quantized copy of a matmul's input, shared by both matmul kernels. */
-typedef struct {
-    int8_t *qx; /* [M, K] codes */
-    float *dx;  /* [M, K / 32] scales */
-    float *sx;  /* [M, K / 32] scale * sum of codes */
-} tm_q8_input;
-
 void tm_q8_input_free(tm_q8_input *in) {
     free(in->qx);
     free(in->dx);
     free(in->sx);
 }
 
-/* Allocate and fill; returns -1 (nothing allocated) when memory runs out. */
 int tm_q8_input_make(tm_q8_input *in, const float *x, int64_t x_stride, int M, int K) {
     const size_t groups = (size_t)M * (K / 32);
     in->qx = malloc((size_t)M * K);
@@ -81,14 +70,6 @@ int tm_q8_input_make(tm_q8_input *in, const float *x, int64_t x_stride, int M, i
     return 0;
 }
 
-#ifdef TM_AVX2
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-#endif
 
 /* Dot products of one weight row with rows m0 .. m0 + rows - 1 of the quantized input. */
 static void row_dots(const uint8_t *wq, const float *d, const float *mn, const int8_t *qx,
@@ -118,7 +99,7 @@ static void row_dots(const uint8_t *wq, const float *d, const float *mn, const i
             corr[r] += mn[g] * sx[row * groups + g];
         }
     }
-    for (int r = 0; r < rows; r++) res[r] = hsum256(acc[r]) + corr[r];
+    for (int r = 0; r < rows; r++) res[r] = tm_hsum256(acc[r]) + corr[r];
 #else
     for (int r = 0; r < rows; r++) {
         const int64_t row = (int64_t)(m0 + r);
@@ -172,10 +153,10 @@ static void tile_2x4(const uint8_t *w0, const uint8_t *w1, const float *d0, cons
         TM_STEP(3, a03, a13)
 #undef TM_STEP
     }
-    res[0][0] = hsum256(a00) + c0[0]; res[0][1] = hsum256(a01) + c0[1];
-    res[0][2] = hsum256(a02) + c0[2]; res[0][3] = hsum256(a03) + c0[3];
-    res[1][0] = hsum256(a10) + c1[0]; res[1][1] = hsum256(a11) + c1[1];
-    res[1][2] = hsum256(a12) + c1[2]; res[1][3] = hsum256(a13) + c1[3];
+    res[0][0] = tm_hsum256(a00) + c0[0]; res[0][1] = tm_hsum256(a01) + c0[1];
+    res[0][2] = tm_hsum256(a02) + c0[2]; res[0][3] = tm_hsum256(a03) + c0[3];
+    res[1][0] = tm_hsum256(a10) + c1[0]; res[1][1] = tm_hsum256(a11) + c1[1];
+    res[1][2] = tm_hsum256(a12) + c1[2]; res[1][3] = tm_hsum256(a13) + c1[3];
 }
 
 /* Weight rows n .. n + 3 against one input row (decode): one input load per group
@@ -208,10 +189,10 @@ static void tile_4x1(const uint8_t *w, const float *d, const float *mn, const in
         TM_ROW(3, a3, c3)
 #undef TM_ROW
     }
-    res[0] = hsum256(a0) + c0;
-    res[1] = hsum256(a1) + c1;
-    res[2] = hsum256(a2) + c2;
-    res[3] = hsum256(a3) + c3;
+    res[0] = tm_hsum256(a0) + c0;
+    res[1] = tm_hsum256(a1) + c1;
+    res[2] = tm_hsum256(a2) + c2;
+    res[3] = tm_hsum256(a3) + c3;
 }
 #endif
 
@@ -227,12 +208,12 @@ int q4_matmul_f32(const float *x, int64_t x_stride, const uint8_t *packed, const
        in L2 while every weight row passes over them. */
     for (int mb = 0; mb < M; mb += MB) {
     const int mend = M - mb < MB ? M : mb + MB;
-    const int full = mb + (mend - mb) - (mend - mb) % MT; /* rows covered by whole tiles */
     #pragma omp parallel for schedule(static)
     for (int nq = 0; nq < (N + 3) / 4; nq++) {
         const int n0 = 4 * nq, nrows = N - n0 < 4 ? N - n0 : 4;
         int m0 = mb;
 #ifdef TM_AVX2
+        const int full = mend - (mend - mb) % MT; /* rows covered by whole tiles */
         if (nrows == 4) {
             const uint8_t *w0 = packed + (int64_t)n0 * (K / 2);
             const float *d0 = d + (int64_t)n0 * groups, *mn0 = mins + (int64_t)n0 * groups;
