@@ -225,13 +225,13 @@ def measure_decode(llm: Any, name: str, cfg: ModelConfig, batch: int, args: argp
         # Step until every request is decoding, plus a few warm-up decode steps.
         while min(generated.values()) < warmup:
             for out in engine.step():
-                generated[out.request_id] = len(out.outputs[0].token_ids)
+                generated[out.request_id] += sum(len(c.token_ids) for c in out.outputs)
         before = sum(generated.values())
         sync(device)
         t0 = time.perf_counter()
         for _ in range(args.decode_steps):
             for out in engine.step():
-                generated[out.request_id] = len(out.outputs[0].token_ids)
+                generated[out.request_id] += sum(len(c.token_ids) for c in out.outputs)
         sync(device)
         seconds = time.perf_counter() - t0
     finally:

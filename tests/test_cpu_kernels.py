@@ -7,8 +7,8 @@ import platform
 import pytest
 import torch
 
+from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.kernels import cpu
-from tokenmill.runner.attention.torch_backend import TorchAttentionBackend
 
 pytestmark = pytest.mark.skipif(cpu.cpu_kernels() is None, reason="no C compiler")
 

@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.config import ModelConfig
 from tokenmill.engine.args import EngineArgs
-from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
 from tokenmill.model.llama import LlamaCausalLM
 from tokenmill.model.loader import init_dummy_weights
-from tokenmill.runner.attention.torch_backend import TorchAttentionBackend
 from tokenmill.runner.cuda_graphs import (
     PAD_SLOT,
     CudaGraphConfig,
@@ -40,6 +39,7 @@ from tokenmill.runner.model_runner import (
     build_step_inputs,
     profile_peak_memory,
 )
+from tokenmill.step_types import ScheduledSeq, SchedulerOutput
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 48
@@ -130,7 +130,7 @@ def test_padded_decode_gives_the_real_rows_the_unpadded_logits(num_seqs, size):
     real_slots = build_step_inputs(decode, BLOCK_SIZE).slot_mapping
     before = runner.kv_cache.clone()
 
-    want = runner.execute(decode)
+    want = runner.execute(decode).logits
     after_unpadded = runner.kv_cache.clone()
 
     runner.kv_cache.copy_(before)

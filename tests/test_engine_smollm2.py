@@ -100,14 +100,14 @@ def test_prefix_cache_hit_equals_miss(llm, prompt_ids, engine_batched):
                  ["Q: What is the largest ocean?\nA:", "Q: Who wrote Hamlet?\nA:"]]
     prompts = [system + q for q in questions]
     first = llm.generate(prompts[:1], greedy(), use_tqdm=False)[0]
-    hits_before = engine.block_manager.prefix_hits
+    hits_before = engine.core.block_manager.prefix_hits
     second = llm.generate(prompts, greedy(), use_tqdm=False)
     assert second[0].num_cached_tokens > 0 and second[1].num_cached_tokens > 0
-    assert engine.block_manager.prefix_hits > hits_before
+    assert engine.core.block_manager.prefix_hits > hits_before
     assert second[0].outputs[0].token_ids == first.outputs[0].token_ids
     # Same prompt repeated: a cache hit gives the identical continuation.
     again = llm.generate([prompt_ids[0]], greedy(), use_tqdm=False)[0]
-    assert again.num_cached_tokens > 0 or len(prompt_ids[0]) <= engine.block_manager.block_size
+    assert again.num_cached_tokens > 0 or len(prompt_ids[0]) <= engine.core.block_manager.block_size
     assert again.outputs[0].token_ids == engine_batched[0]
     SHARED_PREFIX_CASE["prompts"], SHARED_PREFIX_CASE["expected"] = prompts, token_ids(second)
 
@@ -115,7 +115,7 @@ def test_prefix_cache_hit_equals_miss(llm, prompt_ids, engine_batched):
 @pytest.fixture(scope="module")
 def constrained_llm(llm) -> LLM:
     """Tiny step budget (chunked prefill), no prefix cache, a KV pool that must preempt."""
-    del llm.engine.runner  # free the first engine's KV cache early
+    del llm.engine.core.executor  # free the first engine's KV cache early
     gc.collect()
     return LLM(max_model_len=2048, max_num_batched_tokens=16, enable_prefix_caching=False,
                num_kv_blocks=14, block_size=16)
@@ -207,7 +207,7 @@ def test_logprobs_and_prompt_logprobs(constrained_llm, prompt_ids):
 
 
 def test_requests_that_can_never_fit_are_rejected(constrained_llm):
-    from tokenmill.engine.engine import RequestRejected
+    from tokenmill.engine.errors import RequestRejected
 
     llm = constrained_llm
     with pytest.raises(RequestRejected, match="maximum context length"):

@@ -124,9 +124,9 @@ def test_abort_frees_blocks(tiny):
         engine.add_request(f"r{i}", p, GREEDY)
     engine.step()
     engine.step()
-    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+    assert engine.core.block_manager.num_free_blocks < engine.core.block_manager.num_blocks
     for i in range(5):
         engine.abort_request(f"r{i}")
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
     assert not engine.has_unfinished_requests()
     assert engine.step() == []

@@ -17,6 +17,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from tokenmill.attention.base import AttentionMetadata
+from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.config import ModelConfig
 from tokenmill.model.llama import (
     LlamaCausalLM,
@@ -32,8 +34,6 @@ from tokenmill.model.loader import (
     resolve_model,
 )
 from tokenmill.model.registry import get_model_class, supported_architectures
-from tokenmill.runner.attention.base import AttentionMetadata
-from tokenmill.runner.attention.torch_backend import TorchAttentionBackend
 
 BLOCK_SIZE = 4
 PROMPTS = [[1, 5, 77, 12, 99, 3, 64, 8, 120, 33, 2], [7, 44, 101, 9, 0, 127, 56]]

@@ -22,6 +22,8 @@ import transformers
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
+from tokenmill.attention.base import AttentionMetadata
+from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.model.gguf_loader import config_from_gguf, permute_qk, unpermute_qk
 from tokenmill.model.llama import WeightLoadError
 from tokenmill.model.loader import (
@@ -31,8 +33,6 @@ from tokenmill.model.loader import (
     load_model,
     resolve_model,
 )
-from tokenmill.runner.attention.base import AttentionMetadata
-from tokenmill.runner.attention.torch_backend import TorchAttentionBackend
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 64, 256, 4, 2, 96
 HEAD_DIM = HIDDEN // HEADS

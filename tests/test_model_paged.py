@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from tokenmill.attention.base import AttentionMetadata
+from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.config import ModelConfig
 from tokenmill.model.llama import LlamaCausalLM, Qwen2CausalLM
 from tokenmill.model.loader import init_dummy_weights
-from tokenmill.runner.attention.base import AttentionMetadata
-from tokenmill.runner.attention.torch_backend import TorchAttentionBackend
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 16

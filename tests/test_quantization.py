@@ -144,10 +144,10 @@ def test_int8_linear_matches_dense_dequantized(monkeypatch, native, rows):
 
 def _dummy_model(architecture: str, num_layers: int, **config):
     """A small dummy-weight model (hidden 64, intermediate 96: every linear quantizable)."""
+    from tokenmill.attention.torch_backend import TorchAttentionBackend
     from tokenmill.config import ModelConfig
     from tokenmill.model.llama import LlamaCausalLM
     from tokenmill.model.loader import init_dummy_weights
-    from tokenmill.runner.attention.torch_backend import TorchAttentionBackend
 
     cfg = ModelConfig(architecture=architecture, vocab_size=128, hidden_size=64,
                       intermediate_size=96, num_hidden_layers=num_layers, num_attention_heads=4,

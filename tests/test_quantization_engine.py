@@ -41,7 +41,7 @@ def test_quantized_engine_invariance(tiny_llama, quant):
     prompts = _prompts(8)
     llm = LLM(tiny_llama, num_threads=1, quantization=quant)
     kind = Int4Linear if quant == "int4" else Int8Linear
-    layer = llm.engine.runner.model.model.layers[0]
+    layer = llm.engine.core.runner.model.model.layers[0]
     assert isinstance(layer.mlp.gate_up_proj, kind)
     batched = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     # prefix-cache hits: the same prompts again on the warm engine

@@ -7,22 +7,23 @@ from hypothesis import strategies as st
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.engine.block_manager import BlockManager
-from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
+from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence, SequenceStatus
 from tokenmill.sampling import SamplingParams
+from tokenmill.step_types import SampledTokens, SchedulerOutput
 
 _order = iter(range(10**9))
 
 
 def make_seq(name: str, prompt_len: int, arrival: float, priority: int = 0,
-             salt: int | None = None) -> Sequence:
+             salt: int | None = None, max_tokens: int = 100) -> Sequence:
     """A sequence whose tokens depend on ``salt`` (default: the name: no shared prefix)."""
     salt = sum(map(ord, name)) if salt is None else salt
     return Sequence(
         seq_id=name, request_id=name, index=0,
         token_ids=[(i * 13 + salt) % 97 + 3 for i in range(prompt_len)],
         num_prompt_tokens=prompt_len,
-        params=SamplingParams(max_tokens=100), arrival_time=arrival,
+        params=SamplingParams(max_tokens=max_tokens), arrival_time=arrival,
         arrival_order=next(_order), priority=priority,
     )
 
@@ -44,20 +45,20 @@ def add_random_requests(
     for i, (plen, olen) in enumerate(reqs):
         if -(-(plen + olen) // block_size) > num_blocks:
             continue  # the engine rejects these up front
-        s = make_seq(f"r{i}", plen, float(i))
+        s = make_seq(f"r{i}", plen, float(i), max_tokens=olen)
         seqs[s.seq_id], want[s.seq_id] = s, olen
         sched.add(s)
     return seqs, want
 
 
-def complete_step(sched: Scheduler, out: SchedulerOutput, seqs: dict[str, Sequence]) -> None:
-    """What the engine does after a forward: advance, cache, append a token when due."""
+def complete_step(sched: Scheduler, out: SchedulerOutput) -> None:
+    """Play the sampler: token 7 for each sequence that reached its end this step."""
+    sampled = {}
     for item in out.seqs:
-        seq = seqs[item.seq_id]
-        seq.num_computed_tokens += len(item.token_ids)
-        sched.block_manager.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
-        if seq.num_computed_tokens == seq.num_tokens:
-            seq.token_ids.append(7)
+        seq = sched.get(item.seq_id)
+        if item.start_pos + len(item.token_ids) == seq.num_tokens:
+            sampled[item.seq_id] = SampledTokens([7])
+    sched.update(out, sampled)
 
 
 def plan(out: SchedulerOutput) -> list[tuple[str, int, int]]:
@@ -67,17 +68,16 @@ def plan(out: SchedulerOutput) -> list[tuple[str, int, int]]:
 def test_chunked_prefill_and_decode_share_a_step():
     sched = make_scheduler(budget=8)
     a, b = make_seq("a", 10, 0.0), make_seq("b", 10, 1.0)
-    seqs = {"a": a, "b": b}
     sched.add(a)
     sched.add(b)
     out = sched.schedule()
     assert plan(out) == [("a", 0, 8)]
     assert out.seqs[0].num_logits == 0  # mid-prompt chunk: no sampling
-    complete_step(sched, out, seqs)
+    complete_step(sched, out)
     out = sched.schedule()
     assert plan(out) == [("a", 8, 2), ("b", 0, 6)]
     assert [s.num_logits for s in out.seqs] == [1, 0]
-    complete_step(sched, out, seqs)
+    complete_step(sched, out)
     out = sched.schedule()
     # a decodes one token, b finishes its prompt in the same forward pass.
     assert plan(out) == [("a", 10, 1), ("b", 6, 4)]
@@ -90,7 +90,7 @@ def test_block_tables_and_slots_are_exact():
     sched.add(a)
     out = sched.schedule()
     assert out.seqs[0].block_table == [0, 1]
-    complete_step(sched, out, {"a": a})
+    complete_step(sched, out)
     out = sched.schedule()
     assert plan(out) == [("a", 6, 1)]
     assert out.seqs[0].block_table == [0, 1]
@@ -99,9 +99,8 @@ def test_block_tables_and_slots_are_exact():
 def test_prefix_cache_hit_skips_computed_blocks():
     sched = make_scheduler(block_size=4, budget=100)
     a, b = make_seq("a", 10, 0.0, salt=1), make_seq("b", 10, 1.0, salt=1)
-    seqs = {"a": a, "b": b}
     sched.add(a)
-    complete_step(sched, sched.schedule(), seqs)
+    complete_step(sched, sched.schedule())
     sched.add(b)  # same prompt as a
     out = sched.schedule()
     assert ("b", 8, 2) in plan(out)
@@ -124,10 +123,9 @@ def test_preemption_evicts_latest_arrival_and_requeues_it_first():
     # 4 blocks of 4 tokens; two 8-token prompts fill them; decoding needs a 3rd block each.
     sched = make_scheduler(num_blocks=4, block_size=4, budget=100, prefix=False)
     a, b, c = make_seq("a", 8, 0.0), make_seq("b", 8, 1.0), make_seq("c", 3, 2.0)
-    seqs = {"a": a, "b": b, "c": c}
     for s in (a, b):
         sched.add(s)
-    complete_step(sched, sched.schedule(), seqs)  # both prefilled, 9 tokens each now
+    complete_step(sched, sched.schedule())  # both prefilled, 9 tokens each now
     sched.add(c)
     out = sched.schedule()  # each needs a 3rd block to decode: pool is dry
     assert out.preempted_ids == ["b"]
@@ -143,11 +141,10 @@ def test_priority_policy_orders_queue_and_picks_victims():
     sched = make_scheduler(num_blocks=4, block_size=4, budget=100, policy="priority",
                            prefix=False)
     low, high = make_seq("low", 8, 0.0, priority=5), make_seq("high", 8, 1.0, priority=0)
-    seqs = {"low": low, "high": high}
     sched.add(low)
     sched.add(high)
     assert [s.seq_id for s in sched.waiting] == ["high", "low"]
-    complete_step(sched, sched.schedule(), seqs)
+    complete_step(sched, sched.schedule())
     out = sched.schedule()
     assert out.preempted_ids == ["low"]
     assert plan(out) == [("high", 8, 1)]
@@ -157,7 +154,7 @@ def test_self_preemption_when_alone_and_out_of_blocks():
     sched = make_scheduler(num_blocks=2, block_size=4, budget=100, prefix=False)
     a = make_seq("a", 8, 0.0)
     sched.add(a)
-    complete_step(sched, sched.schedule(), {"a": a})
+    complete_step(sched, sched.schedule())
     out = sched.schedule()  # needs a 3rd block that does not exist
     assert out.preempted_ids == ["a"] and out.seqs == []
 
@@ -185,10 +182,7 @@ def test_everything_finishes_and_nothing_leaks(reqs, budget, num_blocks):
             break
         out = sched.schedule()
         assert out.num_batched_tokens <= budget
-        complete_step(sched, out, seqs)
-        for s in list(sched.running):
-            if s.num_output_tokens >= want[s.seq_id]:
-                sched.finish(s)
+        complete_step(sched, out)
         sched.block_manager.check_invariants()
     assert not sched.has_work()
     assert all(s.num_output_tokens == want[n] for n, s in seqs.items())

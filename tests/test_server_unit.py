@@ -10,9 +10,10 @@ import json
 import pytest
 
 from tokenmill.engine.args import EngineArgs
-from tokenmill.engine.outputs import EngineStats, TokenLogprob
+from tokenmill.outputs import EngineStats, TokenLogprob
 from tokenmill.server import responses
 from tokenmill.server.auth import ApiKeyAuth, extract_key, key_id, load_api_keys
+from tokenmill.server.body import parse_json
 from tokenmill.server.cli import add_serve_arguments, config_from_args
 from tokenmill.server.errors import APIError, retry_after_header
 from tokenmill.server.metrics import RequestTiming, ServerMetrics
@@ -20,7 +21,6 @@ from tokenmill.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     normalize_prompt,
-    parse_json,
     parse_request,
 )
 from tokenmill.server.ratelimit import InMemoryRateLimiter, RateLimits, decide

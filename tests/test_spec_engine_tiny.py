@@ -57,7 +57,7 @@ def reference(tiny_models) -> dict[str, list[list[int]]]:
 def _assert_clean(llm: LLM) -> None:
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks  # nothing leaked
-    llm.engine.block_manager.check_invariants()
+    llm.engine.core.block_manager.check_invariants()
 
 
 SPEC = {

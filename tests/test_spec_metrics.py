@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenmill.engine.outputs import EngineStats
+from tokenmill.outputs import EngineStats
 from tokenmill.server.metrics import ServerMetrics
 
 

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_scheduler import add_random_requests, make_scheduler, make_seq, plan
 
-from tokenmill.engine.scheduler import Scheduler, SchedulerOutput
+from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence
+from tokenmill.step_types import SampledTokens, SchedulerOutput
 
 
 def prefill(sched: Scheduler, *seqs: Sequence) -> None:
@@ -18,27 +19,23 @@ def prefill(sched: Scheduler, *seqs: Sequence) -> None:
         sched.add(seq)
     out = sched.schedule()
     assert [s.seq_id for s in out.seqs] == [s.seq_id for s in seqs]
-    for item, seq in zip(out.seqs, seqs):
-        seq.num_computed_tokens += len(item.token_ids)
-        assert seq.num_computed_tokens == seq.num_tokens
-        seq.token_ids.append(50)
+    sched.update(out, {seq.seq_id: SampledTokens([50]) for seq in seqs})
+    assert all(seq.num_computed_tokens == seq.num_tokens - 1 for seq in seqs)
 
 
-def verify(sched: Scheduler, out: SchedulerOutput, seqs: dict[str, Sequence],
-           accept: dict[str, int]) -> None:
-    """What the engine does: keep ``accept[id]`` drafts + one token, roll the rest back."""
-    bm = sched.block_manager
+def verify(sched: Scheduler, out: SchedulerOutput, accept: dict[str, int]) -> None:
+    """Play the verifier: keep ``accept[id]`` drafts then token 60; the scheduler rolls
+    the rest back. Like the speculator, it consumes each scheduled sequence's drafts."""
+    sampled = {}
     for item in out.seqs:
-        seq = seqs[item.seq_id]
-        seq.num_computed_tokens += len(item.token_ids) - item.num_draft_tokens
-        if seq.num_computed_tokens < seq.num_tokens:
-            continue
+        seq = sched.get(item.seq_id)
+        seq.spec_token_ids = []
+        if item.start_pos + len(item.token_ids) - item.num_draft_tokens < seq.num_tokens:
+            continue  # a mid-prompt chunk
         a = min(accept.get(seq.seq_id, 0), item.num_draft_tokens)
         drafts = item.token_ids[len(item.token_ids) - item.num_draft_tokens:]
-        seq.token_ids.extend(drafts[:a] + [60])
-        seq.num_computed_tokens += a
-        seq.spec_token_ids = []
-        bm.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+        sampled[seq.seq_id] = SampledTokens(drafts[:a] + [60], num_accepted=a)
+    sched.update(out, sampled)
 
 
 def test_drafts_are_scheduled_after_the_last_token_with_logits_at_each():
@@ -53,7 +50,7 @@ def test_drafts_are_scheduled_after_the_last_token_with_logits_at_each():
     assert out.num_batched_tokens == 4
     assert item.block_table == [0, 1, 2]  # positions 6..9 need a third block
     # Two drafts accepted: 6 + 1 + 2 computed, the third draft position rolls back.
-    verify(sched, out, {"a": a}, {"a": 2})
+    verify(sched, out, {"a": 2})
     assert a.token_ids[-4:] == [50, 11, 12, 60]
     assert a.num_computed_tokens == 9 and a.num_tokens == 10
     out = sched.schedule()
@@ -105,7 +102,7 @@ def test_preemption_drops_drafts_and_frees_their_blocks():
     b.spec_token_ids = [1, 2, 3]
     out = sched.schedule()
     assert [(s.seq_id, s.num_draft_tokens) for s in out.seqs] == [("a", 0), ("b", 3)]
-    verify(sched, out, {"a": a, "b": b}, {"b": 0})
+    verify(sched, out, {"b": 0})
     a.token_ids.extend([1] * 4)  # a grows and needs b's blocks
     b.spec_token_ids = [9]
     out = sched.schedule()
@@ -130,11 +127,9 @@ def test_random_drafts_and_acceptances_finish_everything_without_leaks(
         assert out.num_batched_tokens <= budget
         for item in out.seqs:
             assert item.num_logits >= 1 + item.num_draft_tokens or item.num_logits == 0
-        verify(sched, out, seqs, {n: rng.randint(0, 4) for n in seqs})
+        verify(sched, out, {n: rng.randint(0, 4) for n in seqs})
         for s in list(sched.running):
-            if s.num_output_tokens >= want[s.seq_id]:
-                sched.finish(s)
-            elif s.num_computed_tokens == s.num_tokens - 1:
+            if s.num_computed_tokens == s.num_tokens - 1:
                 # Propose up to 3 drafts, capped like the engine so as not to overshoot.
                 k = min(3, want[s.seq_id] - s.num_output_tokens - 1)
                 s.spec_token_ids = [rng.randrange(3, 97) for _ in range(max(0, k))]

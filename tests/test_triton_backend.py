@@ -20,14 +20,14 @@ if not ON_GPU and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from tokenmill.attention.base import AttentionMetadata, get_attention_backend  # noqa: E402
+from tokenmill.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from tokenmill.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from tokenmill.kernels.paged_decode import choose_num_segments, paged_decode_attention  # noqa: E402
 from tokenmill.kernels.triton_utils import (  # noqa: E402
     interpreter_active,
     interpreter_problem,
 )
-from tokenmill.runner.attention.base import AttentionMetadata, get_attention_backend  # noqa: E402
-from tokenmill.runner.attention.torch_backend import TorchAttentionBackend  # noqa: E402
-from tokenmill.runner.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 
 if not ON_GPU and not interpreter_active():
     pytest.skip("an earlier test module imported triton in compiled mode; "

@@ -23,6 +23,7 @@ if not ON_GPU and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from tokenmill.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from tokenmill.kernels.triton_utils import (  # noqa: E402
     interpreter_active,
     interpreter_problem,
@@ -30,7 +31,6 @@ from tokenmill.kernels.triton_utils import (  # noqa: E402
 from tokenmill.llm import LLM  # noqa: E402
 from tokenmill.model import layers  # noqa: E402
 from tokenmill.model.loader import init_dummy_weights  # noqa: E402
-from tokenmill.runner.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from tokenmill.runner.cuda_graphs import (  # noqa: E402
     DecodeGraphInputs,
     fixed_decode_split,
@@ -69,14 +69,14 @@ def tiny_model_dir(tmp_path_factory):
 def make_llm(path: str, backend: str) -> LLM:
     llm = LLM(path, attention_backend=backend, **ENGINE_ARGS)
     # Larger random weights than the loader's default: sharp logits, no near-ties.
-    init_dummy_weights(llm.engine.runner.model, std=0.2, seed=7)
+    init_dummy_weights(llm.engine.core.runner.model, std=0.2, seed=7)
     return llm
 
 
 def record_step_kinds(llm: LLM) -> set[str]:
     """Watch the scheduler: which kinds of step ran (decode-only, with a partial chunk...)."""
     kinds: set[str] = set()
-    scheduler = llm.engine.scheduler
+    scheduler = llm.engine.core.scheduler
     schedule = scheduler.schedule
 
     def watched():
@@ -162,10 +162,10 @@ def test_model_layers_fused_path_matches_eager():
 @pytest.mark.parametrize("num_segments", [1, 2])
 def test_graph_decode_inputs_on_triton_backend_match_torch(tiny_model_dir, num_segments):
     """What a captured decode graph computes (padded rows, static buffers, fixed split)."""
-    from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
+    from tokenmill.step_types import ScheduledSeq, SchedulerOutput
 
     llm = make_llm(tiny_model_dir, "torch")
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     rng = random.Random(num_segments)
     seqs_prompts = [[rng.randrange(128) for _ in range(n)] for n in (6, 11, 1)]
     tables = [[3, 9], [12, 4, 7], [20]]
@@ -180,7 +180,7 @@ def test_graph_decode_inputs_on_triton_backend_match_torch(tiny_model_dir, num_s
         num_batched_tokens=3,
     )
     before = runner.kv_cache.clone()
-    want = runner.execute(decode)  # torch backend, unpadded, eager
+    want = runner.execute(decode).logits  # torch backend, unpadded, eager
 
     runner.kv_cache.copy_(before)
     backend = TritonAttentionBackend()

@@ -58,7 +58,7 @@ def randn(*shape, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("block_size,num_kv_heads,head_dim",
                          [(8, 2, 64), (16, 3, 128), (32, 1, 80)])
 def test_kv_write_matches_reference_and_skips_padding(dtype, block_size, num_kv_heads, head_dim):
-    from tokenmill.runner.attention.torch_backend import write_kv_cache as write_ref
+    from tokenmill.attention.torch_backend import write_kv_cache as write_ref
 
     num_blocks, tokens = 6, 9
     # k/v as strided views of a fused projection output, like a real model's.

@@ -37,7 +37,7 @@ def _stream(engine: LLMEngine, request_id: str, prompt: list[int], params) -> st
     try:
         while engine.has_unfinished_requests():
             for out in engine.step():
-                delta = out.outputs[0].delta_text
+                delta = out.outputs[0].text if out.outputs else ""
                 if delta:
                     sys.stdout.write(delta)
                     sys.stdout.flush()
@@ -50,7 +50,7 @@ def _stream(engine: LLMEngine, request_id: str, prompt: list[int], params) -> st
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tokenmill.engine.engine import LLMEngine
+    from tokenmill.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(EngineArgs.from_cli(args))
     tok = engine.tokenizer
@@ -64,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from tokenmill.engine.engine import LLMEngine
+    from tokenmill.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(EngineArgs.from_cli(args))
     tok = engine.tokenizer

@@ -6,8 +6,8 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from tokenmill.engine.engine import LLMEngine
-from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.outputs import RequestOutput, merge_outputs
 from tokenmill.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -99,7 +99,7 @@ class LLM:
 
     def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:
         pending = set(ids)
-        done: dict[str, RequestOutput] = {}
+        results: dict[str, RequestOutput] = {}
         bar = None
         if show_progress:
             from tqdm.auto import tqdm
@@ -110,13 +110,16 @@ class LLM:
                 outputs = self.engine.step()
                 if not outputs and not self.engine.has_unfinished_requests():
                     break
-                for out in outputs:
-                    if out.finished and out.request_id in pending:
-                        pending.discard(out.request_id)
-                        done[out.request_id] = out
+                for delta in outputs:
+                    if delta.request_id not in pending:
+                        continue
+                    whole = merge_outputs(results.get(delta.request_id), delta)
+                    results[delta.request_id] = whole
+                    if whole.finished:
+                        pending.discard(delta.request_id)
                         if bar is not None:
                             bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
-        return [done[rid] for rid in ids]
+        return [results[rid] for rid in ids]

@@ -153,11 +153,11 @@ def _timed_request(engine: Any, request_id: str, prompt: list[int],
         for out in outs:
             if out.request_id != request_id:
                 continue
-            n = len(out.outputs[0].token_ids)
+            n = sum(len(c.token_ids) for c in out.outputs)  # new tokens (a delta)
             if n and t_first is None:
                 t_first = now
-            if n > produced:
-                produced, t_last = n, now
+            if n:
+                produced, t_last = produced + n, now
     if t_first is None or t_last is None:
         raise RuntimeError(f"request {request_id} produced no token")
     return t_send, t_first, t_last, produced

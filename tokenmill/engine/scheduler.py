@@ -23,47 +23,47 @@ anyone), with logits at every position so the engine can verify them.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.sequence import Sequence, SequenceStatus
+from tokenmill.step_types import SampledTokens, ScheduledSeq, SchedulerOutput
 
 
 @dataclass
-class ScheduledSeq:
-    """One sequence's share of a step, in plain data for the model runner."""
+class StepUpdate:
+    """What ``Scheduler.update`` did: tokens appended per sequence, sequences finished."""
 
-    seq_id: str
-    token_ids: list[int]  # the tokens to compute this step
-    start_pos: int  # position of token_ids[0] (= tokens already computed)
-    block_table: list[int]
-    num_logits: int  # trailing positions of this chunk whose logits are needed
-    num_draft_tokens: int = 0  # trailing token_ids that are speculative proposals
-
-
-@dataclass
-class SchedulerOutput:
-    seqs: list[ScheduledSeq]
-    num_batched_tokens: int
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-    preempted_ids: list[str] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.seqs
+    num_appended: dict[str, int] = field(default_factory=dict)  # seq_id -> new tokens
+    finished: list[Sequence] = field(default_factory=list)
 
 
 class Scheduler:
-    """Decides, step by step, which sequences compute how many tokens."""
+    """Decides, step by step, which sequences compute how many tokens.
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    The scheduler is the only caller of the block manager and the only writer of
+    a sequence's progress: :meth:`schedule` plans a step, :meth:`update` applies
+    its results (advances and rolls back counters, appends tokens with the
+    token-level stop checks, registers full blocks, forks ``n > 1`` samples and
+    frees what finished).
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        eos_token_ids: Iterable[int] = (),
+    ):
         self.config = config
         self.block_manager = block_manager
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key: last = first victim
         self._keys_waiting: list[tuple] = []
         self._keys_running: list[tuple] = []
+        self._seqs: dict[str, Sequence] = {}  # every waiting or running sequence
         self._pending_copies: list[tuple[int, int]] = []
         self.num_preemptions = 0
 
@@ -78,6 +78,7 @@ class Scheduler:
         i = bisect.bisect(self._keys_waiting, key)
         self._keys_waiting.insert(i, key)
         self.waiting.insert(i, seq)
+        self._seqs[seq.seq_id] = seq
 
     def _add_running(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.RUNNING
@@ -85,6 +86,7 @@ class Scheduler:
         i = bisect.bisect(self._keys_running, key)
         self._keys_running.insert(i, key)
         self.running.insert(i, seq)
+        self._seqs[seq.seq_id] = seq
 
     def _remove(self, seq: Sequence) -> bool:
         for queue, keys in ((self.running, self._keys_running), (self.waiting, self._keys_waiting)):
@@ -95,6 +97,13 @@ class Scheduler:
                     return True
         return False
 
+    def get(self, seq_id: str) -> Sequence | None:
+        """A waiting or running sequence by id."""
+        return self._seqs.get(seq_id)
+
+    def block_table(self, seq_id: str) -> list[int]:
+        return self.block_manager.block_table(seq_id)
+
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -103,16 +112,15 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -------------------------------------------------------------- lifecycle
-    def add_forked(self, parent: Sequence, child: Sequence) -> bool:
-        """Start ``child`` sharing ``parent``'s computed KV blocks (n > 1 sampling)."""
-        copies = self.block_manager.fork(parent.seq_id, child.seq_id, parent.num_computed_tokens)
-        if copies is None:
-            return False
-        self._pending_copies.extend(copies)
-        child.num_computed_tokens = parent.num_computed_tokens
-        child.num_cached_tokens = parent.num_cached_tokens
-        self._add_running(child)
-        return True
+    def abort(self, seq: Sequence) -> bool:
+        """Drop a sequence wherever it is and free its blocks."""
+        found = self._remove(seq)
+        self._seqs.pop(seq.seq_id, None)
+        seq.status = SequenceStatus.FINISHED
+        if seq.finish_reason is None:
+            seq.finish_reason = "abort"
+        self.block_manager.free(seq.seq_id)
+        return found
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished sequence and free its blocks."""
@@ -126,6 +134,19 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.add(seq)
+
+    def reserve_draft_slots(self, seq: Sequence, num_drafts: int) -> int:
+        """KV slots for a draft model's own passes over ``num_drafts`` proposals.
+
+        The draft writes positions ``num_tokens - 1 .. num_tokens + num_drafts - 2``;
+        only free blocks are used (never preempting), so fewer drafts may fit.
+        Returns how many drafts the reserved slots allow.
+        """
+        bm = self.block_manager
+        if bm.append_slots(seq.seq_id, seq.num_tokens + num_drafts - 1) is not None:
+            return num_drafts
+        covered = len(bm.block_table(seq.seq_id)) * bm.block_size
+        return max(0, min(num_drafts, covered - seq.num_tokens + 1))
 
     # --------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
@@ -234,9 +255,84 @@ class Scheduler:
             num_draft_tokens=num_drafts,
         )
 
-    def abort(self, seq: Sequence) -> bool:
-        """Drop a sequence wherever it is and free its blocks."""
-        found = self._remove(seq)
-        seq.status = SequenceStatus.FINISHED
-        self.block_manager.free(seq.seq_id)
-        return found
+    # ----------------------------------------------------------------- update
+    def update(
+        self,
+        out: SchedulerOutput,
+        sampled: Mapping[str, SampledTokens],
+        forks: Iterable[tuple[Sequence, Sequence]] = (),
+    ) -> StepUpdate:
+        """Apply the results of a computed step; the one place state moves forward.
+
+        ``sampled`` maps a sequence id to the tokens it gained (absent: a
+        mid-prompt chunk). ``forks`` pairs a parent that just sampled its first
+        token with a new sibling (``n > 1``) that sampled from the same logits;
+        the sibling shares the parent's prompt blocks (or, with no block free
+        for the copy of a partial block, queues to recompute its prompt).
+
+        For each scheduled sequence: the computed count advances by the real
+        tokens it computed; its tokens are appended one by one until a stop
+        condition (EOS, a stop token id, ``max_tokens``, the model length);
+        with drafts, only the accepted ones count as computed (rejected
+        positions are overwritten later). Full blocks are registered in the
+        prefix cache; finished sequences are freed.
+        """
+        result = StepUpdate()
+        touched: list[Sequence] = []
+        for item in out.seqs:
+            seq = self._seqs.get(item.seq_id)
+            if seq is None:
+                continue  # aborted since it was scheduled
+            seq.num_computed_tokens += len(item.token_ids) - item.num_draft_tokens
+            touched.append(seq)
+        for parent, child in forks:
+            self._fork(parent, child)
+            touched.append(child)
+        for seq in touched:
+            tokens = sampled.get(seq.seq_id)
+            if tokens is None:
+                continue
+            computed = seq.num_computed_tokens
+            appended = 0
+            for token in tokens.token_ids:
+                self._append(seq, token)
+                appended += 1
+                if seq.finish_reason is not None:
+                    break  # whatever followed is discarded
+            # Accepted drafts have valid K/V; the target's own token after them not yet.
+            seq.num_computed_tokens = computed + min(tokens.num_accepted, appended)
+            result.num_appended[seq.seq_id] = appended
+        for seq in touched:
+            if self.block_manager.has_seq(seq.seq_id):
+                self.block_manager.cache_full_blocks(seq.seq_id, seq.token_ids,
+                                                     seq.num_computed_tokens)
+            if seq.finish_reason is not None:
+                self.finish(seq)
+                result.finished.append(seq)
+        return result
+
+    def _fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start ``child`` on ``parent``'s computed blocks (copy-on-write of a partial one)."""
+        copies = self.block_manager.fork(parent.seq_id, child.seq_id, parent.num_computed_tokens)
+        if copies is None:
+            child.num_computed_tokens = 0  # no block for the copy: recompute later
+            self.add(child)
+            return
+        self._pending_copies.extend(copies)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
+        self._add_running(child)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        """Append one token and apply the token-level stop conditions."""
+        params = seq.params
+        seq.token_ids.append(token)
+        n_out = seq.num_output_tokens
+        min_ok = n_out >= params.min_tokens
+        if min_ok and not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif min_ok and token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif (params.max_tokens is not None and n_out >= params.max_tokens) or (
+                seq.num_tokens >= self.config.max_model_len):
+            seq.finish_reason = "length"

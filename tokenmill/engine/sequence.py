@@ -1,10 +1,15 @@
-"""Engine-internal state of one generated sequence (one of a request's ``n`` samples)."""
+"""Scheduling state of one generated sequence (one of a request's ``n`` samples).
+
+Only scheduling state lives here: tokens, progress, queue attributes, the
+token-level finish decision and speculative drafts. What the user sees (text,
+logprobs, stream cursors) belongs to the output processor.
+"""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -47,15 +52,10 @@ class Sequence:
     # sampled from (None: deterministic proposals, i.e. one-hot q).
     spec_token_ids: list[int] = field(default_factory=list)
     spec_probs: torch.Tensor | None = None
-    # Output-side state, owned by the engine's output processor.
-    detokenizer: Any = None
-    text: str = ""
-    logprobs: list[Any] | None = None
+    # Set by the scheduler's stop check: "stop" (EOS or a stop token id), "length",
+    # or "abort"; stop_reason is the stop token id when one ended it.
     finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    sent_text_len: int = 0
-    sent_token_len: int = 0
-    sent_logprob_len: int = 0
+    stop_reason: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from tokenmill.attention.base import AttentionBackend, AttentionMetadata
 from tokenmill.config import ModelConfig
 from tokenmill.model.layers import (
     Linear,
@@ -41,7 +42,6 @@ from tokenmill.model.layers import (
     silu_and_mul,
     use_fused_kernels,
 )
-from tokenmill.runner.attention.base import AttentionBackend, AttentionMetadata
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 

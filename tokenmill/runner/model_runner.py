@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokenmill.engine.scheduler import SchedulerOutput
-from tokenmill.runner.attention.base import AttentionBackend, AttentionMetadata
+from tokenmill.attention.base import AttentionBackend, AttentionMetadata
 from tokenmill.runner.cuda_graphs import CudaGraphConfig, DecodeGraphRunner
+from tokenmill.step_types import ModelOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -196,11 +196,19 @@ class ModelRunner:
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Run one step; return float32 logits for the requested positions, in order."""
-        self.copy_blocks(out.block_copies)
+    def execute(self, out: SchedulerOutput) -> ModelOutput:
+        """Run one step; float32 logits for the requested positions and their owners.
+
+        Block copies of ``out`` are not applied here: the executor applies them
+        to every KV cache it owns before running any model.
+        """
+        rows: list[range] = []
+        start = 0
+        for item in out.seqs:
+            rows.append(range(start, start + item.num_logits))
+            start += item.num_logits
         if not out.seqs:
-            return torch.empty(0)
+            return ModelOutput(torch.empty(0, device=self.device), rows)
         step = build_step_inputs(out, self.block_size)
         hidden = None
         if self.graphs is not None and step.is_decode_only:
@@ -208,9 +216,9 @@ class ModelRunner:
         if hidden is None:
             hidden = self.forward_eager(step)
         if len(step.logits_indices) == 0:
-            return torch.empty(0, device=self.device)
-        rows = _to_device(step.logits_indices, torch.long, self.device)
-        return self.model.compute_logits(hidden[rows]).float()
+            return ModelOutput(torch.empty(0, device=self.device), rows)
+        index = _to_device(step.logits_indices, torch.long, self.device)
+        return ModelOutput(self.model.compute_logits(hidden[index]).float(), rows)
 
 
 def profile_peak_memory(

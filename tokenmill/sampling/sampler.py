@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.engine.outputs import TokenLogprob
+from tokenmill.outputs import TokenLogprob
 from tokenmill.sampling.params import SamplingParams
 
 # top-p first looks for its nucleus among this many best tokens (a partial

@@ -25,7 +25,11 @@ access_logger = logging.getLogger("tokenmill.access")
 
 RECORD_KEY = "tokenmill_record"
 # Probes and scrapes arrive every few seconds; they are logged at DEBUG only.
-QUIET_PATHS = frozenset({"/health", "/metrics"})
+QUIET_PATHS = frozenset({"/health", "/live", "/metrics"})
+# Client-chosen strings are cut to this many characters in the log line, and a
+# logged prompt (--log-prompts) to PROMPT_LIMIT, so every line stays bounded.
+FIELD_LIMIT = 256
+PROMPT_LIMIT = 4096
 
 
 @dataclass
@@ -64,8 +68,8 @@ class RequestRecord:
             "total_s": round(now - self.started, 4),
         }
         optional = {
-            "model": self.model,
-            "user": self.user,
+            "model": _bounded(self.model, FIELD_LIMIT),
+            "user": _bounded(self.user, FIELD_LIMIT),
             "stream": self.stream,
             "n": self.n,
             "prompt_tokens": self.prompt_tokens,
@@ -75,10 +79,31 @@ class RequestRecord:
             "finish_reason": ",".join(self.finish_reasons) if self.finish_reasons else None,
             "error_code": self.error_code,
             "disconnected": self.disconnected or None,
-            "prompt": self.prompt,
+            "prompt": _bounded_prompt(self.prompt),
         }
         out.update({k: v for k, v in optional.items() if v is not None})
         return out
+
+
+def _bounded(value: Any, limit: int) -> Any:
+    """A client-supplied string cut to ``limit`` characters (others unchanged)."""
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + f"...[{len(value) - limit} more]"
+    return value
+
+
+def _bounded_prompt(prompt: Any) -> Any:
+    """The prompt as sent, or its JSON text cut to PROMPT_LIMIT when longer."""
+    if prompt is None or isinstance(prompt, str):
+        return _bounded(prompt, PROMPT_LIMIT)
+    text = json.dumps(prompt, ensure_ascii=False, default=str)
+    return prompt if len(text) <= PROMPT_LIMIT else _bounded(text, PROMPT_LIMIT)
+
+
+def format_line(record: RequestRecord, now: float) -> str:
+    """The JSON log line; never raises on odd text (lone surrogates are escaped)."""
+    line = json.dumps(record.to_log_dict(now), ensure_ascii=False, default=str)
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def get_record(request: Request) -> RequestRecord:
@@ -125,6 +150,4 @@ class AccessLogMiddleware:
             self.metrics.count_http(getattr(route, "path", "unmatched"), record.status or 500)
             level = logging.DEBUG if record.path in QUIET_PATHS else logging.INFO
             if access_logger.isEnabledFor(level):
-                line = json.dumps(record.to_log_dict(time.monotonic()), ensure_ascii=False,
-                                  default=str)
-                access_logger.log(level, line)
+                access_logger.log(level, format_line(record, time.monotonic()))

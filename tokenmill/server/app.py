@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
 from typing import Any
 
@@ -31,8 +31,8 @@ from tokenmill.server.serving import OpenAIServing
 
 logger = logging.getLogger("tokenmill.server")
 
-EngineFactory = Callable[[], Any]
-"""Builds the engine (blocking); called once, in a worker thread."""
+EngineFactory = Callable[[EngineHost], Awaitable[Any]]
+"""Starts the engine client for a host (``MPEngineClient`` by default; a fake in tests)."""
 
 
 def tokenmill_version() -> str:
@@ -44,20 +44,30 @@ def tokenmill_version() -> str:
         return str(getattr(tokenmill, "__version__", "0.0.0+unknown"))
 
 
-def default_engine_factory(engine_args: dict[str, Any]) -> EngineFactory:
-    """The real engine: ``AsyncLLMEngine.from_engine_args(**engine_args)``."""
+def default_engine_factory(config: ServerConfig) -> EngineFactory:
+    """The real engine: an engine core process behind an ``MPEngineClient``."""
 
-    def build() -> Any:
-        from tokenmill.engine.async_engine import AsyncLLMEngine
+    async def start(host: EngineHost) -> Any:
+        from tokenmill.engine.args import EngineArgs
+        from tokenmill.engine.client import MPEngineClient
 
-        return AsyncLLMEngine.from_engine_args(**engine_args)
+        client = MPEngineClient(EngineArgs.from_kwargs(**config.engine_args),
+                                log_level=config.log_level, on_dead=host.engine_dead)
+        await client.start()
+        return client
 
-    return build
+    return start
 
 
 def build_app(config: ServerConfig, engine_factory: EngineFactory | None = None) -> FastAPI:
     """Create the app; the engine starts loading when the app's lifespan starts."""
-    host = EngineHost(engine_factory or default_engine_factory(config.engine_args))
+    serving: OpenAIServing | None = None
+
+    async def on_ready(engine: Any) -> None:
+        assert serving is not None
+        await serving.engine_ready(engine)
+
+    host = EngineHost(engine_factory or default_engine_factory(config), on_ready)
     metrics = ServerMetrics(host.stats)
     auth = ApiKeyAuth(config.api_keys)
     limiter = create_rate_limiter(config.rate_limits, config.rate_limit_storage)
@@ -78,7 +88,12 @@ def build_app(config: ServerConfig, engine_factory: EngineFactory | None = None)
             yield
         finally:
             load.cancel()
+            try:
+                await load
+            except BaseException:  # noqa: BLE001 - cancelled or failed: it is over either way
+                pass
             await host.shutdown()
+            serving.close()
             if limiter is not None:
                 await limiter.close()
 
@@ -100,7 +115,7 @@ def build_app(config: ServerConfig, engine_factory: EngineFactory | None = None)
         record.key_id = key
         return key if key is not None else f"ip:{record.client or 'unknown'}"
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         """200 when requests are accepted; 503 while loading, draining or broken."""
         try:

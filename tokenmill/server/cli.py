@@ -19,9 +19,11 @@ from typing import Any
 
 import uvicorn
 
+from tokenmill.config import parse_memory
 from tokenmill.engine.args import EngineArgs
 from tokenmill.server.auth import load_api_keys
 from tokenmill.server.config import ServerConfig
+from tokenmill.server.http_protocol import protocol_with_header_timeout
 from tokenmill.server.lifecycle import ABORT_GRACE_SECONDS, EngineHost, ServerState
 from tokenmill.server.ratelimit import RateLimits
 
@@ -65,6 +67,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                      help="Prompt + completion tokens per minute per key (or client IP).")
     sec.add_argument("--rate-limit-storage", default="memory",
                      help="'memory' (default) or redis://host:port to share limits.")
+    sec.add_argument("--forwarded-allow-ips", default=None,
+                     help="Comma-separated proxy addresses (or *) whose X-Forwarded-For "
+                          "header names the client for logs and per-IP limits (uvicorn's "
+                          "convention). Default: none, the peer address is the client.")
 
     flow = parser.add_argument_group("flow control and lifecycle")
     flow.add_argument("--max-queued-requests", type=int, default=256,
@@ -73,6 +79,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                       help="Abort a request after this many seconds (default: no limit).")
     flow.add_argument("--shutdown-timeout", type=float, default=30.0,
                       help="On SIGTERM, let running requests finish for this long (default 30).")
+    flow.add_argument("--max-request-body-size", default="4MiB",
+                      help="Refuse larger request bodies with 413 (default 4MiB).")
+    flow.add_argument("--max-prompts-per-request", type=int, default=64,
+                      help="Most prompts in one /v1/completions request (default 64); each "
+                           "counts against the queue bound and rate limits.")
+    flow.add_argument("--header-timeout", type=float, default=10.0,
+                      help="Close connections whose request headers take longer (default 10s).")
 
     log = parser.add_argument_group("logging")
     # SUPPRESS: `tokenmill --log-level X serve` sets the same dest; do not override it.
@@ -99,6 +112,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
+    allow_ips = tuple(ip.strip() for ip in (args.forwarded_allow_ips or "").split(",")
+                      if ip.strip())
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -111,6 +126,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_queued_requests=args.max_queued_requests,
         request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout,
+        max_prompts_per_request=args.max_prompts_per_request,
+        max_request_body_size=parse_memory(args.max_request_body_size),
+        header_timeout=args.header_timeout,
+        forwarded_allow_ips=allow_ips,
         log_prompts=args.log_prompts,
         log_level=str(getattr(args, "log_level", None) or "info").lower(),
     )
@@ -184,11 +203,15 @@ def run_server(config: ServerConfig, engine_factory: Any = None) -> int:
         app,
         host=config.host,
         port=config.port,
+        http=protocol_with_header_timeout(config.header_timeout),
         log_config=None,
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=int(ABORT_GRACE_SECONDS),
         timeout_keep_alive=5,
+        # X-Forwarded-For is believed only from the proxies named on the command line.
+        proxy_headers=bool(config.forwarded_allow_ips),
+        forwarded_allow_ips=list(config.forwarded_allow_ips) or None,
     )
     server = _DrainingServer(uv_config, host, config.shutdown_timeout)
 
@@ -198,7 +221,8 @@ def run_server(config: ServerConfig, engine_factory: Any = None) -> int:
     host.on_fatal = on_fatal
     server.run()
     if host.state is ServerState.FAILED:
-        logger.error("exiting: the engine failed to load")
+        logger.error("exiting: %s", "the engine process died" if host.engine_died
+                     else "the engine failed to load")
         return 1
     return 0
 

@@ -12,7 +12,7 @@ from tokenmill.server.ratelimit import RateLimits
 class ServerConfig:
     """Everything the HTTP server needs besides the engine.
 
-    ``engine_args`` are passed unchanged to ``AsyncLLMEngine.from_engine_args``; keys
+    ``engine_args`` are passed unchanged to ``EngineArgs`` (for the engine core process); keys
     left out keep the engine's defaults.
     """
 
@@ -28,12 +28,24 @@ class ServerConfig:
     request_timeout: float | None = None  # seconds; None disables
     shutdown_timeout: float = 30.0
     max_n: int = 16
+    max_prompts_per_request: int = 64  # /v1/completions prompt lists
+    max_request_body_size: int = 4 << 20  # bytes
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive
+    forwarded_allow_ips: tuple[str, ...] = ()  # proxies trusted for X-Forwarded-For
     log_prompts: bool = False
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         if self.max_queued_requests < 0:
             raise ValueError("max_queued_requests must be >= 0")
+        if self.max_prompts_per_request < 1:
+            raise ValueError("max_prompts_per_request must be >= 1")
+        if self.max_request_body_size < 1024:
+            raise ValueError("max_request_body_size must be at least 1 KiB")
+        if self.header_timeout <= 0:
+            raise ValueError("header_timeout must be positive")
+        if self.protect_metrics and not self.api_keys:
+            raise ValueError("--protect-metrics needs API keys (--api-key or --api-key-file)")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ValueError("request_timeout must be positive")
         if self.shutdown_timeout < 0:

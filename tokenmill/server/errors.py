@@ -117,3 +117,37 @@ def retry_after_header(seconds: float) -> str:
     """Retry-After takes whole seconds; round up so the client never comes back too early."""
     whole = int(seconds) if float(seconds).is_integer() else int(seconds) + 1
     return str(max(1, whole))
+
+
+def payload_too_large(limit: int) -> APIError:
+    """413 for a request body over ``--max-request-body-size``."""
+    return APIError(
+        413,
+        f"The request body is larger than the server's limit of {limit:,} bytes.",
+        param="body",
+        code="request_too_large",
+    )
+
+
+def engine_error(exc: BaseException, params: dict[str, str] | None = None) -> APIError:
+    """The one map from what the engine raises to what the client sees, by type.
+
+    ``params`` renames the engine's parameter names to the endpoint's (the prompt
+    is "messages" in chat; the length "max_completion_tokens" when that was sent).
+    """
+    from tokenmill.engine.errors import EngineDeadError, RequestFailed, RequestRejected
+    from tokenmill.sampling.params import InvalidParameterError
+
+    rename = params or {}
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RequestRejected):
+        param = rename.get(exc.param or "", exc.param)
+        return APIError(400, exc.message, param=param, code=exc.code)
+    if isinstance(exc, InvalidParameterError):
+        return invalid_param(str(exc), rename.get(exc.param, exc.param))
+    if isinstance(exc, EngineDeadError):
+        return unavailable("The engine is not running.", "engine_dead", 30)
+    if isinstance(exc, RequestFailed):
+        return internal_error(f"The engine failed while running the request: {exc}")
+    return internal_error()

@@ -1,11 +1,13 @@
 """Run one HTTP request's prompts through the engine and merge their outputs.
 
 A completions request may carry several prompts; each becomes one engine request
-(with its own ``n`` choices). ``GenerationRun`` submits them all, yields their
-outputs in arrival order, enforces the request deadline, records latency metrics as
-tokens arrive, and - whatever ends the request (done, timeout, client gone, error) -
-``close()`` aborts what is still running so its KV blocks are freed at once.
-``close()`` never awaits, so it is safe in a task that is being cancelled.
+(with its own ``n`` choices). ``GenerationRun`` submits them all (synchronously: the
+engine client validates each one, so a request that can never run fails before any
+response starts), yields their outputs (deltas) in arrival order, enforces the
+request deadline, records latency metrics as tokens arrive, and - whatever ends the
+request (done, timeout, client gone, error) - ``close()`` aborts what is still running
+so its KV blocks are freed at once. ``close()`` never awaits, so it is safe in a task
+that is being cancelled.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from tokenmill.engine.outputs import RequestOutput
+from tokenmill.outputs import RequestOutput
 from tokenmill.server.metrics import RequestTiming, ServerMetrics
 
 logger = logging.getLogger("tokenmill.server")
@@ -42,10 +44,12 @@ class GenerationRun:
         priority: int,
         metrics: ServerMetrics,
         deadline: float | None = None,
+        prompt_texts: list[str | None] | None = None,
     ) -> None:
         """``deadline`` is in ``loop.time()`` seconds; None means no timeout."""
         self._engine = engine
         self._prompts = prompts
+        self._prompt_texts = prompt_texts or [None] * len(prompts)
         self._params = params
         self.engine_request_ids = engine_request_ids
         self._priority = priority
@@ -54,7 +58,7 @@ class GenerationRun:
         self._n = int(getattr(params, "n", 1) or 1)
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._errors: list[BaseException] = []
+        self._submitted = 0  # prompts handed to the engine
         self._timings = [RequestTiming() for _ in prompts]
         self._choice_tokens: dict[tuple[int, int], int] = {}
         self._finished: set[int] = set()
@@ -75,34 +79,28 @@ class GenerationRun:
     def total_cached_tokens(self) -> int:
         return sum(self.cached_tokens.values())
 
-    async def start(self) -> None:
-        """Submit every prompt; raise at once if the engine refuses one up front."""
+    def start(self) -> None:
+        """Submit every prompt; raise at once (aborting the rest) if the engine refuses one."""
         loop = asyncio.get_running_loop()
-        pairs = zip(self._prompts, self.engine_request_ids, strict=True)
-        for index, (prompt, request_id) in enumerate(pairs):
-            self._tasks.append(loop.create_task(self._produce(index, prompt, request_id)))
-        # Let the producers reach their first real wait: an engine that validates a
-        # request synchronously (too long for the KV cache, ...) has raised by then, and
-        # the error can still become a proper HTTP status instead of a stream event.
-        for _ in range(2):
-            await asyncio.sleep(0)
-        if self._errors:
-            error = self._errors[0]
-            self.close("error")
-            raise error
-
-    async def _produce(self, index: int, prompt: list[int], request_id: str) -> None:
+        pairs = zip(self._prompts, self._prompt_texts, self.engine_request_ids, strict=True)
         try:
-            stream = self._engine.generate(
-                prompt, self._params, request_id, priority=self._priority
-            )
+            for index, (prompt, text, request_id) in enumerate(pairs):
+                stream = self._engine.add_request(
+                    request_id, prompt, self._params, prompt_text=text, priority=self._priority)
+                self._submitted = index + 1
+                self._tasks.append(loop.create_task(self._produce(index, stream)))
+        except BaseException:
+            self.close("error")
+            raise
+
+    async def _produce(self, index: int, stream: Any) -> None:
+        try:
             async for output in stream:
                 self._queue.put_nowait(_Item(index, output))
             self._queue.put_nowait(_Item(index))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - handed to the consumer
-            self._errors.append(exc)
             self._queue.put_nowait(_Item(index, error=exc))
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -142,7 +140,7 @@ class GenerationRun:
         timing = self._timings[index]
         new_tokens = 0
         for choice in output.outputs:
-            count = len(choice.delta_token_ids)
+            count = len(choice.token_ids)
             if count:
                 new_tokens += count
                 key = (index, choice.index)
@@ -174,7 +172,7 @@ class GenerationRun:
         for task in self._tasks:
             if not task.done():
                 task.cancel()
-        for index, request_id in enumerate(self.engine_request_ids):
+        for index, request_id in enumerate(self.engine_request_ids[: self._submitted]):
             if index in self._finished:
                 continue
             try:

@@ -1,15 +1,15 @@
 """Request bodies of the OpenAI-compatible API and their validation.
 
-Pydantic models check types and the ranges OpenAI documents; unknown fields are
-ignored (as OpenAI does). ``parse_request`` turns any validation failure into a
-400 ``APIError`` that names the offending parameter. The models also know how to
+Pydantic models check types (strictly: ``"10"`` is not an integer, ``"yes"`` not a
+boolean) and the ranges OpenAI documents; unknown fields are ignored (as OpenAI
+does). ``parse_request`` turns any validation failure into a 400 ``APIError``
+that names the offending parameter. The models also know how to
 express themselves as ``SamplingParams`` keyword arguments, so the serving code
 never has to know which API field maps to which engine field.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,10 +19,13 @@ from tokenmill.server.errors import APIError, invalid_param
 # OpenAI documents these bounds; the engine may accept wider ones.
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16
+# OpenAI's default completion length for /v1/completions (also when null is sent).
+DEFAULT_COMPLETION_MAX_TOKENS = 16
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: no coercion of "10" to 10 or "yes" to True (an int still fills a float).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Body):
@@ -101,7 +104,7 @@ class SamplingFields(_Body):
             raise invalid_param("Stop sequences must not be empty.", "stop")
         return stops
 
-    def check_supported(self, max_n: int) -> None:
+    def check_supported(self, max_n: int, max_prompts: int = 1) -> None:
         """Reject fields we parse but cannot honour, instead of silently ignoring them."""
         if self.n > max_n:
             raise invalid_param(f"n must be at most {max_n}, got {self.n}.", "n")
@@ -164,7 +167,7 @@ class ChatCompletionRequest(SamplingFields):
             return None
         return self.top_logprobs or 0
 
-    def check_supported(self, max_n: int) -> None:
+    def check_supported(self, max_n: int, max_prompts: int = 1) -> None:
         super().check_supported(max_n)
         if self.top_logprobs and not self.logprobs:
             raise invalid_param("top_logprobs requires logprobs to be true.", "top_logprobs")
@@ -181,14 +184,15 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Any
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
+        # null means OpenAI's default here, not "to the end of the context".
+        return DEFAULT_COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
     @property
     def max_tokens_param(self) -> str:
@@ -198,8 +202,13 @@ class CompletionRequest(SamplingFields):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
-    def check_supported(self, max_n: int) -> None:
+    def check_supported(self, max_n: int, max_prompts: int = 1) -> None:
         super().check_supported(max_n)
+        count = len(self.prompts())
+        if count > max_prompts:
+            raise invalid_param(
+                f"At most {max_prompts} prompts are accepted per request, got {count}; send "
+                "them as separate requests.", "prompt")
         if self.suffix:
             raise invalid_param("suffix is not supported.", "suffix")
         if self.echo and self.logprobs is not None:
@@ -246,19 +255,6 @@ def normalize_prompt(prompt: Any) -> list[str | list[int]]:
 
 
 Body = TypeVar("Body", bound=BaseModel)
-
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    """Decode a request body that must be a JSON object."""
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise APIError(
-            400, f"The request body is not valid JSON: {exc}", code="invalid_json"
-        ) from None
-    if not isinstance(data, dict):
-        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
-    return data
 
 
 def parse_request(model_type: type[Body], data: dict[str, Any]) -> Body:

@@ -3,7 +3,8 @@
 Each client (an API key id, or the client IP when keys are off) owns two buckets that
 refill continuously at ``limit / 60`` per second up to ``limit``:
 
-* the *requests* bucket must hold one whole request to admit a request, which takes it;
+* the *requests* bucket must hold the request's engine requests (one per prompt of a
+  completions request, capped at the bucket size like tokens) and is charged them;
 * the *tokens* bucket must hold the prompt's tokens (capped at the bucket size, so one
   long prompt can still pass a full bucket) and is charged the prompt at admission and
   the completion when it ends. The completion is charged even if that leaves the
@@ -74,8 +75,10 @@ class RateLimiter(Protocol):
 
     limits: RateLimits
 
-    async def acquire(self, identity: str, prompt_tokens: int) -> RateLimitDecision:
-        """Admit (and charge) one request with this many prompt tokens, or refuse it."""
+    async def acquire(self, identity: str, prompt_tokens: int,
+                      num_requests: int = 1) -> RateLimitDecision:
+        """Admit (and charge) ``num_requests`` requests with this many prompt tokens in
+        all, or refuse them."""
         ...
 
     async def charge(self, identity: str, tokens: int) -> None:
@@ -86,13 +89,15 @@ class RateLimiter(Protocol):
 
 
 def decide(
-    limits: RateLimits, request_level: float, token_level: float, prompt_tokens: int
+    limits: RateLimits, request_level: float, token_level: float, prompt_tokens: int,
+    num_requests: int = 1,
 ) -> RateLimitDecision:
     """The admission rule, given the buckets' current (refilled) levels. Pure function."""
     rpm, tpm = limits.requests_per_minute or 0, limits.tokens_per_minute or 0
     waits: dict[str, float] = {}
-    if rpm and request_level < 1:
-        waits["requests"] = (1 - request_level) / (rpm / 60.0)
+    wanted = min(num_requests, rpm)
+    if rpm and request_level < wanted:
+        waits["requests"] = (wanted - request_level) / (rpm / 60.0)
     if tpm:
         needed = min(prompt_tokens, tpm)
         if token_level < needed:
@@ -105,7 +110,8 @@ def decide(
         )
     return RateLimitDecision(
         True, 0.0, None,
-        request_level - 1 if rpm else None, token_level - prompt_tokens if tpm else None,
+        request_level - num_requests if rpm else None,
+        token_level - prompt_tokens if tpm else None,
     )
 
 
@@ -143,13 +149,15 @@ class InMemoryRateLimiter:
             self._buckets[identity] = pair
         return pair
 
-    async def acquire(self, identity: str, prompt_tokens: int) -> RateLimitDecision:
+    async def acquire(self, identity: str, prompt_tokens: int,
+                      num_requests: int = 1) -> RateLimitDecision:
         now = self._clock()
         requests, tokens = self._buckets_for(identity, now)
-        decision = decide(self.limits, requests.refill(now), tokens.refill(now), prompt_tokens)
+        decision = decide(self.limits, requests.refill(now), tokens.refill(now), prompt_tokens,
+                          num_requests)
         if decision.allowed:
             if requests.capacity:
-                requests.level -= 1
+                requests.level -= num_requests
             if tokens.capacity:
                 tokens.level -= prompt_tokens
         self._acquisitions += 1
@@ -199,18 +207,20 @@ local function store(key, cap, level)
 end
 """
 
-# KEYS: requests bucket, tokens bucket. ARGV: rpm, tpm, prompt tokens.
+# KEYS: requests bucket, tokens bucket. ARGV: rpm, tpm, prompt tokens, requests.
 # Returns {allowed (1/0), retry_after, limited_by, requests level, tokens level}.
 _REDIS_ACQUIRE = _REDIS_COMMON + """
 local rpm = tonumber(ARGV[1])
 local tpm = tonumber(ARGV[2])
 local prompt = tonumber(ARGV[3])
+local count = tonumber(ARGV[4])
 local req = load(KEYS[1], rpm)
 local tok = load(KEYS[2], tpm)
 local retry = 0
 local limited = ''
-if rpm > 0 and req < 1 then
-  retry = (1 - req) * 60 / rpm
+local wanted = math.min(count, rpm)
+if rpm > 0 and req < wanted then
+  retry = (wanted - req) * 60 / rpm
   limited = 'requests'
 end
 if tpm > 0 then
@@ -227,7 +237,7 @@ if limited ~= '' then
   return {0, string.format('%.6f', retry), limited,
           string.format('%.6f', req), string.format('%.6f', tok)}
 end
-req = req - 1
+req = req - count
 tok = tok - prompt
 store(KEYS[1], rpm, req)
 store(KEYS[2], tpm, tok)
@@ -267,11 +277,12 @@ class RedisRateLimiter:
         """Raise if Redis cannot be reached (checked once at startup)."""
         await self._client.ping()
 
-    async def acquire(self, identity: str, prompt_tokens: int) -> RateLimitDecision:
+    async def acquire(self, identity: str, prompt_tokens: int,
+                      num_requests: int = 1) -> RateLimitDecision:
         rpm, tpm = self.limits.requests_per_minute or 0, self.limits.tokens_per_minute or 0
         try:
             allowed, retry, limited, req, tok = await self._acquire(
-                keys=self._keys(identity), args=[rpm, tpm, int(prompt_tokens)]
+                keys=self._keys(identity), args=[rpm, tpm, int(prompt_tokens), int(num_requests)]
             )
         except Exception as exc:  # noqa: BLE001 - fail open, see module docstring
             logger.warning("rate limit storage unavailable, admitting request: %s", exc)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.engine.outputs import TokenLogprob
+from tokenmill.outputs import TokenLogprob
 
 TokenText = Callable[[int], str]
 """Maps a token id to the text of that token (used for logprob entries)."""

@@ -10,8 +10,8 @@ then keeps the longest verified prefix plus one token of the target's own.
 - :mod:`~tokenmill.spec.verify`: greedy acceptance and distribution-preserving
   rejection sampling;
 - :mod:`~tokenmill.spec.policy`: which requests speculate and how far;
-- :mod:`~tokenmill.spec.speculator`: the engine-side glue (propose after a
-  step, verify the next step's drafts, count acceptances).
+- the engine-side glue (propose after a step, verify the next step's drafts,
+  count acceptances) is :mod:`tokenmill.engine.speculation`.
 """
 
 from tokenmill.spec.ngram import propose_ngram

@@ -3,7 +3,8 @@
 The draft has its own KV tensor with the *same* number of blocks and block
 size as the target's, so the target's block tables and slot mappings address
 it too: no second block manager, and prefix-cache hits, forks and preemption
-apply to both caches at once. For that to hold, the draft runs over every
+apply to both caches at once (the engine's executor applies every block copy
+to both). For that to hold, the draft runs over every
 token the target computes (prefill chunks included), in the same step.
 
 After a step, for each scheduled sequence :meth:`DraftModelProposer.propose`
@@ -22,13 +23,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tokenmill.attention.base import AttentionBackend
 from tokenmill.config import ModelConfig
-from tokenmill.engine.scheduler import ScheduledSeq, SchedulerOutput
-from tokenmill.runner.attention.base import AttentionBackend
 from tokenmill.runner.kv_cache import allocate_kv_cache, bytes_per_block
 from tokenmill.runner.model_runner import ModelRunner
 from tokenmill.sampling import SamplingBatch, SamplingParams
 from tokenmill.sampling.sampler import probability_rows
+from tokenmill.step_types import ScheduledSeq, SchedulerOutput
 
 if TYPE_CHECKING:
     from tokenmill.model.loader import LoadedModel
@@ -71,10 +72,6 @@ class DraftModelProposer:
         self.runner = runner
         self.eos_token_ids = eos_token_ids
         self.default_generator = default_generator
-
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Mirror the target's block copies (copy-on-fork) in the draft cache."""
-        self.runner.copy_blocks(copies)
 
     @torch.inference_mode()
     def propose(self, inputs: list[DraftInput]) -> dict[str, DraftProposal]:
@@ -119,7 +116,7 @@ class DraftModelProposer:
 
     def _run(self, items: list[ScheduledSeq]) -> torch.Tensor:
         out = SchedulerOutput(seqs=items, num_batched_tokens=sum(len(s.token_ids) for s in items))
-        return self.runner.execute(out)
+        return self.runner.execute(out).logits
 
     def _sample(
         self, logits: torch.Tensor, active: list[DraftInput], drafts: dict[str, list[int]]

@@ -68,11 +68,11 @@ class AttentionBackend(Protocol):
 def get_attention_backend(name: str) -> AttentionBackend:
     """Return the backend registered under ``name`` ("torch" or "triton")."""
     if name == "torch":
-        from tokenmill.runner.attention.torch_backend import TorchAttentionBackend
+        from tokenmill.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend()
     if name == "triton":
-        from tokenmill.runner.attention.triton_backend import TritonAttentionBackend
+        from tokenmill.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
     raise ValueError(f"unknown attention backend {name!r}; choose 'torch' or 'triton'")

@@ -1,16 +1,17 @@
 """Engine-side speculative decoding: propose after a step, verify the next step's drafts.
 
-The engine owns one :class:`Speculator` when speculation is on. Per step:
+The engine core owns one :class:`Speculator` when speculation is on. Per step:
 
 1. the scheduler appends each sequence's ``spec_token_ids`` to its share
    (``ScheduledSeq.num_draft_tokens`` of them fit) and asks for logits at
    every one of them;
 2. :meth:`Speculator.verify` turns those logit rows into the tokens to
    append (accepted drafts + one target token);
-3. the engine appends them one by one (stop conditions apply to each) and
-   rolls ``num_computed_tokens`` back to the accepted prefix;
+3. ``Scheduler.update`` appends them one by one (stop conditions apply to
+   each) and rolls ``num_computed_tokens`` back to the accepted prefix;
 4. :meth:`Speculator.propose` sets the next drafts of every scheduled
-   sequence (and, in draft-model mode, keeps the draft's KV in step).
+   sequence (and, in draft-model mode, keeps the draft's KV in step). KV slots
+   for the draft's own passes come from the scheduler.
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.config import SpeculativeConfig
-from tokenmill.engine.block_manager import BlockManager
-from tokenmill.engine.outputs import TokenLogprob
-from tokenmill.engine.scheduler import ScheduledSeq
+from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence
+from tokenmill.outputs import TokenLogprob
 from tokenmill.sampling import Sampler, SamplingBatch, compute_prompt_logprobs
 from tokenmill.sampling.sampler import probability_rows
 from tokenmill.spec.draft_model import DraftInput, DraftModelProposer
 from tokenmill.spec.ngram import propose_ngram
 from tokenmill.spec.policy import can_speculate, max_num_drafts
 from tokenmill.spec.verify import accept_greedy, rejection_sample
+from tokenmill.step_types import ScheduledSeq
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Speculator:
     def __init__(
         self,
         config: SpeculativeConfig,
-        block_manager: BlockManager,
+        scheduler: Scheduler,
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
         default_generator: torch.Generator | None = None,
@@ -56,7 +57,7 @@ class Speculator:
         if config.method == "draft" and draft is None:
             raise ValueError("speculative method 'draft' needs a DraftModelProposer")
         self.config = config
-        self.block_manager = block_manager
+        self.scheduler = scheduler
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.default_generator = default_generator
@@ -64,11 +65,6 @@ class Speculator:
         self.num_draft_tokens = 0  # drafts verified
         self.num_accepted_tokens = 0  # of which accepted
         self.num_verifications = 0  # sequence-steps that verified at least one draft
-
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Mirror the target's block copies in the draft's cache (draft mode)."""
-        if self.draft is not None and copies:
-            self.draft.copy_blocks(copies)
 
     # ----------------------------------------------------------------- verify
     def verify(
@@ -141,9 +137,11 @@ class Speculator:
     def propose(self, work: list[tuple[Sequence, ScheduledSeq]]) -> None:
         """Set the next drafts of the sequences scheduled this step.
 
-        Called after verification and before finished sequences free their
-        blocks, so the draft model can still write the KV of what they computed
-        (a later request may hit those blocks in the prefix cache).
+        Called after ``Scheduler.update``. Sequences that finished there have
+        freed their blocks, but nothing reuses a block before the next
+        ``schedule()``: the draft model still writes the KV of what they computed
+        into them (``item.block_table``), so a later prefix-cache hit finds the
+        draft's cache in step with the target's.
         """
         inputs: list[DraftInput] = []
         for seq, item in work:
@@ -157,13 +155,13 @@ class Speculator:
                     )
                 continue
             if k:
-                k = self._reserve_slots(seq, k)
+                k = self.scheduler.reserve_draft_slots(seq, k)
             # The draft runs over what the target computed, and over the newest
             # token when it proposes (its logits give the first draft).
             end = seq.num_tokens if k else seq.num_computed_tokens
             inputs.append(DraftInput(
                 seq_id=seq.seq_id, token_ids=seq.token_ids[item.start_pos : end],
-                start_pos=item.start_pos, block_table=self.block_manager.block_table(seq.seq_id),
+                start_pos=item.start_pos, block_table=item.block_table,
                 num_proposals=k, params=seq.params, prompt_token_ids=seq.prompt_token_ids,
                 output_token_ids=seq.output_token_ids, generator=seq.generator,
             ))
@@ -183,17 +181,6 @@ class Speculator:
             self.config.num_speculative_tokens, seq.num_tokens, seq.num_output_tokens,
             seq.params.max_tokens, self.max_model_len,
         )
-
-    def _reserve_slots(self, seq: Sequence, k: int) -> int:
-        """KV slots for the draft's own passes (positions num_tokens-1 .. +k-2).
-
-        Uses free blocks only (never preempts); with too few, proposes fewer.
-        """
-        bm = self.block_manager
-        if bm.append_slots(seq.seq_id, seq.num_tokens + k - 1) is not None:
-            return k
-        covered = len(bm.block_table(seq.seq_id)) * bm.block_size
-        return max(0, min(k, covered - seq.num_tokens + 1))
 
     # ----------------------------------------------------------------- stats
     @property

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tokenmill.attention.base import AttentionMetadata
 from tokenmill.kernels import cpu as cpu_kernels
-from tokenmill.runner.attention.base import AttentionMetadata
 
 # Longest query the native CPU kernel takes; longer prefill chunks use SDPA.
 SHORT_QUERY_LEN = 16

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from tokenmill.attention.base import AttentionMetadata
 from tokenmill.kernels.kv_write import write_kv_cache
 from tokenmill.kernels.paged_decode import choose_num_segments, paged_decode_attention
 from tokenmill.kernels.prefill_attention import prefill_attention
-from tokenmill.runner.attention.base import AttentionMetadata
 
 
 class TritonAttentionBackend:

@@ -1,0 +1,196 @@
+"""Composition root: from :class:`EngineArgs` to a running :class:`EngineCore`.
+
+Loading the weights, sizing and allocating the KV cache, and wiring the
+scheduler, executor, sampler and speculator happen here and nowhere else, so
+each part can be built from its own pieces in tests (``EngineCore`` takes them
+as arguments; a fake executor is enough to test the core without a model).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokenmill.attention.base import get_attention_backend
+from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.engine.args import EngineArgs
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.core import EngineCore
+from tokenmill.engine.executor import Executor
+from tokenmill.engine.messages import EngineInfo
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.validation import EngineLimits
+from tokenmill.runner.cuda_graphs import DEFAULT_MAX_CAPTURE_BATCH, CudaGraphConfig
+from tokenmill.runner.kv_cache import allocate_kv_cache, bytes_per_block, num_kv_blocks
+from tokenmill.runner.model_runner import ModelRunner, profile_peak_memory
+from tokenmill.sampling import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BuiltEngine:
+    """An engine core and what a front end needs beside it."""
+
+    core: EngineCore
+    info: EngineInfo
+    config: EngineConfig
+    model_config: ModelConfig
+    tokenizer: Any  # the model's Tokenizer, or None for bare dummy configs
+    model_path: str
+    gguf_file: str | None
+
+
+def build_engine(args: EngineArgs) -> BuiltEngine:
+    """Load the model and build the engine core (blocking: seconds to minutes)."""
+    from tokenmill.model.loader import load_model, resolve_model
+
+    device = args.resolved_device()
+    dtype = args.resolved_dtype(device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.num_threads or os.cpu_count() or 1)
+    backend = get_attention_backend(args.resolved_backend(device))
+
+    t0 = time.perf_counter()
+    resolved = resolve_model(args.model, args.load_format)
+    loaded = load_model(resolved, dtype=dtype, device=str(device), attn_backend=backend,
+                        quantization=args.quantization)
+    model_config = loaded.config
+    tokenizer = _tokenizer(args, resolved, getattr(loaded, "gguf_reader", None))
+    load_s = time.perf_counter() - t0
+
+    cache_cfg = args.cache_config()
+    sched_cfg = args.scheduler_config(model_config.max_position_embeddings, device)
+    config = EngineConfig(
+        model=model_config, model_path=resolved.path, cache=cache_cfg,
+        scheduler=sched_cfg, dtype=dtype, quantization=args.quantization, device=str(device),
+        load_format=resolved.format, attention_backend=backend.name, seed=args.seed,
+        num_threads=args.num_threads,
+    )
+    spec_cfg = args.speculative_config()
+    draft_loaded = None
+    if spec_cfg is not None and spec_cfg.method == "draft":
+        from tokenmill.spec.draft_model import load_draft_model
+
+        # Loaded before KV sizing so its weights count against the budget.
+        draft_loaded = load_draft_model(
+            spec_cfg.model or "", model_config, sched_cfg.max_model_len, dtype,
+            device, backend, load_format="dummy" if args.load_format == "dummy" else "auto",
+            quantization=args.speculative_quantization,
+        )
+    peak = None
+    if (device.type == "cuda" and cache_cfg.kv_cache_memory is None
+            and cache_cfg.num_gpu_blocks_override is None):
+        # Size the KV cache from what a worst-case step leaves free.
+        mc = model_config
+        peak = profile_peak_memory(
+            loaded.model, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
+            sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs,
+            cache_cfg.block_size, dtype, device,
+        )
+        torch.cuda.empty_cache()  # hand the profiling activations back to the device
+    num_blocks = num_kv_blocks(model_config, cache_cfg, dtype, device, peak)
+    if draft_loaded is not None and cache_cfg.num_gpu_blocks_override is None:
+        from tokenmill.spec.draft_model import split_kv_blocks
+
+        # The draft's cache mirrors the target's block for block: share the budget.
+        num_blocks = split_kv_blocks(num_blocks, model_config, draft_loaded.config,
+                                     cache_cfg.block_size, dtype)
+    kv = allocate_kv_cache(model_config, num_blocks, cache_cfg.block_size, dtype, device)
+    eos_token_ids = tuple(
+        tokenizer.eos_token_ids if tokenizer is not None else model_config.eos_token_ids)
+    scheduler = Scheduler(
+        sched_cfg, BlockManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching),
+        eos_token_ids,
+    )
+    graph_cfg = None
+    if device.type == "cuda" and not args.enforce_eager:
+        largest = args.max_cudagraph_batch_size or DEFAULT_MAX_CAPTURE_BATCH
+        graph_cfg = CudaGraphConfig(
+            max_batch_size=max(1, min(largest, sched_cfg.max_num_seqs)),
+            max_model_len=sched_cfg.max_model_len,
+        )
+    runner = ModelRunner(loaded.model, kv, cache_cfg.block_size, attn_backend=backend,
+                         graph_config=graph_cfg)
+    runner.capture_cuda_graphs()
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    speculator = None
+    draft_runner = None
+    if spec_cfg is not None:
+        from tokenmill.engine.speculation import Speculator
+        from tokenmill.spec.draft_model import build_draft_proposer
+
+        draft = None if draft_loaded is None else build_draft_proposer(
+            draft_loaded, num_blocks, cache_cfg.block_size, dtype, device, backend,
+            eos_token_ids, generator,
+        )
+        draft_runner = draft.runner if draft is not None else None
+        speculator = Speculator(spec_cfg, scheduler, sched_cfg.max_model_len, eos_token_ids,
+                                generator, draft)
+    limits = EngineLimits(
+        max_model_len=sched_cfg.max_model_len, vocab_size=model_config.vocab_size,
+        num_kv_blocks=num_blocks, block_size=cache_cfg.block_size,
+    )
+    core = EngineCore(scheduler, Executor(runner, draft_runner), Sampler(generator), limits,
+                      speculator)
+    info = EngineInfo(
+        model_name=model_name(resolved.path, resolved.gguf_file), limits=limits,
+        eos_token_ids=list(eos_token_ids), architecture=model_config.architecture,
+        pid=os.getpid(),
+    )
+    capacity = num_blocks * cache_cfg.block_size
+    kv_mib = num_blocks * bytes_per_block(model_config, cache_cfg.block_size, dtype) / 2**20
+    logger.info(
+        "loaded %s (%s, %s) in %.1fs on %s; KV cache: %d blocks x %d tokens = %d tokens "
+        "(%.0f MiB); max concurrency at full context (%d tokens): %.2f",
+        model_config.architecture, resolved.format, str(dtype).replace("torch.", ""),
+        load_s, device, num_blocks, cache_cfg.block_size, capacity, kv_mib,
+        sched_cfg.max_model_len, capacity / sched_cfg.max_model_len,
+    )
+    return BuiltEngine(core, info, config, model_config, tokenizer, resolved.path,
+                       resolved.gguf_file)
+
+
+def load_tokenizer(args: EngineArgs) -> Any:
+    """The tokenizer of the model ``args`` name, without loading the model.
+
+    Used by the API server process, which needs text <-> tokens but no weights.
+    """
+    from tokenmill.model.loader import resolve_model
+
+    return _tokenizer(args, resolve_model(args.model, args.load_format), None)
+
+
+def _tokenizer(args: EngineArgs, resolved: Any, gguf_reader: Any) -> Any:
+    """The model's tokenizer (GGUF metadata or HF files), or None for bare dummy configs."""
+    from tokenmill.tokenizer import Tokenizer
+
+    if args.tokenizer is not None:
+        return Tokenizer.from_path(args.tokenizer)
+    if gguf_reader is not None:
+        return Tokenizer.from_gguf_reader(gguf_reader)
+    if resolved.gguf_file:
+        return Tokenizer.from_gguf_file(resolved.gguf_file)
+    if os.path.isfile(os.path.join(resolved.path, "tokenizer.json")):
+        return Tokenizer.from_hf_dir(resolved.path)
+    logger.warning("no tokenizer found for %s: only token-id prompts are accepted",
+                   resolved.path)
+    return None
+
+
+def model_name(path: str, gguf_file: str | None) -> str:
+    """A short model id: the directory name, or the GGUF file name without quantization."""
+    if gguf_file:
+        name = os.path.basename(gguf_file)
+        name = name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+        stem, dot, suffix = name.rpartition(".")
+        # "SmolLM2-135M-Instruct.Q4_1" -> "SmolLM2-135M-Instruct"
+        if dot and suffix.upper().startswith(("Q", "F16", "F32", "BF16", "IQ")):
+            name = stem
+        return name
+    return os.path.basename(os.path.normpath(path))

@@ -1,0 +1,369 @@
+"""The engine core: one step is schedule -> execute -> sample -> ``Scheduler.update``.
+
+The core knows token ids only: requests arrive tokenized and validated
+(:class:`~tokenmill.engine.messages.EngineCoreRequest`), and each step returns
+per-request deltas (:class:`~tokenmill.engine.messages.EngineCoreOutput`: new
+token ids and logprobs, finish reasons). Text, stop strings and stream
+cursors belong to the output processor on the front end's side, so the same
+core serves the offline API in-process and the HTTP server from its own
+process.
+
+State has one owner each: the scheduler owns queues, progress and (through
+the block manager) KV blocks; the executor owns the model runners and caches;
+the core owns the request registry (which samples belong to which request)
+and the step's sampling.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.engine.errors import RequestRejected
+from tokenmill.engine.executor import Executor
+from tokenmill.engine.messages import EngineCoreOutput, EngineCoreRequest, SeqDelta
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sequence import Sequence
+from tokenmill.engine.speculation import Speculator
+from tokenmill.engine.validation import EngineLimits, validate_request
+from tokenmill.outputs import EngineStats, TokenLogprob
+from tokenmill.sampling import Sampler, SamplingBatch, SamplingParams
+from tokenmill.sampling.sampler import compute_prompt_logprobs
+from tokenmill.step_types import ModelOutput, SampledTokens, ScheduledSeq, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+_NO_HISTORY: list[int] = []  # shared empty token history for rows that need none
+
+
+@dataclass(eq=False)
+class _CoreRequest:
+    """A request's samples and request-level progress, as the core tracks them."""
+
+    request_id: str
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float
+    # Prompt logprob entries sent so far (entry 0, for the first token, is None);
+    # None when the request did not ask for prompt logprobs.
+    prompt_logprobs_sent: int | None = None
+    forked: bool = False
+    scheduled_time: float | None = None  # when a step first scheduled it
+    scheduled_time_sent: bool = False
+    first_token_sent: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs) and (self.forked or self.params.n == 1)
+
+
+class EngineCore:
+    """Continuous batching over a paged KV cache, on token ids."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        executor: Executor,
+        sampler: Sampler,
+        limits: EngineLimits,
+        speculator: Speculator | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.executor = executor
+        self.sampler = sampler
+        self.limits = limits
+        self.speculator = speculator
+        self.device = executor.device
+        self._requests: dict[str, _CoreRequest] = {}
+        self._seqs: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        self._started: list[str] = []
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._steps = 0
+
+    # ------------------------------------------------------------- accessors
+    @property
+    def block_manager(self):  # noqa: ANN201 - the scheduler's; exposed for tests and stats
+        return self.scheduler.block_manager
+
+    @property
+    def runner(self):  # noqa: ANN201 - the target model's runner
+        return self.executor.runner
+
+    @property
+    def max_model_len(self) -> int:
+        return self.limits.max_model_len
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # -------------------------------------------------------------- requests
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue a request. Raises :class:`RequestRejected` if it can never be served."""
+        rid = request.request_id
+        if rid in self._requests:
+            raise RequestRejected(f"request id {rid!r} is already in use", code="duplicate_id")
+        token_ids = list(request.prompt_token_ids)
+        params = validate_request(self.limits, token_ids, request.params)
+        order = next(self._arrivals)
+        seq = self._new_sequence(rid, 0, token_ids, params, request.arrival_time, order,
+                                 request.priority)
+        req = _CoreRequest(
+            request_id=rid, params=params, seqs=[seq], arrival_time=request.arrival_time,
+            prompt_logprobs_sent=0 if params.prompt_logprobs is not None else None,
+        )
+        self._requests[rid] = req
+        self._seqs[seq.seq_id] = seq
+        self.scheduler.add(seq)
+
+    def _new_sequence(
+        self, request_id: str, index: int, token_ids: list[int], params: SamplingParams,
+        arrival: float, order: int, priority: int,
+    ) -> Sequence:
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed((params.seed * 1_000_003 + index) & 0x7FFF_FFFF_FFFF_FFFF)
+        return Sequence(
+            seq_id=f"{request_id}#{index}", request_id=request_id, index=index,
+            token_ids=list(token_ids), num_prompt_tokens=len(token_ids), params=params,
+            arrival_time=arrival, arrival_order=order, priority=priority, generator=generator,
+        )
+
+    def abort_request(self, request_id: str, index: int | None = None) -> bool:
+        """Stop a request (or one sample of it) wherever it is; frees its blocks.
+
+        Unknown ids are ignored (the request may have finished meanwhile).
+        """
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if index is not None and seq.index != index:
+                continue
+            if not seq.is_finished:
+                self.scheduler.abort(seq)
+            self._seqs.pop(seq.seq_id, None)
+        if index is None or req.finished:
+            self._drop(req)
+        return True
+
+    def _drop(self, req: _CoreRequest) -> None:
+        self._requests.pop(req.request_id, None)
+        for seq in req.seqs:
+            self._seqs.pop(seq.seq_id, None)
+
+    def fail_all(self, error: str) -> list[EngineCoreOutput]:
+        """Abort every request in flight and say why (after a step raised)."""
+        outputs = []
+        for req in list(self._requests.values()):
+            self.abort_request(req.request_id)
+            outputs.append(EngineCoreOutput(req.request_id, finished=True, error=error))
+        return outputs
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[EngineCoreOutput]:
+        """Schedule and run one step; return the deltas of the requests it touched."""
+        return self.execute(self.schedule())
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan the next step (requests scheduled for the first time become "started")."""
+        sched = self.scheduler.schedule()
+        for item in sched.seqs:
+            req = self._requests[self._seqs[item.seq_id].request_id]
+            if req.scheduled_time is None:
+                req.scheduled_time = time.time()
+                self._started.append(req.request_id)
+        return sched
+
+    def pop_started(self) -> list[str]:
+        """Requests first scheduled since the last call."""
+        started, self._started = self._started, []
+        return started
+
+    def execute(self, sched: SchedulerOutput) -> list[EngineCoreOutput]:
+        """Run a planned step: forward, sample/verify, update, propose drafts."""
+        model_out = self.executor.execute(sched)
+        if sched.is_empty:
+            return []
+        self._steps += 1
+        now = time.time()
+        outputs: dict[str, EngineCoreOutput] = {}
+        for item in sched.seqs:
+            rid = self._seqs[item.seq_id].request_id
+            if rid not in outputs:
+                outputs[rid] = EngineCoreOutput(rid)
+                req = self._requests[rid]
+                if req.prompt_logprobs_sent == 0:
+                    outputs[rid].prompt_logprobs = [None]  # the first prompt token has none
+                    req.prompt_logprobs_sent = 1
+        sampled, logprobs, forks = self._sample_and_verify(sched, model_out, outputs)
+        work = [(self._seqs[item.seq_id], item) for item in sched.seqs]
+        update = self.scheduler.update(sched, sampled, forks)
+        if self.speculator is not None:
+            self.speculator.propose(work)
+        return self._collect(outputs, update.num_appended, logprobs, now)
+
+    def _sample_and_verify(
+        self, sched: SchedulerOutput, model_out: ModelOutput, outputs: dict[str, EngineCoreOutput],
+    ) -> tuple[dict[str, SampledTokens], dict[str, list[TokenLogprob | None]],
+               list[tuple[Sequence, Sequence]]]:
+        logits = model_out.logits
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        forks: list[tuple[Sequence, Sequence]] = []
+        spec: list[tuple[Sequence, ScheduledSeq, range]] = []
+        for item, rows in zip(sched.seqs, model_out.rows):
+            seq = self._seqs[item.seq_id]
+            req = self._requests[seq.request_id]
+            if (req.prompt_logprobs_sent is not None and rows and seq.index == 0
+                    and seq.num_output_tokens == 0):
+                first_pos = item.start_pos + len(item.token_ids) - item.num_logits
+                entries = self._prompt_logprobs(req, seq, first_pos, logits[rows.start:rows.stop])
+                if entries:
+                    out = outputs[req.request_id]
+                    out.prompt_logprobs = (out.prompt_logprobs or []) + entries
+            if item.num_draft_tokens:
+                spec.append((seq, item, rows))
+                continue
+            if not rows or item.start_pos + len(item.token_ids) != seq.num_tokens:
+                continue  # a mid-prompt chunk
+            sample_rows.append(rows.stop - 1)
+            sample_seqs.append(seq)
+            if req.params.n > 1 and not req.forked:
+                # n > 1: siblings start from this prompt and sample from the same logits.
+                req.forked = True
+                for i in range(1, req.params.n):
+                    child = self._new_sequence(
+                        req.request_id, i, seq.token_ids, seq.params, seq.arrival_time,
+                        seq.arrival_order, seq.priority)
+                    req.seqs.append(child)
+                    self._seqs[child.seq_id] = child
+                    forks.append((seq, child))
+                    sample_rows.append(rows.stop - 1)
+                    sample_seqs.append(child)
+
+        sampled: dict[str, SampledTokens] = {}
+        logprobs: dict[str, list[TokenLogprob | None]] = {}
+        if sample_seqs:
+            history = [_reads_history(s.params) for s in sample_seqs]
+            batch = SamplingBatch(
+                params=[s.params for s in sample_seqs],
+                prompt_token_ids=[s.prompt_token_ids if h else _NO_HISTORY
+                                  for s, h in zip(sample_seqs, history)],
+                output_token_ids=[s.output_token_ids if h else _NO_HISTORY
+                                  for s, h in zip(sample_seqs, history)],
+                generators=[s.generator for s in sample_seqs],
+                eos_token_ids=tuple(self.scheduler.eos_token_ids),
+            )
+            result = self.sampler(logits[sample_rows], batch)
+            for seq, token, lp in zip(sample_seqs, result.token_ids, result.logprobs):
+                sampled[seq.seq_id] = SampledTokens([token])
+                logprobs[seq.seq_id] = [lp]
+        if spec:
+            assert self.speculator is not None
+            verified = self.speculator.verify(
+                [seq for seq, _, _ in spec],
+                [item.num_draft_tokens for _, item, _ in spec],
+                [logits[rows.start:rows.stop] for _, _, rows in spec],
+                self.sampler,
+            )
+            for (seq, _, _), v in zip(spec, verified):
+                sampled[seq.seq_id] = SampledTokens(v.token_ids, v.num_accepted)
+                logprobs[seq.seq_id] = list(v.logprobs)
+        return sampled, logprobs, forks
+
+    def _prompt_logprobs(
+        self, req: _CoreRequest, seq: Sequence, first_pos: int, rows: torch.Tensor
+    ) -> list[TokenLogprob | None]:
+        """Entries for the prompt positions these rows predict that were not sent yet.
+
+        Row j holds the logits at position first_pos + j, predicting token
+        first_pos + j + 1. Rows already covered (recompute after preemption)
+        are skipped.
+        """
+        assert req.prompt_logprobs_sent is not None
+        done = req.prompt_logprobs_sent  # next prompt position without an entry
+        skip = max(0, done - 1 - first_pos)
+        end = min(first_pos + rows.shape[0], seq.num_prompt_tokens - 1)  # last predicting row
+        if first_pos + skip >= end or first_pos + skip + 1 != done:
+            return []
+        targets = seq.token_ids[first_pos + skip + 1 : end + 1]
+        entries = compute_prompt_logprobs(rows[skip : skip + len(targets)], targets,
+                                          req.params.prompt_logprobs or 0)
+        req.prompt_logprobs_sent += len(entries)
+        return list(entries)
+
+    def _collect(
+        self, outputs: dict[str, EngineCoreOutput], num_appended: dict[str, int],
+        logprobs: dict[str, list[TokenLogprob | None]], now: float,
+    ) -> list[EngineCoreOutput]:
+        """Fill each touched request's delta from what the update appended."""
+        for rid, out in outputs.items():
+            req = self._requests[rid]
+            if not req.scheduled_time_sent:
+                req.scheduled_time_sent = True
+                out.scheduled_time = req.scheduled_time
+            for seq in req.seqs:
+                appended = num_appended.get(seq.seq_id, 0)
+                if not appended:
+                    continue  # tokens are only ever appended (or a sample finished) together
+                lps = logprobs.get(seq.seq_id) if seq.params.logprobs is not None else None
+                out.seqs.append(SeqDelta(
+                    index=seq.index,
+                    new_token_ids=seq.token_ids[len(seq.token_ids) - appended:],
+                    new_logprobs=list(lps[:appended]) if lps is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                ))
+                self._generation_tokens_total += appended
+            if out.seqs and not req.first_token_sent:
+                req.first_token_sent = True
+                out.first_token_time = now
+                self._prompt_tokens_total += req.seqs[0].num_prompt_tokens
+            out.num_cached_tokens = req.seqs[0].num_cached_tokens
+            if req.finished:
+                out.finished = True
+                out.num_preemptions = sum(s.num_preemptions for s in req.seqs)
+                self._drop(req)
+        return list(outputs.values())
+
+    # ----------------------------------------------------------------- stats
+    def stats(self) -> EngineStats:
+        bm = self.scheduler.block_manager
+        spec = self.speculator
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage,
+            num_total_blocks=bm.num_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            steps_total=self._steps,
+            spec_draft_tokens_total=spec.num_draft_tokens if spec else 0,
+            spec_accepted_tokens_total=spec.num_accepted_tokens if spec else 0,
+            spec_verifications_total=spec.num_verifications if spec else 0,
+        )
+
+
+def _reads_history(p: SamplingParams) -> bool:
+    """Whether the sampler reads a row's token history (penalties, ``min_tokens``).
+
+    Other rows get an empty history, so a step does not copy every sequence's
+    tokens (O(length) each) for nothing.
+    """
+    return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
+            or p.presence_penalty != 0.0 or p.min_tokens > 0)

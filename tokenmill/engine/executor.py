@@ -1,0 +1,37 @@
+"""Runs each step's model work on the engine's KV caches.
+
+The executor owns the model runners: the target's and, with a draft model, the
+draft's (whose cache mirrors the target's block for block). Block copies
+(copy-on-write for ``n > 1`` forks) are applied here, to every cache, before
+the step's forward pass - the one place they are applied.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.runner.model_runner import ModelRunner
+from tokenmill.step_types import ModelOutput, SchedulerOutput
+
+
+class Executor:
+    """Single-process executor: the model runs in the engine core's own process."""
+
+    def __init__(self, runner: ModelRunner, draft_runner: ModelRunner | None = None) -> None:
+        self.runner = runner
+        self.draft_runner = draft_runner
+
+    @property
+    def runners(self) -> list[ModelRunner]:
+        return [r for r in (self.runner, self.draft_runner) if r is not None]
+
+    def execute(self, out: SchedulerOutput) -> ModelOutput:
+        """Apply the step's block copies to every cache, then run the target model."""
+        if out.block_copies:
+            for runner in self.runners:
+                runner.copy_blocks(out.block_copies)
+        return self.runner.execute(out)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
