@@ -112,3 +112,60 @@ def test_model_that_cannot_load_exits_1(tmp_path):
         assert "failed to load the engine" in log and "missing.gguf" in log
     finally:
         server.cleanup()
+
+
+def _engine_core_pid(server: ServerProcess) -> int:
+    """The engine core process: the server's child named in its log."""
+    for line in server.log_text().splitlines():
+        if "engine core process started (pid" in line:
+            return int(line.rsplit("pid ", 1)[1].rstrip(")"))
+    raise AssertionError("no engine core pid in the log")
+
+
+def test_engine_process_death_fails_requests_and_exits_nonzero():
+    """Kill -9 the engine core: /health turns 503 within a second, the stream in flight
+    ends with an error event, and the server exits non-zero for its supervisor."""
+    import os
+
+    server = ServerProcess(ARGS)
+    try:
+        server.wait_ready()
+        stream = StreamReader(server.url, 400)
+        stream.start()
+        assert stream.started.wait(600)
+        os.kill(_engine_core_pid(server), signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: server.health_status() in (503, None), timeout=30)
+        assert time.monotonic() - killed < 5  # generous: the goal is well under a second
+        stream.join(60)
+        events = stream.events()
+        assert events[-1]["error"]["code"] == "engine_dead"
+        assert stream.lines[-1] == "data: [DONE]"
+        assert server.wait_exit(60) == 1
+        assert "engine core process died" in server.log_text()
+    finally:
+        server.cleanup()
+
+
+def test_a_10mb_body_is_refused_while_health_keeps_answering():
+    server = ServerProcess(ARGS)
+    try:
+        server.wait_ready()
+        body = json.dumps({"prompt": "word " * 2_000_000}).encode()
+        result: dict[str, int] = {}
+
+        def send() -> None:
+            result["status"] = httpx.post(server.url + "/v1/completions", content=body,
+                                          headers={"content-type": "application/json"},
+                                          timeout=120).status_code
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        statuses = []
+        while sender.is_alive():
+            statuses.append(server.health_status())
+        sender.join()
+        assert result["status"] == 413
+        assert statuses and set(statuses) == {200}
+    finally:
+        server.cleanup()

@@ -15,7 +15,7 @@ from tokenmill.plan.inputs import DEFAULT_BLOCK_SIZE, build_inputs
 from tokenmill.plan.plot import plot_roofline
 from tokenmill.plan.report import format_plan, format_table, make_plan, plan_to_dict
 from tokenmill.plan.sources import load_model_source
-from tokenmill.plan.weights import KV_DTYPE_BYTES, WEIGHT_DTYPE_BYTES
+from tokenmill.plan.weights import KV_DTYPE_BYTES, WEIGHT_DTYPE_BYTES, normalize_dtype
 
 DEFAULT_GPU = "H100-SXM"
 DEFAULT_PROMPT_LENS = (512, 2048)
@@ -39,6 +39,18 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _dtype_arg(table: dict[str, float], what: str):  # noqa: ANN202 - an argparse type
+    """Accept every spelling `tokenmill serve --dtype` accepts (float16, fp16, half...)."""
+
+    def parse(value: str) -> str:
+        try:
+            return normalize_dtype(value, table, what)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def _configure(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and hardware")
     model.add_argument("--model", help="HF model directory, config.json, GGUF file, or a "
@@ -47,10 +59,12 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--gpu-memory-gb", type=float, help="custom GPU memory in GiB")
     model.add_argument("--gpu-bandwidth-tbs", type=float, help="custom memory bandwidth, TB/s")
     model.add_argument("--gpu-tflops", type=float, help="custom dense 16-bit TFLOP/s")
-    model.add_argument("--dtype", choices=sorted(WEIGHT_DTYPE_BYTES),
-                       help="weight dtype (default: bf16; a GGUF's own tensor sizes)")
-    model.add_argument("--kv-dtype", choices=sorted(KV_DTYPE_BYTES),
-                       help="KV-cache dtype (default: --dtype if it is one of these, else fp16)")
+    model.add_argument("--dtype", type=_dtype_arg(WEIGHT_DTYPE_BYTES, "weight"),
+                       help="weight dtype: fp32|float32, bf16|bfloat16, fp16|float16|half, "
+                            "int8, int4 (default: bf16; a GGUF's own tensor sizes)")
+    model.add_argument("--kv-dtype", type=_dtype_arg(KV_DTYPE_BYTES, "KV"),
+                       help="KV-cache dtype: fp32, bf16, fp16, fp8, int8 (any spelling above; "
+                            "default: --dtype if it is one of these, else fp16)")
     model.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (default 1)")
 
     memory = parser.add_argument_group("memory")

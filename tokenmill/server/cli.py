@@ -193,13 +193,9 @@ class _DrainingServer(uvicorn.Server):
         self.force_exit = True
 
 
-def run_server(config: ServerConfig, engine_factory: Any = None) -> int:
-    """Run until drained after a signal; return the process exit status."""
-    from tokenmill.server.app import build_app
-
-    app = build_app(config, engine_factory)
-    host: EngineHost = app.state.host
-    uv_config = uvicorn.Config(
+def uvicorn_config(app: Any, config: ServerConfig) -> uvicorn.Config:
+    """uvicorn's settings for ``app`` under ``config`` (header deadline, trusted proxies)."""
+    return uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
@@ -213,7 +209,15 @@ def run_server(config: ServerConfig, engine_factory: Any = None) -> int:
         proxy_headers=bool(config.forwarded_allow_ips),
         forwarded_allow_ips=list(config.forwarded_allow_ips) or None,
     )
-    server = _DrainingServer(uv_config, host, config.shutdown_timeout)
+
+
+def run_server(config: ServerConfig, engine_factory: Any = None) -> int:
+    """Run until drained after a signal; return the process exit status."""
+    from tokenmill.server.app import build_app
+
+    app = build_app(config, engine_factory)
+    host: EngineHost = app.state.host
+    server = _DrainingServer(uvicorn_config(app, config), host, config.shutdown_timeout)
 
     def on_fatal() -> None:
         server.should_exit = True
