@@ -64,6 +64,7 @@ class Tally:
     cut: list[str] = field(default_factory=list)
     deliberate_cuts: int = 0
     seeded: dict[tuple[str, int, int], set[str]] = field(default_factory=dict)
+    uninterrupted: int = 0
     health: list[float] = field(default_factory=list)
     health_failures: int = 0
 
@@ -127,6 +128,7 @@ async def streaming_client(url: str, key: str, args: argparse.Namespace, tally: 
             if not done or finished is None:
                 tally.cut.append("stream ended without [DONE] and a finish_reason")
                 continue
+            tally.uninterrupted += 1
             tally.seeded.setdefault((prompt, seed if seed is not None else -1,
                                      args.max_tokens), set()).add("".join(text))
 
@@ -399,9 +401,10 @@ def main() -> int:
           f"engine flags {engine_flags or 'default'}")
     print("requests by status: " + ", ".join(f"{k}: {v}" for k, v in sorted(
         tally.statuses.items())))
-    print(f"deliberate disconnects: {tally.deliberate_cuts}; seeded/greedy requests compared "
-          f"alone: {sum(len(v) for v in tally.seeded.values())} outputs of "
-          f"{len(tally.seeded)} distinct requests")
+    print(f"deliberate disconnects: {tally.deliberate_cuts}; {tally.uninterrupted} "
+          f"uninterrupted streams of {len(tally.seeded)} distinct (prompt, seed) requests, "
+          f"{sum(len(v) for v in tally.seeded.values())} distinct texts, each compared with "
+          "the same request run alone")
     goals = [
         ("5xx caused by bad input", len(tally.bad_input_5xx), tally.bad_input_5xx),
         ("bad input answered with an unexpected status", len(tally.bad_input_unexpected),

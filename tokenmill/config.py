@@ -254,6 +254,40 @@ class SchedulerConfig:
             )
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism: ``tensor_parallel_size`` ranks over ``nnodes`` machines."""
+
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # HOST:PORT of node 0's TCP store
+    timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        tp, nodes = self.tensor_parallel_size, self.nnodes
+        if tp < 1 or nodes < 1:
+            raise ValueError("tensor_parallel_size and nnodes must be >= 1")
+        if tp % nodes:
+            raise ValueError(f"tensor_parallel_size {tp} must be a multiple of nnodes {nodes} "
+                             "(each node runs the same number of ranks)")
+        if not 0 <= self.node_rank < nodes:
+            raise ValueError(f"node_rank must be in [0, {nodes}), got {self.node_rank}")
+        if nodes > 1 and not self.dist_init_addr:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
+        if self.timeout_s <= 0:
+            raise ValueError("distributed_timeout must be positive")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
+
+    def node_ranks(self, node: int | None = None) -> range:
+        """Global ranks that run on ``node`` (default: this node)."""
+        node = self.node_rank if node is None else node
+        return range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node)
+
+
 SPECULATIVE_METHODS = ("ngram", "draft")
 
 
@@ -306,6 +340,7 @@ class EngineConfig:
     attention_backend: str = "torch"
     seed: int = 0
     num_threads: int | None = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -11,6 +11,7 @@ import torch
 
 from tokenmill.config import (
     CacheConfig,
+    ParallelConfig,
     SchedulerConfig,
     SpeculativeConfig,
     parse_dtype,
@@ -52,6 +53,12 @@ class EngineArgs:
     ngram_prompt_lookup_min: int = 1
     speculative_model: str | None = None  # draft model path (same vocabulary)
     speculative_quantization: str | None = None  # the draft's weight quantization
+    # Tensor parallelism: the model is split over this many ranks (processes).
+    tensor_parallel_size: int = 1
+    nnodes: int = 1  # machines the ranks are spread over (tensor_parallel_size / nnodes each)
+    node_rank: int = 0  # this machine's index; node 0 runs the engine core (and server)
+    dist_init_addr: str | None = None  # HOST:PORT of node 0's rendezvous (TCP store)
+    distributed_timeout: float = 60.0  # seconds before a collective gives up on a rank
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -102,6 +109,13 @@ class EngineArgs:
             max_model_len=max_len,
             policy=self.scheduling_policy,  # type: ignore[arg-type]
             enable_chunked_prefill=self.enable_chunked_prefill,
+        )
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size, nnodes=self.nnodes,
+            node_rank=self.node_rank, dist_init_addr=self.dist_init_addr,
+            timeout_s=self.distributed_timeout,
         )
 
     def speculative_config(self) -> SpeculativeConfig | None:
@@ -189,3 +203,18 @@ class EngineArgs:
                             "must share the target's vocabulary)")
         s.add_argument("--speculative-quantization", default=None, choices=["int4", "int8"],
                        help="weight quantization of the draft model (default: none)")
+        p = parser.add_argument_group("tensor parallelism (see docs/parallelism.md)")
+        p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                       help="split the model over this many ranks, one process each "
+                            "(gloo on CPU, NCCL on GPUs; default 1)")
+        p.add_argument("--nnodes", type=int, default=1,
+                       help="machines the ranks run on (default 1); run the same command on "
+                            "each with its --node-rank")
+        p.add_argument("--node-rank", type=int, default=0,
+                       help="this machine's index; node 0 runs the engine core and server")
+        p.add_argument("--dist-init-addr", default=None,
+                       help="HOST:PORT where node 0 listens for the other ranks (required "
+                            "with --nnodes > 1; default: a free port on 127.0.0.1)")
+        p.add_argument("--distributed-timeout", type=float, default=60.0,
+                       help="seconds a collective waits for a rank before the engine gives "
+                            "up on it and exits (default 60)")

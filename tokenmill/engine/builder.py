@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tokenmill.attention.base import get_attention_backend
-from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenmill.distributed import TPGroup
 from tokenmill.engine.args import EngineArgs
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.core import EngineCore
@@ -46,70 +48,75 @@ class BuiltEngine:
     gguf_file: str | None
 
 
-def build_engine(args: EngineArgs) -> BuiltEngine:
-    """Load the model and build the engine core (blocking: seconds to minutes)."""
+@dataclass
+class RankModel:
+    """One rank's model shard, KV cache and runner (every rank builds one alike)."""
+
+    runner: ModelRunner
+    loaded: Any  # LoadedModel
+    resolved: Any  # ResolvedModel
+    num_blocks: int
+    cache_cfg: CacheConfig
+    sched_cfg: SchedulerConfig
+    dtype: torch.dtype
+    backend: Any
+    load_s: float
+    draft: Any = None  # rank 0's draft model (LoadedModel), when one is configured
+
+
+DraftLoader = Callable[[ModelConfig, SchedulerConfig], Any]
+
+
+def build_rank_model(
+    args: EngineArgs, tp: TPGroup, device: torch.device,
+    draft_loader: DraftLoader | None = None,
+) -> RankModel:
+    """Load this rank's shard, size the KV cache, allocate it, wrap both in a runner.
+
+    Every rank runs this in the same order: sizing (and GPU profiling) use
+    collectives, and every rank must end up with the same number of blocks.
+    ``draft_loader(target_config, scheduler_config)`` (rank 0 with a draft
+    model) loads the draft before the KV budget is computed, so its weights
+    and cache count against it.
+    """
     from tokenmill.model.loader import load_model, resolve_model
 
-    device = args.resolved_device()
     dtype = args.resolved_dtype(device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.num_threads or os.cpu_count() or 1)
     backend = get_attention_backend(args.resolved_backend(device))
-
     t0 = time.perf_counter()
     resolved = resolve_model(args.model, args.load_format)
     loaded = load_model(resolved, dtype=dtype, device=str(device), attn_backend=backend,
-                        quantization=args.quantization)
-    model_config = loaded.config
-    tokenizer = _tokenizer(args, resolved, getattr(loaded, "gguf_reader", None))
+                        quantization=args.quantization, tp=tp)
     load_s = time.perf_counter() - t0
-
+    model_config = loaded.config
+    kv_heads = loaded.model.shard.num_kv_heads
     cache_cfg = args.cache_config()
     sched_cfg = args.scheduler_config(model_config.max_position_embeddings, device)
-    config = EngineConfig(
-        model=model_config, model_path=resolved.path, cache=cache_cfg,
-        scheduler=sched_cfg, dtype=dtype, quantization=args.quantization, device=str(device),
-        load_format=resolved.format, attention_backend=backend.name, seed=args.seed,
-        num_threads=args.num_threads,
-    )
-    spec_cfg = args.speculative_config()
-    draft_loaded = None
-    if spec_cfg is not None and spec_cfg.method == "draft":
-        from tokenmill.spec.draft_model import load_draft_model
-
-        # Loaded before KV sizing so its weights count against the budget.
-        draft_loaded = load_draft_model(
-            spec_cfg.model or "", model_config, sched_cfg.max_model_len, dtype,
-            device, backend, load_format="dummy" if args.load_format == "dummy" else "auto",
-            quantization=args.speculative_quantization,
-        )
+    draft = draft_loader(model_config, sched_cfg) if draft_loader is not None else None
     peak = None
     if (device.type == "cuda" and cache_cfg.kv_cache_memory is None
             and cache_cfg.num_gpu_blocks_override is None):
         # Size the KV cache from what a worst-case step leaves free.
         mc = model_config
         peak = profile_peak_memory(
-            loaded.model, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
+            loaded.model, mc.num_hidden_layers, kv_heads, mc.head_dim,
             sched_cfg.max_num_batched_tokens, sched_cfg.max_num_seqs,
             cache_cfg.block_size, dtype, device,
         )
         torch.cuda.empty_cache()  # hand the profiling activations back to the device
-    num_blocks = num_kv_blocks(model_config, cache_cfg, dtype, device, peak)
-    if draft_loaded is not None and cache_cfg.num_gpu_blocks_override is None:
+    num_blocks = num_kv_blocks(model_config, cache_cfg, dtype, device, peak, kv_heads)
+    if draft is not None and cache_cfg.num_gpu_blocks_override is None:
         from tokenmill.spec.draft_model import split_kv_blocks
 
         # The draft's cache mirrors the target's block for block: share the budget.
-        num_blocks = split_kv_blocks(num_blocks, model_config, draft_loaded.config,
+        num_blocks = split_kv_blocks(num_blocks, model_config, draft.config,
                                      cache_cfg.block_size, dtype)
-    kv = allocate_kv_cache(model_config, num_blocks, cache_cfg.block_size, dtype, device)
-    eos_token_ids = tuple(
-        tokenizer.eos_token_ids if tokenizer is not None else model_config.eos_token_ids)
-    scheduler = Scheduler(
-        sched_cfg, BlockManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching),
-        eos_token_ids,
-    )
+    num_blocks = tp.min_int(num_blocks)  # every rank holds the same blocks
+    kv = allocate_kv_cache(model_config, num_blocks, cache_cfg.block_size, dtype, device,
+                           kv_heads)
     graph_cfg = None
-    if device.type == "cuda" and not args.enforce_eager:
+    if device.type == "cuda" and not args.enforce_eager and not tp.sharded:
+        # Decode graphs are captured on single-rank engines only (collectives run eagerly).
         largest = args.max_cudagraph_batch_size or DEFAULT_MAX_CAPTURE_BATCH
         graph_cfg = CudaGraphConfig(
             max_batch_size=max(1, min(largest, sched_cfg.max_num_seqs)),
@@ -118,38 +125,125 @@ def build_engine(args: EngineArgs) -> BuiltEngine:
     runner = ModelRunner(loaded.model, kv, cache_cfg.block_size, attn_backend=backend,
                          graph_config=graph_cfg)
     runner.capture_cuda_graphs()
+    return RankModel(runner, loaded, resolved, num_blocks, cache_cfg, sched_cfg, dtype,
+                     backend, load_s, draft)
+
+
+def build_engine(args: EngineArgs, log_level: str = "info") -> BuiltEngine:
+    """Load the model and build the engine core (blocking: seconds to minutes).
+
+    With ``tensor_parallel_size > 1`` this process becomes rank 0: it starts the
+    other ranks of this node (worker processes), joins the group and, per step,
+    publishes the scheduler's output to them; the scheduler, block manager,
+    sampler and speculator run here only.
+    """
+    from tokenmill.engine.tensor_parallel import rank_device, rank_threads
+
+    pc = args.parallel_config()
+    launch = None
+    group = TPGroup()
+    if pc.tensor_parallel_size > 1:
+        from tokenmill.engine.tensor_parallel import launch_rank0
+
+        launch, args = launch_rank0(args, log_level)
+        group = launch.group
+    try:
+        device = rank_device(args, 0, pc)
+        if device.type == "cpu":
+            torch.set_num_threads(rank_threads(args, pc))
+        spec_cfg = args.speculative_config()
+        draft_loader = None
+        if spec_cfg is not None and spec_cfg.method == "draft":
+            draft_loader = _draft_loader(args, spec_cfg.model or "", device)
+        rank = build_rank_model(args, group, device, draft_loader)
+        if launch is not None:
+            from tokenmill.engine.tensor_parallel import open_step_channel
+
+            open_step_channel(launch, (args.dist_init_addr or "").rpartition(":")[0])
+        return _assemble(args, rank, device, launch)
+    except BaseException:
+        if launch is not None:
+            launch.stop()
+        raise
+
+
+def _draft_loader(args: EngineArgs, path: str, device: torch.device) -> DraftLoader:
+    def load(target: ModelConfig, sched_cfg: SchedulerConfig) -> Any:
+        from tokenmill.spec.draft_model import load_draft_model
+
+        # Whole, on rank 0 only: the draft is small and its passes need no peers.
+        return load_draft_model(
+            path, target, sched_cfg.max_model_len, args.resolved_dtype(device), device,
+            get_attention_backend(args.resolved_backend(device)),
+            load_format="dummy" if args.load_format == "dummy" else "auto",
+            quantization=args.speculative_quantization,
+        )
+
+    return load
+
+
+def _assemble(args: EngineArgs, rank: RankModel, device: torch.device,
+              launch: Any) -> BuiltEngine:
+    """Rank 0's engine core around its runner: scheduler, sampler, speculator, executor."""
+    loaded, resolved = rank.loaded, rank.resolved
+    model_config = loaded.config
+    cache_cfg, sched_cfg, dtype = rank.cache_cfg, rank.sched_cfg, rank.dtype
+    num_blocks = rank.num_blocks
+    tokenizer = _tokenizer(args, resolved, getattr(loaded, "gguf_reader", None))
+    config = EngineConfig(
+        model=model_config, model_path=resolved.path, cache=cache_cfg,
+        scheduler=sched_cfg, dtype=dtype, quantization=args.quantization, device=str(device),
+        load_format=resolved.format, attention_backend=rank.backend.name, seed=args.seed,
+        num_threads=args.num_threads, parallel=args.parallel_config(),
+    )
+    eos_token_ids = tuple(
+        tokenizer.eos_token_ids if tokenizer is not None else model_config.eos_token_ids)
+    scheduler = Scheduler(
+        sched_cfg, BlockManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching),
+        eos_token_ids,
+    )
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    spec_cfg = args.speculative_config()
     speculator = None
     draft_runner = None
     if spec_cfg is not None:
         from tokenmill.engine.speculation import Speculator
         from tokenmill.spec.draft_model import build_draft_proposer
 
-        draft = None if draft_loaded is None else build_draft_proposer(
-            draft_loaded, num_blocks, cache_cfg.block_size, dtype, device, backend,
+        draft = None if rank.draft is None else build_draft_proposer(
+            rank.draft, num_blocks, cache_cfg.block_size, dtype, device, rank.backend,
             eos_token_ids, generator,
         )
         draft_runner = draft.runner if draft is not None else None
         speculator = Speculator(spec_cfg, scheduler, sched_cfg.max_model_len, eos_token_ids,
                                 generator, draft)
+    if launch is not None:
+        from tokenmill.engine.tensor_parallel import TPExecutor
+
+        executor: Executor = TPExecutor(rank.runner, launch, draft_runner)
+    else:
+        executor = Executor(rank.runner, draft_runner)
     limits = EngineLimits(
         max_model_len=sched_cfg.max_model_len, vocab_size=model_config.vocab_size,
         num_kv_blocks=num_blocks, block_size=cache_cfg.block_size,
     )
-    core = EngineCore(scheduler, Executor(runner, draft_runner), Sampler(generator), limits,
-                      speculator)
+    core = EngineCore(scheduler, executor, Sampler(generator), limits, speculator)
     info = EngineInfo(
         model_name=model_name(resolved.path, resolved.gguf_file), limits=limits,
         eos_token_ids=list(eos_token_ids), architecture=model_config.architecture,
         pid=os.getpid(),
     )
     capacity = num_blocks * cache_cfg.block_size
-    kv_mib = num_blocks * bytes_per_block(model_config, cache_cfg.block_size, dtype) / 2**20
+    kv_heads = loaded.model.shard.num_kv_heads
+    kv_mib = num_blocks * bytes_per_block(model_config, cache_cfg.block_size, dtype,
+                                          kv_heads) / 2**20
+    tp = config.parallel.tensor_parallel_size
     logger.info(
-        "loaded %s (%s, %s) in %.1fs on %s; KV cache: %d blocks x %d tokens = %d tokens "
-        "(%.0f MiB); max concurrency at full context (%d tokens): %.2f",
+        "loaded %s (%s, %s) in %.1fs on %s%s; KV cache: %d blocks x %d tokens = %d tokens "
+        "(%.0f MiB%s); max concurrency at full context (%d tokens): %.2f",
         model_config.architecture, resolved.format, str(dtype).replace("torch.", ""),
-        load_s, device, num_blocks, cache_cfg.block_size, capacity, kv_mib,
+        rank.load_s, device, f" (tensor parallel {tp})" if tp > 1 else "", num_blocks,
+        cache_cfg.block_size, capacity, kv_mib, " per rank" if tp > 1 else "",
         sched_cfg.max_model_len, capacity / sched_cfg.max_model_len,
     )
     return BuiltEngine(core, info, config, model_config, tokenizer, resolved.path,

@@ -63,26 +63,49 @@ def run_engine_core(
     outputs.setsockopt(zmq.LINGER, 2000)
     outputs.connect(output_address)
     status = 0
+    core = None
     try:
         from tokenmill.engine.builder import build_engine
 
         try:
-            built = build_engine(args)
+            built = build_engine(args, log_level)
         except Exception as exc:  # noqa: BLE001 - reported to the front end, then exit
             logger.exception("engine failed to load")
             outputs.send(encode(EngineLoadFailed(f"{type(exc).__name__}: {exc}")))
             status = 1
             return
+        core = built.core
+        _watch_workers(core)
         outputs.send(encode(EngineReady(built.info)))
-        CoreLoop(built.core, inputs, outputs, parent_pid).run()
+        status = CoreLoop(core, inputs, outputs, parent_pid).run()
     except SystemExit:
         logger.info("engine core stopping (signal)")
     finally:
+        if core is not None:
+            core.executor.shutdown()
         inputs.close(linger=0)
         outputs.close()
         context.term()
         if status:
             sys.exit(status)
+
+
+def _watch_workers(core: EngineCore) -> None:
+    """With tensor parallelism: if a worker rank dies, this process exits at once, so the
+    API server sees the engine die (a step blocked in a collective would wait for the
+    collective timeout otherwise)."""
+    from tokenmill.engine.tensor_parallel import TPExecutor
+
+    if not isinstance(core.executor, TPExecutor):
+        return
+
+    def die(rank: int, code: Any) -> None:
+        logger.error("tensor-parallel rank %d died (exit code %s); engine core exiting",
+                     rank, code)
+        logging.shutdown()
+        os._exit(1)
+
+    core.executor.launch.workers.watch(die)
 
 
 class CoreLoop:
@@ -96,17 +119,20 @@ class CoreLoop:
         self._poller = zmq.Poller()
         self._poller.register(inputs, zmq.POLLIN)
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Serve until shutdown (0) or until the executor fails for good (1)."""
+        from tokenmill.engine.tensor_parallel import WorkerFailure
+
         core = self.core
         while True:
             if not core.has_unfinished_requests():
                 self._poller.poll(IDLE_POLL_MS)
             if os.getppid() != self.parent_pid:
                 logger.warning("the API server process is gone; engine core exiting")
-                return
+                return 0
             handled = self._handle_inputs()
             if handled is None:
-                return
+                return 0
             if not core.has_unfinished_requests():
                 if handled:  # e.g. the last request was aborted: publish the freed blocks
                     self._send(EngineCoreOutputs([], core.stats()))
@@ -117,6 +143,11 @@ class CoreLoop:
                 self._send(EngineCoreOutputs([], core.stats(), started))
             try:
                 step_outputs = core.execute(sched)
+            except WorkerFailure as exc:  # a rank is gone: no further step can run
+                # Exit without answering: the front end sees the engine die and fails
+                # everything in flight as engine_dead.
+                logger.error("tensor-parallel failure: %s; engine core exiting", exc)
+                return 1
             except Exception as exc:  # noqa: BLE001 - keep serving; fail what was running
                 logger.exception("engine step failed; failing the requests in flight")
                 step_outputs = core.fail_all(f"{type(exc).__name__}: {exc}")

@@ -35,3 +35,6 @@ class Executor:
     @property
     def device(self) -> torch.device:
         return self.runner.device
+
+    def shutdown(self) -> None:
+        """Release what the executor started (other ranks' processes, with TP)."""

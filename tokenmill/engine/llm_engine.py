@@ -10,6 +10,7 @@ it; there is no inter-process hop.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,13 @@ class LLMEngine:
         self.model_path = built.model_path
         self.gguf_file = built.gguf_file
         self.processor = OutputProcessor(self.tokenizer)
+        # With tensor parallelism the executor owns worker processes: stop them when this
+        # engine is collected or the interpreter exits.
+        self._finalizer = weakref.finalize(self, self.core.executor.shutdown)
+
+    def shutdown(self) -> None:
+        """Stop what the engine started (tensor-parallel worker processes). Idempotent."""
+        self._finalizer()
 
     @classmethod
     def from_engine_args(cls, **kwargs: Any) -> LLMEngine:

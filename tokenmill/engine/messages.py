@@ -23,6 +23,7 @@ import msgpack
 from tokenmill.engine.validation import EngineLimits
 from tokenmill.outputs import EngineStats, TokenLogprob
 from tokenmill.sampling.params import SamplingParams
+from tokenmill.step_types import ScheduledSeq, SchedulerOutput
 
 # ----------------------------------------------------------------- front end -> core
 
@@ -119,12 +120,40 @@ class EngineCoreOutputs:
     started: list[str] = field(default_factory=list)
 
 
+# --------------------------------------------- rank 0 -> other tensor-parallel ranks
+
+
+@dataclass
+class ExecuteStep:
+    """Run this step's forward pass (after applying its block copies)."""
+
+    sched: SchedulerOutput
+
+
+@dataclass
+class ChannelSync:
+    """Sent until every worker has seen one: the step channel is connected."""
+
+    n: int = 0
+
+
+@dataclass
+class Heartbeat:
+    """Rank 0 is alive (sent every second, from its own thread)."""
+
+
+@dataclass
+class StopWorker:
+    """Exit: the engine is shutting down."""
+
+
 # --------------------------------------------------------------------- wire format
 
 _TYPES: tuple[type, ...] = (
     EngineCoreRequest, AbortRequest, Shutdown, EngineInfo, EngineReady, EngineLoadFailed,
     SeqDelta, EngineCoreOutput, EngineCoreOutputs, EngineLimits, EngineStats, TokenLogprob,
-    SamplingParams,
+    SamplingParams, ScheduledSeq, SchedulerOutput, ExecuteStep, ChannelSync, Heartbeat,
+    StopWorker,
 )
 _CODES = {cls: code for code, cls in enumerate(_TYPES)}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES}

@@ -271,7 +271,12 @@ class Linear(nn.Module):
 
 
 class VocabEmbedding(nn.Module):
-    """Token-id lookup table ``[vocab, hidden]`` (uninitialised, like ``Linear``)."""
+    """Token-id lookup table ``[vocab, hidden]`` (uninitialised, like ``Linear``).
+
+    Under tensor parallelism (``tp`` sharded) this rank holds rows
+    ``[vocab_start, vocab_start + vocab_size)``: ids outside them look up zeros
+    and the ranks' partial results are summed.
+    """
 
     def __init__(
         self,
@@ -279,12 +284,22 @@ class VocabEmbedding(nn.Module):
         hidden_size: int,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        vocab_start: int = 0,
+        tp: Any = None,
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(
             torch.empty(vocab_size, hidden_size, dtype=dtype, device=device),
             requires_grad=False,
         )
+        self.vocab_start = vocab_start
+        self.tp = tp
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.tp is None or not self.tp.sharded:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return self.tp.all_reduce(out)

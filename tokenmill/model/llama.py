@@ -18,19 +18,26 @@ writes each one into its slice of the fused parameter.
 Construction: ``LlamaCausalLM(config, attn_backend, dtype=..., device=...)``
 allocates parameters directly on ``device`` in ``dtype`` without initialising
 them; call ``load_weights`` (or the loader's dummy init) before running.
+
+Tensor parallelism (``tp=TPGroup(...)``, see :mod:`tokenmill.model.sharding`):
+each rank allocates only its shard and ``load_weights`` copies only its slice
+of each checkpoint tensor (lazily sliced from safetensors files); o_proj and
+down_proj outputs are all-reduced, and ``compute_logits`` gathers the
+vocabulary shards on rank 0 (other ranks get None).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from tokenmill.attention.base import AttentionBackend, AttentionMetadata
 from tokenmill.config import ModelConfig
+from tokenmill.distributed import TPGroup
 from tokenmill.model.layers import (
     Linear,
     RMSNorm,
@@ -42,6 +49,7 @@ from tokenmill.model.layers import (
     silu_and_mul,
     use_fused_kernels,
 )
+from tokenmill.model.sharding import ShardPlan, shard_plan
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -74,11 +82,14 @@ class LlamaAttention(nn.Module):
         o_bias: bool,
         dtype: torch.dtype,
         device: torch.device | str | None,
+        shard: ShardPlan,
+        tp: TPGroup,
     ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
         self.head_dim = config.head_dim
+        self.tp = tp
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
@@ -112,22 +123,24 @@ class LlamaAttention(nn.Module):
             q, k = apply_rotary(q, k, rope.cos, rope.sin)
         k_cache, v_cache = kv_cache
         out = self.attn_backend.forward(q, k, v, k_cache, v_cache, attn_metadata, self.scale)
-        return self.o_proj(out.reshape(tokens, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(tokens, self.q_size)))
 
 
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward with a fused gate/up projection."""
 
     def __init__(
-        self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str | None
+        self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str | None,
+        shard: ShardPlan, tp: TPGroup,
     ) -> None:
         super().__init__()
-        inter = config.intermediate_size
+        inter = shard.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * inter, False, dtype, device)
         self.down_proj = Linear(inter, config.hidden_size, False, dtype, device)
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -141,10 +154,13 @@ class LlamaDecoderLayer(nn.Module):
         o_bias: bool,
         dtype: torch.dtype,
         device: torch.device | str | None,
+        shard: ShardPlan,
+        tp: TPGroup,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, attn_backend, qkv_bias, o_bias, dtype, device)
-        self.mlp = LlamaMLP(config, dtype, device)
+        self.self_attn = LlamaAttention(config, attn_backend, qkv_bias, o_bias, dtype, device,
+                                        shard, tp)
+        self.mlp = LlamaMLP(config, dtype, device, shard, tp)
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
@@ -178,9 +194,12 @@ class LlamaModel(nn.Module):
         o_bias: bool,
         dtype: torch.dtype,
         device: torch.device | str | None,
+        shard: ShardPlan,
+        tp: TPGroup,
     ) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, device)
+        self.embed_tokens = VocabEmbedding(shard.vocab_padded, config.hidden_size, dtype, device,
+                                           shard.vocab_start, tp)
         self.rotary = RotaryEmbedding(
             config.head_dim,
             config.max_position_embeddings,
@@ -190,7 +209,7 @@ class LlamaModel(nn.Module):
             device,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, attn_backend, qkv_bias, o_bias, dtype, device)
+            LlamaDecoderLayer(config, attn_backend, qkv_bias, o_bias, dtype, device, shard, tp)
             for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
@@ -217,11 +236,23 @@ class LlamaModel(nn.Module):
 
 @dataclass(frozen=True)
 class _Slot:
-    """Where one checkpoint tensor goes: rows ``[start, start + rows)`` of a parameter."""
+    """Where one checkpoint tensor goes, and which part of it this rank takes.
+
+    Destination: rows ``[start, start + rows)`` of ``param`` (``start`` None: all
+    of it). Source: the tensor sliced to ``[src_start, src_start + src_size)``
+    along ``src_dim`` (None: the whole tensor), whose full size there must be
+    ``src_extent``. ``zero``: this rank holds zeros instead (a row-parallel
+    layer's bias is added once, on rank 0).
+    """
 
     param: str
-    start: int | None = None  # None: the whole parameter
+    start: int | None = None
     rows: int = 0
+    src_dim: int | None = None
+    src_start: int = 0
+    src_size: int = 0
+    src_extent: int = 0
+    zero: bool = False
 
 
 class LlamaCausalLM(nn.Module):
@@ -243,17 +274,21 @@ class LlamaCausalLM(nn.Module):
         attn_backend: AttentionBackend,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp or TPGroup()
+        self.shard = shard = shard_plan(config, self.tp.rank, self.tp.world_size)
         dtype = dtype or torch.get_default_dtype()
         qkv_bias = config.attention_bias if self.qkv_bias is None else self.qkv_bias
         o_bias = config.attention_bias if self.o_bias is None else self.o_bias
-        self.model = LlamaModel(config, attn_backend, qkv_bias, o_bias, dtype, device)
+        self.model = LlamaModel(config, attn_backend, qkv_bias, o_bias, dtype, device, shard,
+                                self.tp)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype, device)
+            self.lm_head = Linear(config.hidden_size, shard.vocab_padded, False, dtype, device)
         # A tied model's head when it must differ from the embedding (a quantized copy).
         self.tied_lm_head: nn.Module | None = None
         self._slots = self._checkpoint_layout(qkv_bias, o_bias)
@@ -284,41 +319,65 @@ class LlamaCausalLM(nn.Module):
         """Compute logits with ``head`` instead of the tied embedding matrix."""
         self.tied_lm_head = head
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[N, vocab]`` for hidden states ``[N, hidden]``."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits ``[N, vocab]`` for hidden states ``[N, hidden]``.
+
+        Under tensor parallelism every rank computes its vocabulary shard and
+        rank 0 gathers them; the other ranks get None.
+        """
         head = self.lm_head if self.lm_head is not None else self.tied_lm_head
         if head is not None:
-            return head(hidden).float()
-        return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
+            logits = head(hidden).float()
+        else:
+            logits = torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
+        if not self.tp.sharded:
+            return logits
+        gathered = self.tp.gather_to_first(logits)
+        return None if gathered is None else gathered[:, : self.config.vocab_size]
 
     # ----------------------------------------------------------------- loading
 
     def _checkpoint_layout(self, qkv_bias: bool, o_bias: bool) -> dict[str, _Slot]:
-        """Map every expected Hugging Face tensor name to its (fused) destination."""
-        cfg = self.config
-        q = cfg.num_attention_heads * cfg.head_dim
-        kv = cfg.num_key_value_heads * cfg.head_dim
-        inter = cfg.intermediate_size
+        """Map every expected Hugging Face tensor name to its (fused, sharded) destination."""
+        cfg, sp = self.config, self.shard
+        hd = cfg.head_dim
+        q, kv = sp.num_heads * hd, sp.num_kv_heads * hd
+        q_src = (sp.q_head_start * hd, q, cfg.num_attention_heads * hd)
+        kv_src = (sp.kv_head_start * hd, kv, cfg.num_key_value_heads * hd)
+        inter = sp.intermediate_size
+        inter_src = (sp.intermediate_start, inter, cfg.intermediate_size)
+        vocab_src = (sp.vocab_start, sp.vocab_rows, cfg.vocab_size)
+
+        def rows(param: str, start: int | None, size: int, src: tuple[int, int, int]) -> _Slot:
+            return _Slot(param, start, size, 0, *src)
+
+        def cols(param: str, src: tuple[int, int, int]) -> _Slot:
+            return _Slot(param, None, 0, 1, *src)
+
         slots = {
-            "model.embed_tokens.weight": _Slot("model.embed_tokens.weight"),
+            "model.embed_tokens.weight": rows("model.embed_tokens.weight", 0, sp.vocab_rows,
+                                              vocab_src),
             "model.norm.weight": _Slot("model.norm.weight"),
         }
         if self.lm_head is not None:
-            slots["lm_head.weight"] = _Slot("lm_head.weight")
+            slots["lm_head.weight"] = rows("lm_head.weight", 0, sp.vocab_rows, vocab_src)
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             attn, mlp = p + "self_attn.", p + "mlp."
             kinds = ("weight", "bias") if qkv_bias else ("weight",)
             for kind in kinds:
                 fused = f"{attn}qkv_proj.{kind}"
-                slots[f"{attn}q_proj.{kind}"] = _Slot(fused, 0, q)
-                slots[f"{attn}k_proj.{kind}"] = _Slot(fused, q, kv)
-                slots[f"{attn}v_proj.{kind}"] = _Slot(fused, q + kv, kv)
-            for kind in ("weight", "bias") if o_bias else ("weight",):
-                slots[f"{attn}o_proj.{kind}"] = _Slot(f"{attn}o_proj.{kind}")
-            slots[f"{mlp}gate_proj.weight"] = _Slot(f"{mlp}gate_up_proj.weight", 0, inter)
-            slots[f"{mlp}up_proj.weight"] = _Slot(f"{mlp}gate_up_proj.weight", inter, inter)
-            slots[f"{mlp}down_proj.weight"] = _Slot(f"{mlp}down_proj.weight")
+                slots[f"{attn}q_proj.{kind}"] = rows(fused, 0, q, q_src)
+                slots[f"{attn}k_proj.{kind}"] = rows(fused, q, kv, kv_src)
+                slots[f"{attn}v_proj.{kind}"] = rows(fused, q + kv, kv, kv_src)
+            slots[f"{attn}o_proj.weight"] = cols(f"{attn}o_proj.weight", q_src)
+            if o_bias:
+                slots[f"{attn}o_proj.bias"] = _Slot(f"{attn}o_proj.bias", zero=sp.rank > 0)
+            slots[f"{mlp}gate_proj.weight"] = rows(f"{mlp}gate_up_proj.weight", 0, inter,
+                                                   inter_src)
+            slots[f"{mlp}up_proj.weight"] = rows(f"{mlp}gate_up_proj.weight", inter, inter,
+                                                 inter_src)
+            slots[f"{mlp}down_proj.weight"] = cols(f"{mlp}down_proj.weight", inter_src)
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 slots[f"{p}{norm}.weight"] = _Slot(f"{p}{norm}.weight")
         return slots
@@ -351,6 +410,11 @@ class LlamaCausalLM(nn.Module):
         """
         where = f"{source}: " if source else ""
         params = dict(self.named_parameters())
+        if self.shard.vocab_padded > self.shard.vocab_rows:
+            # Vocabulary padding rows (last rank): never looked up, their logits trimmed.
+            for name in ("model.embed_tokens.weight", "lm_head.weight"):
+                if name in params:
+                    params[name].data.zero_()
         loaded: set[str] = set()
         for name, tensor in weights:
             if self._is_ignored(name):
@@ -364,12 +428,10 @@ class LlamaCausalLM(nn.Module):
             target = params[slot.param].data
             if slot.start is not None:
                 target = target.narrow(0, slot.start, slot.rows)
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise WeightLoadError(
-                    f"{where}tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(target.shape)} for this config"
-                )
-            target.copy_(tensor)
+            if slot.zero:
+                target.zero_()
+            else:
+                target.copy_(_select(tensor, slot, tuple(target.shape), name, where))
             loaded.add(name)
         if require_all:
             self.check_all_loaded(loaded, source)
@@ -383,6 +445,28 @@ class LlamaCausalLM(nn.Module):
             shown = ", ".join(repr(n) for n in missing[:5])
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise WeightLoadError(f"{where}missing tensor {shown}{more}")
+
+
+def _select(tensor: Any, slot: _Slot, target_shape: tuple[int, ...], name: str,
+            where: str) -> torch.Tensor:
+    """This rank's part of a checkpoint tensor (a torch tensor, or a lazy safetensors
+    slice, read only in part); WeightLoadError when its shape does not fit the config."""
+    shape = tuple(tensor.get_shape()) if hasattr(tensor, "get_shape") else tuple(tensor.shape)
+    if slot.src_dim is None:
+        expected = target_shape
+        ok = shape == expected
+    else:
+        expected = list(target_shape)
+        expected[slot.src_dim] = slot.src_extent
+        expected = tuple(expected)
+        ok = shape == expected
+    if not ok:
+        raise WeightLoadError(
+            f"{where}tensor {name!r} has shape {shape}, expected {expected} for this config")
+    if slot.src_dim is None:
+        return tensor if torch.is_tensor(tensor) else tensor[:]
+    part = slice(slot.src_start, slot.src_start + slot.src_size)
+    return tensor[part] if slot.src_dim == 0 else tensor[:, part]
 
 
 class MistralCausalLM(LlamaCausalLM):

@@ -18,13 +18,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from tokenmill.attention.base import AttentionBackend
 from tokenmill.config import ModelConfig
+from tokenmill.distributed import TPGroup
 from tokenmill.model.layers import RMSNorm
 from tokenmill.model.quantization import check_quantization, quantize_model
 from tokenmill.model.registry import get_model_class
@@ -170,18 +171,22 @@ def load_model(
     device: str | torch.device,
     attn_backend: AttentionBackend,
     quantization: str | None = None,
+    tp: TPGroup | None = None,
 ) -> LoadedModel:
     """Build the model in ``dtype`` directly on ``device`` and load its weights.
 
     ``quantization`` ("int4" or "int8") replaces the loaded linear layers by
-    quantized ones (see :mod:`tokenmill.model.quantization`).
+    quantized ones (see :mod:`tokenmill.model.quantization`). With a sharded
+    ``tp`` group, only this rank's shard is allocated and loaded (safetensors
+    tensors are read in part; GGUF tensors are dequantized one at a time and
+    sliced), so each rank holds about 1/tp of the weights.
     """
     check_quantization(quantization, torch.device(device))
     if resolved.format == "gguf":
-        loaded = _load_gguf(resolved, dtype, device, attn_backend)
+        loaded = _load_gguf(resolved, dtype, device, attn_backend, tp)
     else:
         config = read_hf_config(resolved.path)
-        model = get_model_class(config.architecture)(config, attn_backend, dtype, device)
+        model = get_model_class(config.architecture)(config, attn_backend, dtype, device, tp)
         if resolved.format == "dummy":
             init_dummy_weights(model)
         else:
@@ -235,8 +240,9 @@ def load_safetensors(model: nn.Module, model_dir: str | os.PathLike) -> None:
     for file in safetensors_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as shard:
             names = list(shard.keys())
-            tensors: Iterator[tuple[str, torch.Tensor]] = (
-                (name, shard.get_tensor(name)) for name in names
+            # Lazy slices: a tensor-parallel rank reads only its part of each tensor.
+            tensors: Iterator[tuple[str, Any]] = (
+                (name, shard.get_slice(name)) for name in names
             )
             loaded |= model.load_weights(tensors, source=str(file), require_all=False)
     model.check_all_loaded(loaded, source=str(model_dir))
@@ -268,6 +274,7 @@ def _load_gguf(
     dtype: torch.dtype,
     device: str | torch.device,
     attn_backend: AttentionBackend,
+    tp: TPGroup | None = None,
 ) -> LoadedModel:
     from tokenmill.model.gguf_loader import config_from_gguf, iter_gguf_weights, open_gguf
 
@@ -276,6 +283,6 @@ def _load_gguf(
         raise FileNotFoundError(f"GGUF file {source!r} does not exist")
     reader = open_gguf(source)
     config = config_from_gguf(reader, source)
-    model = get_model_class(config.architecture)(config, attn_backend, dtype, device)
+    model = get_model_class(config.architecture)(config, attn_backend, dtype, device, tp)
     model.load_weights(iter_gguf_weights(reader, config, source), source=source)
     return LoadedModel(config=config, model=model.eval(), gguf_reader=reader)

@@ -13,10 +13,15 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB when the user names no budget
 
 
-def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V for ``block_size`` tokens across all layers."""
+def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype,
+                    num_kv_heads: int | None = None) -> int:
+    """Bytes of K and V for ``block_size`` tokens across all layers.
+
+    ``num_kv_heads``: the heads this tensor-parallel rank holds (default: all).
+    """
     elem = torch.empty((), dtype=dtype).element_size()
-    return model.kv_bytes_per_token_per_dtype_byte * elem * block_size
+    heads = model.num_key_value_heads if num_kv_heads is None else num_kv_heads
+    return 2 * model.num_hidden_layers * heads * model.head_dim * elem * block_size
 
 
 def gpu_kv_cache_budget(
@@ -40,8 +45,9 @@ def num_kv_blocks(
     dtype: torch.dtype,
     device: torch.device,
     peak_memory: int | None = None,
+    num_kv_heads: int | None = None,
 ) -> int:
-    """How many blocks the memory budget holds.
+    """How many blocks the memory budget holds (on this rank, with ``num_kv_heads``).
 
     CPU: ``cache.kv_cache_memory`` bytes (default 1 GiB). GPU: an explicit
     ``kv_cache_memory`` wins; otherwise :func:`gpu_kv_cache_budget` with
@@ -50,7 +56,7 @@ def num_kv_blocks(
     """
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
-    per_block = bytes_per_block(model, cache.block_size, dtype)
+    per_block = bytes_per_block(model, cache.block_size, dtype, num_kv_heads)
     if cache.kv_cache_memory is not None:
         budget = cache.kv_cache_memory
     elif device.type == "cuda":
@@ -77,11 +83,12 @@ def num_kv_blocks(
 
 
 def allocate_kv_cache(
-    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+    device: torch.device, num_kv_heads: int | None = None,
 ) -> torch.Tensor:
     """One tensor [layers, 2 (K/V), num_blocks, block_size, kv_heads, head_dim]."""
+    heads = model.num_key_value_heads if num_kv_heads is None else num_kv_heads
     return torch.zeros(
-        model.num_hidden_layers, 2, num_blocks, block_size,
-        model.num_key_value_heads, model.head_dim,
+        model.num_hidden_layers, 2, num_blocks, block_size, heads, model.head_dim,
         dtype=dtype, device=device,
     )

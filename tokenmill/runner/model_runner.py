@@ -218,7 +218,8 @@ class ModelRunner:
         if len(step.logits_indices) == 0:
             return ModelOutput(torch.empty(0, device=self.device), rows)
         index = _to_device(step.logits_indices, torch.long, self.device)
-        return ModelOutput(self.model.compute_logits(hidden[index]).float(), rows)
+        logits = self.model.compute_logits(hidden[index])  # None on tensor-parallel ranks > 0
+        return ModelOutput(torch.empty(0) if logits is None else logits.float(), rows)
 
 
 def profile_peak_memory(
@@ -272,16 +273,17 @@ def profile_peak_memory(
         input_ids, positions, meta = step_tensors(step, device)
         hidden = model(input_ids, positions, kv_caches, meta)
         rows = _to_device(step.logits_indices, torch.long, device)
-        logits = model.compute_logits(hidden[rows]).float()
+        logits = model.compute_logits(hidden[rows])
         del hidden
-        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
-        batch = SamplingBatch(
-            params=[params] * num_seqs,
-            prompt_token_ids=[[0]] * num_seqs,
-            output_token_ids=[[]] * num_seqs,
-            generators=[None] * num_seqs,
-        )
-        Sampler()(logits, batch)
+        if logits is not None:  # tensor-parallel ranks > 0 get none: rank 0 samples
+            params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
+            batch = SamplingBatch(
+                params=[params] * num_seqs,
+                prompt_token_ids=[[0]] * num_seqs,
+                output_token_ids=[[]] * num_seqs,
+                generators=[None] * num_seqs,
+            )
+            Sampler()(logits.float(), batch)
     if device.type != "cuda":
         return 0
     torch.cuda.synchronize(device)

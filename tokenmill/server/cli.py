@@ -237,9 +237,18 @@ def serve_command(args: argparse.Namespace) -> int:
     configure_logging(log_level)
     try:
         config = config_from_args(args)
+        parallel = EngineArgs.from_kwargs(**config.engine_args).parallel_config()
     except (ValueError, OSError) as exc:
         print(f"tokenmill serve: error: {exc}", file=sys.stderr)
         return 2
+    if parallel.node_rank > 0:
+        # Another node of a multi-node tensor-parallel engine: only its ranks run here;
+        # node 0 runs the engine core and the HTTP server.
+        from tokenmill.engine.tensor_parallel import run_worker_node
+
+        logger.info("node %d of %d: starting ranks %s", parallel.node_rank, parallel.nnodes,
+                    list(parallel.node_ranks()))
+        return run_worker_node(EngineArgs.from_kwargs(**config.engine_args), log_level)
     return run_server(config)
 
 
