@@ -411,3 +411,26 @@ def test_server_config_rejects_nonsense():
         with pytest.raises(ValueError):
             dataclasses.replace(ServerConfig(), **bad)
 
+
+
+def test_render_endpoints_give_vllm_shaped_token_ids_and_live_stays_up():
+    async def scenario(client, app, engine):
+        resp = await client.post("/v1/chat/completions/render", json=chat("hello"))
+        body = resp.json()
+        assert resp.status_code == 200 and body["request_id"].startswith("chatcmpl-")
+        want = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hello"}]), add_special_tokens=False)
+        assert body["token_ids"] == want
+        resp = await client.post("/v1/completions/render", json={"prompt": ["ab", "cd"]})
+        assert [r["token_ids"] for r in resp.json()] == [engine.tokenizer.encode(t)
+                                                         for t in ("ab", "cd")]
+        resp = await client.post("/v1/completions/render", json={"prompt": [[1, 2], [3]]})
+        assert [r["token_ids"] for r in resp.json()] == [[1, 2], [3]]
+        assert engine.submitted == []  # nothing ran
+        done = asyncio.Event()
+        app.state.host.start_drain(5, done.set)
+        assert (await client.get("/health")).status_code == 503
+        assert (await client.get("/live")).status_code == 200  # draining, still alive
+        await asyncio.wait_for(done.wait(), 10)
+
+    run(scenario)

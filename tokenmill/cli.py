@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="quality evaluations through the engine: perplexity")
     _add_subcommands("tokenmill.eval.ppl", ev.add_subparsers(dest="eval_command", metavar="EVAL"))
     _add_subcommands("tokenmill.server.cli", sub)
+    _add_subcommands("tokenmill.cluster", sub)
     _add_subcommands("tokenmill.plan", sub)
     return parser
 
@@ -141,7 +142,9 @@ def _add_subcommands(module: str, subparsers: argparse._SubParsersAction) -> Non
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -151,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "accepts_extra", False):
+            return int(func(args, extra) or 0)  # tokenmill cluster: the rest is for serve
         return int(func(args) or 0)
     except KeyboardInterrupt:
         return 130

@@ -67,6 +67,8 @@ class RequestRecord:
     finish_reason: str | None = None
     usage_prompt_tokens: int | None = None
     usage_completion_tokens: int | None = None
+    usage_cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
+    served_by: str | None = None  # the replica that answered (x-tokenmill-replica header)
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     count_source: str = ""  # "tokenizer" | "usage" | "chunks"
@@ -171,6 +173,7 @@ async def send_request(client: httpx.AsyncClient, target: Target, payload: dict[
         async with client.stream("POST", target.url, json=payload,
                                  headers=target.headers()) as response:
             record.status = response.status_code
+            record.served_by = response.headers.get("x-tokenmill-replica")
             if response.status_code != 200:
                 body = (await response.aread()).decode("utf-8", "replace")
                 record.error = f"HTTP {response.status_code}: {_short(body)}"
@@ -226,6 +229,9 @@ def _consume(payload_text: str, record: RequestRecord, texts: list[str], sent: f
         record.usage_prompt_tokens = usage.get("prompt_tokens", record.usage_prompt_tokens)
         record.usage_completion_tokens = usage.get("completion_tokens",
                                                    record.usage_completion_tokens)
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and details.get("cached_tokens") is not None:
+            record.usage_cached_tokens = details["cached_tokens"]
     return False
 
 

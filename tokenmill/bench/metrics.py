@@ -126,6 +126,9 @@ class RunSummary:
     max_concurrent_observed: int = 0
     usage_prompt_tokens: int | None = None  # totals the server reported, for cross-checks
     usage_completion_tokens: int | None = None
+    # Token-level prefix-cache hit rate: sum(cached) / sum(prompt tokens) from usage.
+    prefix_hit_rate: float | None = None
+    requests_by_server: dict[str, int] = field(default_factory=dict)
     slo: dict[str, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -193,8 +196,17 @@ def summarize(records: Sequence[RequestRecord], duration_s: float | None = None,
         max_concurrent_observed=peak_concurrency(records),
         usage_prompt_tokens=sum(usage_p) if ok and None not in usage_p else None,
         usage_completion_tokens=sum(usage_c) if ok and None not in usage_c else None,
+        prefix_hit_rate=_hit_rate(ok),
+        requests_by_server=dict(sorted(Counter(r.served_by for r in ok if r.served_by).items())),
         slo={"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "e2e_ms": slo.e2e_ms},
     )
+
+
+def _hit_rate(ok: Sequence[RequestRecord]) -> float | None:
+    pairs = [(r.usage_cached_tokens, r.usage_prompt_tokens) for r in ok
+             if r.usage_cached_tokens is not None and r.usage_prompt_tokens]
+    total = sum(p for _, p in pairs)
+    return sum(c for c, _ in pairs) / total if total else None
 
 
 def assign_token_counts(record: RequestRecord, prompt_count: int | None,

@@ -107,6 +107,12 @@ def format_run(result: RunResult) -> str:
         f"{'Output token throughput (tok/s)':<34}{s.output_throughput:,.2f}",
         f"{'Total token throughput (tok/s)':<34}{s.total_token_throughput:,.2f}",
     ]
+    if s.prefix_hit_rate is not None:
+        lines.append(f"{'Prefix cache hit rate (tokens)':<34}{s.prefix_hit_rate:.3f}")
+    if s.requests_by_server:
+        total = sum(s.requests_by_server.values())
+        shares = ", ".join(f"{k} {v / total:.0%}" for k, v in s.requests_by_server.items())
+        lines.append(f"{'Requests by replica':<34}{shares}")
     if s.request_goodput is not None:
         slo = ", ".join(f"{k.split('_')[0].upper()} ≤ {v:g} ms"
                         for k, v in s.slo.items() if v is not None)

@@ -136,11 +136,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--random-output-len", type=int, default=128, help="max_tokens per request")
     w.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="lengths uniform in [L*(1-r), L*(1+r)]")
-    w.add_argument("--prefix-len", type=int, default=256, help="prefix workload: shared tokens")
+    w.add_argument("--prefix-len", type=int, default=256,
+                   help="prefix/tenants workloads: shared tokens per prefix (tenant)")
     w.add_argument("--suffix-len", type=int, default=32,
-                   help="prefix workload: unique tokens after the prefix")
-    w.add_argument("--num-prefixes", type=int, default=4,
-                   help="prefix workload: distinct shared prefixes")
+                   help="prefix/tenants workloads: unique tokens after the prefix")
+    w.add_argument("--num-prefixes", "--num-tenants", type=int, default=4,
+                   help="prefix/tenants workloads: distinct shared prefixes (tenants; a "
+                        "tenants request's tenant is drawn at random, seeded)")
     w.add_argument("--chat-turns", type=int, default=4,
                    help="chat workload: turns per conversation")
     w.add_argument("--tokenizer", default=None,

@@ -92,7 +92,7 @@ class WorkloadSpec:
         spread = f" ±{self.range_ratio:.0%}" if self.range_ratio else ""
         if self.kind == "random":
             shape = f"in {self.input_len}, out {self.output_len}{spread}"
-        elif self.kind == "prefix":
+        elif self.kind in ("prefix", "tenants"):
             shape = (
                 f"{self.num_prefixes} prefixes × {self.prefix_len} + suffix {self.suffix_len}, "
                 f"out {self.output_len}{spread}"
@@ -104,7 +104,7 @@ class WorkloadSpec:
         return f"{self.kind} ({shape}), {self.num_prompts} requests"
 
 
-KINDS = ("random", "prefix", "chat", "jsonl")
+KINDS = ("random", "prefix", "tenants", "chat", "jsonl")
 
 
 def sample_lengths(rng: np.random.Generator, n: int, mean: int, range_ratio: float,
@@ -151,6 +151,8 @@ def build_workload(spec: WorkloadSpec, seed: int, salt: str = "",
         return random_workload(spec, seed, salt, tokens)
     if spec.kind == "prefix":
         return prefix_workload(spec, seed, salt, tokens)
+    if spec.kind == "tenants":
+        return prefix_workload(spec, seed, salt, tokens, random_tenant=True)
     if spec.kind == "chat":
         return chat_workload(spec, seed, salt, tokens)
     if spec.kind == "jsonl":
@@ -175,11 +177,15 @@ def random_workload(spec: WorkloadSpec, seed: int, salt: str = "",
 
 
 def prefix_workload(spec: WorkloadSpec, seed: int, salt: str = "",
-                    tokens: TokenCounter | None = None) -> list[BenchRequest]:
+                    tokens: TokenCounter | None = None,
+                    random_tenant: bool = False) -> list[BenchRequest]:
     """Requests in ``num_prefixes`` groups; each group shares a ``prefix_len``-token prefix.
 
-    Groups take turns (request ``i`` is in group ``i % num_prefixes``) so that every
-    group's prefix is reused throughout the run, as many users of one system prompt would.
+    ``prefix``: groups take turns (request ``i`` is in group ``i % num_prefixes``) so that
+    every group's prefix is reused throughout the run, as many users of one system prompt
+    would. ``tenants`` (``random_tenant``): each request's tenant is drawn at random
+    (seeded) - in rotation, round-robin routing over as many replicas as the rotation's
+    period divides would keep each tenant on one replica and look cache-aware.
     """
     if spec.num_prefixes <= 0:
         raise ValueError("the number of prefixes must be positive")
@@ -188,10 +194,12 @@ def prefix_workload(spec: WorkloadSpec, seed: int, salt: str = "",
     out_lens = sample_lengths(shape, spec.num_prompts, spec.output_len, spec.range_ratio)
     words = text_rng(seed, salt, "prefix")
     prefixes = [random_text(words, spec.prefix_len, tokens)[0] for _ in range(spec.num_prefixes)]
+    tenants = (shape.integers(0, spec.num_prefixes, spec.num_prompts) if random_tenant
+               else np.arange(spec.num_prompts) % spec.num_prefixes)
     requests = []
     for i, (n_suffix, n_out) in enumerate(zip(suffix_lens, out_lens, strict=True)):
         suffix, _ = random_text(words, n_suffix, tokens)
-        text = prefixes[i % spec.num_prefixes] + " " + suffix
+        text = prefixes[int(tenants[i])] + " " + suffix
         measured = tokens.count(text) if tokens is not None else None
         requests.append(BenchRequest(index=i, prompt=text, output_len=n_out, prompt_len=measured))
     return requests

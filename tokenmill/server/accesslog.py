@@ -114,9 +114,11 @@ def get_record(request: Request) -> RequestRecord:
 class AccessLogMiddleware:
     """Creates the per-request record, adds ``x-request-id``, logs and counts at the end."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, replica: str = "") -> None:
         self.app = app
         self.metrics = metrics
+        # Which server answered, for load testers behind a router (x-tokenmill-replica).
+        self.replica = replica.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -136,6 +138,8 @@ class AccessLogMiddleware:
                 record.status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", record.request_id.encode()))
+                if self.replica:
+                    headers.append((b"x-tokenmill-replica", self.replica))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -105,7 +105,8 @@ def build_app(config: ServerConfig, engine_factory: EngineFactory | None = None)
     app.state.metrics = metrics
     app.state.serving = serving
     app.state.config = config
-    app.add_middleware(AccessLogMiddleware, metrics=metrics)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics,
+                       replica=config.replica_name or f"{config.host}:{config.port}")
     _add_error_handlers(app)
 
     def authenticate(request: Request) -> str:
@@ -126,6 +127,12 @@ def build_app(config: ServerConfig, engine_factory: EngineFactory | None = None)
             return JSONResponse(body, status_code=exc.status, headers=exc.headers)
         metrics.server_ready.set(1)
         return JSONResponse({"status": "ok"})
+
+    @app.api_route("/live", methods=["GET", "HEAD"])
+    async def live() -> Response:
+        """Liveness: 200 while the process serves HTTP, draining included (restart only
+        a server that cannot answer at all; /health says whether it takes requests)."""
+        return JSONResponse({"status": "alive", "state": host.state.value})
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:
@@ -169,6 +176,18 @@ def build_app(config: ServerConfig, engine_factory: EngineFactory | None = None)
     async def detokenize(request: Request) -> dict[str, Any]:
         authenticate(request)
         return await serving.detokenize(request)
+
+    # vLLM's render endpoints: the prompt token ids a request would run with, and nothing
+    # run. Routers (vllm-router's cache-aware policy) call them to see prefixes in tokens.
+    @app.post("/v1/chat/completions/render")
+    async def render_chat(request: Request) -> dict[str, Any]:
+        authenticate(request)
+        return await serving.render_chat(request)
+
+    @app.post("/v1/completions/render")
+    async def render_completion(request: Request) -> list[dict[str, Any]]:
+        authenticate(request)
+        return await serving.render_completion(request)
 
     return app
 

@@ -32,6 +32,7 @@ class ServerConfig:
     max_request_body_size: int = 4 << 20  # bytes
     header_timeout: float = 10.0  # seconds for a request's headers to arrive
     forwarded_allow_ips: tuple[str, ...] = ()  # proxies trusted for X-Forwarded-For
+    replica_name: str = ""  # x-tokenmill-replica header; default host:port
     log_prompts: bool = False
     log_level: str = "info"
 

@@ -132,6 +132,30 @@ class OpenAIServing:
         self.prompts.check_token_ids(req.tokens, "tokens")
         return {"prompt": self.engine.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
+    # ----- render (vLLM's shape) --------------------------------------------------------------
+
+    async def render_chat(self, request: Request) -> dict[str, Any]:
+        """The chat request's prompt token ids, as vLLM's ``/v1/chat/completions/render``."""
+        req = parse_request(ChatCompletionRequest, await self._body(request))
+        model = self.resolve_model(req.model)
+        _, token_ids = await self.prompts.encode_chat(req.template_messages(),
+                                                      req.add_generation_prompt)
+        return _generate_request(f"chatcmpl-{get_record(request).request_id}", model,
+                                 token_ids)
+
+    async def render_completion(self, request: Request) -> list[dict[str, Any]]:
+        """One entry per prompt, as vLLM's ``/v1/completions/render``."""
+        req = parse_request(CompletionRequest, await self._body(request))
+        model = self.resolve_model(req.model)
+        req.check_supported(self.config.max_n, self.config.max_prompts_per_request)
+        rid = f"cmpl-{get_record(request).request_id}"
+        out = []
+        for i, prompt in enumerate(req.prompts()):
+            ids = (await self.prompts.encode(prompt, True, "prompt")
+                   if isinstance(prompt, str) else prompt)
+            out.append(_generate_request(f"{rid}-{i}", model, ids))
+        return out
+
     # ----- completions ----------------------------------------------------------------------
 
     async def chat_completions(self, request: Request, identity: str) -> Response:
@@ -178,6 +202,10 @@ class OpenAIServing:
         if req.stream:
             return self.responder.stream(job)
         return await self.responder.respond(request, job)
+
+
+def _generate_request(request_id: str, model: str, token_ids: list[int]) -> dict[str, Any]:
+    return {"request_id": request_id, "model": model, "token_ids": token_ids, "features": None}
 
 
 def _note_request(record: RequestRecord, req: SamplingFields) -> None:
