@@ -86,7 +86,7 @@ def build_rank_model(
     t0 = time.perf_counter()
     resolved = resolve_model(args.model, args.load_format)
     loaded = load_model(resolved, dtype=dtype, device=str(device), attn_backend=backend,
-                        quantization=args.quantization, tp=tp)
+                        quantization=args.quantization, tp=tp, max_model_len=args.max_model_len)
     load_s = time.perf_counter() - t0
     model_config = loaded.config
     kv_heads = loaded.model.shard.num_kv_heads
