@@ -512,8 +512,9 @@ class DecoderCausalLM(nn.Module):
     moe_names = ("mlp.gate", "mlp.experts", "gate_proj", "up_proj", "down_proj")
 
     def _moe_layout(self, layer: int, p: str) -> None:
-        """Router and experts: per-expert tensors (published checkpoints) or the stacked
-        ``mlp.experts.gate_up_proj`` / ``down_proj`` tensors transformers 5 keeps in memory."""
+        """Router and experts: per-expert tensors (published checkpoints), or stacked
+        ``mlp.experts.gate_up_proj`` / ``down_proj`` tensors (transformers 5 in memory),
+        or stacked ``gate_proj`` / ``up_proj`` / ``down_proj`` (GGUF)."""
         cfg, sp = self.config, self.shard
         router, experts, gate, up, down = self.moe_names
         inter = sp.moe_intermediate_size
@@ -537,6 +538,12 @@ class DecoderCausalLM(nn.Module):
         ], gate_up_names)
         self._alias(f"{p}mlp.experts.down_proj", [_Slot(w2, None, 0, 2, start, inter, full)],
                     down_names)
+        # Stacked per projection ([E, inter, hidden] each), as GGUF files store them.
+        self._alias(f"{p}mlp.experts.gate_proj",
+                    [_Slot(w13, 0, inter, 1, start, inter, full, dst_dim=1)], gate_up_names[::2])
+        self._alias(f"{p}mlp.experts.up_proj",
+                    [_Slot(w13, inter, inter, 1, start, inter, full, dst_dim=1)],
+                    gate_up_names[1::2])
         if router != "mlp.gate":
             self._alias(f"{p}mlp.gate.weight", [_Slot(f"{p}mlp.router_weight")],
                         [f"{p}{router}.weight"])
