@@ -16,65 +16,11 @@ import random
 
 import pytest
 import torch
+from family_models import WINDOW, save_family
 
 from tokenmill.engine.block_manager import NULL_BLOCK
 from tokenmill.llm import LLM
 from tokenmill.sampling import SamplingParams
-
-WINDOW = 8
-COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-              rms_norm_eps=1e-5)
-
-
-def family_model(name: str):
-    """A tiny float32 transformers model of the family (seeded), ready for save_pretrained."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if name == "qwen3":
-        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=16,
-                                                   tie_word_embeddings=True))
-    elif name == "gemma3":
-        cfg = tf.Gemma3TextConfig(
-            **{**COMMON, "num_hidden_layers": 3}, head_dim=16, query_pre_attn_scalar=16,
-            sliding_window=WINDOW, rope_local_base_freq=10000.0, rope_theta=1e6,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            final_logit_softcapping=20.0, pad_token_id=0, bos_token_id=2, eos_token_id=1)
-        model = tf.Gemma3ForCausalLM(cfg)
-    elif name == "phi3":
-        model = tf.Phi3ForCausalLM(tf.Phi3Config(**COMMON, sliding_window=WINDOW,
-                                                 partial_rotary_factor=0.5, pad_token_id=0,
-                                                 eos_token_id=2))
-    elif name == "mistral-window":
-        model = tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=WINDOW))
-    elif name == "mixtral":
-        model = tf.MixtralForCausalLM(tf.MixtralConfig(
-            **COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW))
-    elif name == "qwen3-moe":
-        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
-            **COMMON, head_dim=16, num_experts=6, num_experts_per_tok=2,
-            moe_intermediate_size=32, mlp_only_layers=[0], norm_topk_prob=False))
-    else:
-        raise ValueError(name)
-    model = model.float().eval()
-    model.config._attn_implementation = "eager"
-    with torch.no_grad():
-        # Larger random weights give sharper, less tie-prone logits.
-        for pname, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.15)
-            elif "norm" in pname and name == "gemma3":
-                p.normal_(0, 0.1)  # Gemma's norms scale by 1 + weight
-    return model
-
-
-def save_family(tmp_path, name: str):
-    model = family_model(name)
-    path = tmp_path / name
-    model.save_pretrained(path)
-    return str(path), model
-
 
 FAMILIES = ["qwen3", "gemma3", "phi3", "mistral-window", "mixtral", "qwen3-moe"]
 WINDOWED = {"gemma3", "phi3", "mistral-window", "mixtral"}

@@ -332,7 +332,10 @@ def hf_tensor_name(gguf_name: str, source: str = "<gguf>",
     match = _BLOCK_PATTERN.fullmatch(gguf_name)
     if match and match.group(2) in info.block_names:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{info.block_names[part]}.{kind}"
+        module = info.block_names[part]
+        if part.endswith("_exps"):
+            return f"model.layers.{layer}.{module}"  # stacked experts: no ".weight"
+        return f"model.layers.{layer}.{module}.{kind}"
     raise WeightLoadError(f"{source}: unexpected tensor {gguf_name!r} in GGUF file")
 
 
