@@ -180,6 +180,9 @@ class TorchAttentionBackend:
         valid = kpos < meta.seq_lens[:b, None]
         if window is not None:
             valid &= kpos >= meta.seq_lens[:b, None] - window
+            # Blocks before the window may have been released and reused: never let
+            # whatever they hold (even NaN) into the weighted sum.
+            values = values.masked_fill(~valid[:, :, None, None], 0.0)
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out = torch.einsum("bhgl,blhd->bhgd", probs, values)
