@@ -15,10 +15,10 @@ pytestmark = pytest.mark.skipif(cpu.cpu_kernels() is None, reason="no C compiler
 HEADS, KV_HEADS, DIM, BLOCK = 6, 2, 32, 16
 
 
-def _paged_case(q_lens, seq_lens, seed=0, num_blocks=64):
+def _paged_case(q_lens, seq_lens, seed=0, num_blocks=64, dim=DIM):
     g = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=g)
-    v_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=g)
+    k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, dim, generator=g)
+    v_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, dim, generator=g)
     perm = torch.randperm(num_blocks, generator=g)
     max_blocks = max(-(-n // BLOCK) for n in seq_lens)
     tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
@@ -29,18 +29,78 @@ def _paged_case(q_lens, seq_lens, seed=0, num_blocks=64):
         used += count
     qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
     qsl[1:] = torch.tensor(q_lens).cumsum(0)
-    q = torch.randn(int(qsl[-1]), HEADS, DIM, generator=g)
+    q = torch.randn(int(qsl[-1]), HEADS, dim, generator=g)
     return q, k_cache, v_cache, qsl, torch.tensor(seq_lens, dtype=torch.int32), tables
 
 
-def _reference(q, k_cache, v_cache, qsl, seq_lens, tables, scale):
+def _reference(q, k_cache, v_cache, qsl, seq_lens, tables, scale, window=None):
     out = torch.zeros_like(q)
     for i in range(len(seq_lens)):
         a, b = int(qsl[i]), int(qsl[i + 1])
         if b > a:
             out[a:b] = TorchAttentionBackend._prefill_one(
-                q[a:b], k_cache, v_cache, tables[i], int(seq_lens[i]), scale)
+                q[a:b], k_cache, v_cache, tables[i], int(seq_lens[i]), scale, window)
     return out
+
+
+def _dense_reference(q, k_cache, v_cache, qsl, seq_lens, tables, scale, window):
+    """Independent of the backends: every score computed, then masked to the window."""
+    out = torch.zeros_like(q)
+    group = q.shape[1] // k_cache.shape[2]
+    for i in range(len(seq_lens)):
+        a, b, n = int(qsl[i]), int(qsl[i + 1]), int(seq_lens[i])
+        keys = k_cache[tables[i].long()].reshape(-1, *k_cache.shape[2:])[:n]
+        values = v_cache[tables[i].long()].reshape(-1, *v_cache.shape[2:])[:n]
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+        for j in range(b - a):
+            pos = n - (b - a) + j
+            lo = max(0, pos - window + 1)
+            scores = torch.einsum("hd,khd->hk", q[a + j], keys[lo:pos + 1]) * scale
+            out[a + j] = torch.einsum("hk,khd->hd", scores.softmax(-1), values[lo:pos + 1])
+    return out
+
+
+def _poisoned(q_lens, seq_lens, window, dim, seed):
+    """A paged case whose table entries wholly before every query's window point at an
+    extra NaN-filled block (what a released block may hold, at worst); with the
+    dense reference computed from the clean tables."""
+    q, kc, vc, qsl, lens, tables = _paged_case(q_lens, seq_lens, seed=seed, dim=dim)
+    want = _dense_reference(q, kc, vc, qsl, lens, tables, 0.3, window)
+    nan_block = torch.full((1, *kc.shape[1:]), float("nan"))
+    kc, vc = torch.cat([kc, nan_block]), torch.cat([vc, nan_block])
+    poisoned = tables.clone()
+    for i, (n, ql) in enumerate(zip(seq_lens, q_lens, strict=True)):
+        poisoned[i, : max(0, n - ql - window + 1) // BLOCK] = kc.shape[0] - 1
+    return q, kc, vc, qsl, lens, poisoned, want
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 17, 100])
+@pytest.mark.parametrize("head_dim", [32, 12])  # AVX2 path and the generic loop
+def test_paged_attention_sliding_window_never_reads_outside(window, head_dim):
+    q, kc, vc, qsl, lens, tables, want = _poisoned([1, 3, 1, 16], [70, 50, 9, 64], window,
+                                                   head_dim, seed=window)
+    out = torch.zeros_like(q)
+    assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, 0.3, 16, window)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    # The torch backend's SDPA path gathers only the blocks in the window too.
+    torch.testing.assert_close(_reference(q, kc, vc, qsl, lens, tables, 0.3, window), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [3, 16, 40])
+def test_torch_batched_decode_sliding_window(window):
+    """The PyTorch decode path (no native kernel) gathers whole tables and masks."""
+    from tokenmill.attention.base import AttentionMetadata
+
+    q_lens, seq_lens = [1, 1, 1], [70, 9, 33]
+    q, kc, vc, qsl, lens, tables, want = _poisoned(q_lens, seq_lens, window, DIM, seed=3)
+    meta = AttentionMetadata(
+        num_tokens=3, slot_mapping=torch.full((3,), -1), query_start_loc=qsl, seq_lens=lens,
+        block_tables=tables, max_query_len=1, max_seq_len=max(seq_lens),
+        query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=seq_lens)
+    out = TorchAttentionBackend._decode(q, kc, vc, meta, 0.3, window)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("q_lens,seq_lens", [

@@ -282,7 +282,8 @@ def test_dummy_weights(tmp_path: Path) -> None:
 
 def test_registry() -> None:
     assert supported_architectures() == [
-        "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]
+        "Gemma3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
+        "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"]
     assert get_model_class("MistralForCausalLM") is MistralCausalLM
     assert get_model_class("Qwen2ForCausalLM") is Qwen2CausalLM
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):

@@ -91,13 +91,14 @@ def make_tensors(meta, num_blocks, block_size, num_heads, num_kv_heads, head_dim
     )
 
 
-def run_both(backend, meta, t, scale, ref_dtype=None):
+def run_both(backend, meta, t, scale, ref_dtype=None, window=None):
     """Run ``backend`` and the reference (optionally in a wider dtype) on copies."""
     ref_dtype = ref_dtype or t["q"].dtype
     ref_in = {name: x.to(ref_dtype).clone() for name, x in t.items()}
     out_in = {name: x.clone() for name, x in t.items()}
-    ref = TorchAttentionBackend().forward(**ref_in, meta=meta, scale=scale)
-    out = backend.forward(**out_in, meta=meta, scale=scale)
+    ref = TorchAttentionBackend().forward(**ref_in, meta=meta, scale=scale,
+                                          sliding_window=window)
+    out = backend.forward(**out_in, meta=meta, scale=scale, sliding_window=window)
     assert out.shape == t["q"].shape and out.dtype == t["q"].dtype
     # Both backends must leave identical caches behind.
     assert torch.equal(out_in["k_cache"].to(ref_dtype), ref_in["k_cache"])
@@ -184,6 +185,50 @@ def test_long_prefill_chunk_tiles_across_many_blocks():
     meta, num_blocks = make_step(requests, 8, seed=11)
     t = make_tensors(meta, num_blocks, 8, 3, 1, 80, torch.float32, seed=11)
     out, ref = run_both(TritonAttentionBackend(), meta, t, 0.11)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+def poison_outside_window(meta, t, requests, block_size, window):
+    """Point table entries wholly before every query's window at a NaN block (appended to
+    the caches): a kernel that read them would return NaN. Returns the new metadata."""
+    import dataclasses
+
+    nan = torch.full((1, *t["k_cache"].shape[1:]), float("nan"), device=DEVICE)
+    t["k_cache"] = torch.cat([t["k_cache"], nan.to(t["k_cache"].dtype)])
+    t["v_cache"] = torch.cat([t["v_cache"], nan.to(t["v_cache"].dtype)])
+    tables = meta.block_tables.clone()
+    for i, (cached, _new) in enumerate(requests):
+        tables[i, : max(0, cached - window + 1) // block_size] = t["k_cache"].shape[0] - 1
+    return dataclasses.replace(meta, block_tables=tables)
+
+
+WINDOWED = [(0, 30), (5, 1), (21, 9), (70, 1), (0, 1), (44, 20)]
+
+
+@pytest.mark.parametrize("window", [1, 7, 16, 40])
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_sliding_window_mixed_step_matches_reference(window, block_size):
+    meta, num_blocks = make_step(WINDOWED, block_size, num_pad=2, seed=window)
+    t = make_tensors(meta, num_blocks, block_size, 6, 2, 64, torch.float32, seed=window)
+    ref = TorchAttentionBackend().forward(**{k: x.clone() for k, x in t.items()}, meta=meta,
+                                          scale=0.2, sliding_window=window)
+    poisoned = poison_outside_window(meta, t, WINDOWED, block_size, window)
+    out = TritonAttentionBackend().forward(**t, meta=poisoned, scale=0.2,
+                                           sliding_window=window)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 9, 64])
+@pytest.mark.parametrize("split", [False, True])
+def test_sliding_window_decode_matches_reference(window, split):
+    requests = [(299, 1), (3, 1), (150, 1), (64, 1)]
+    meta, num_blocks = make_step(requests, 16, seed=window)
+    t = make_tensors(meta, num_blocks, 16, 8, 2, 64, torch.float32, seed=window)
+    ref = TorchAttentionBackend().forward(**{k: x.clone() for k, x in t.items()}, meta=meta,
+                                          scale=0.125, sliding_window=window)
+    poisoned = poison_outside_window(meta, t, requests, 16, window)
+    backend = TritonAttentionBackend(split_kv=split, num_segments=4 if split else None)
+    out = backend.forward(**t, meta=poisoned, scale=0.125, sliding_window=window)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 
 

@@ -198,3 +198,34 @@ def test_graph_decode_inputs_on_triton_backend_match_torch(tiny_model_dir, num_s
     assert backend.split_kv is None and backend.num_segments is None  # restored
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+WINDOWED_CONFIGS = {
+    # Local layers with a 5-token window around a global one, own RoPE bases, Q/K norms.
+    "gemma3": {**TINY_CONFIG, "architectures": ["Gemma3ForCausalLM"],
+               "model_type": "gemma3_text", "num_hidden_layers": 3, "head_dim": 16,
+               "sliding_window": 5, "sliding_window_pattern": 2, "query_pre_attn_scalar": 16,
+               "tie_word_embeddings": True},
+    # Every layer windowed (blocks behind the window are released) and experts.
+    "mixtral": {**TINY_CONFIG, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                "sliding_window": 6, "num_local_experts": 4, "num_experts_per_tok": 2},
+}
+
+
+@pytest.mark.parametrize("family", list(WINDOWED_CONFIGS))
+def test_windowed_and_moe_families_match_torch_backend(family, tmp_path):
+    """Sliding windows in the Triton kernels and the fused MoE kernel inside the engine."""
+    (tmp_path / "config.json").write_text(json.dumps(WINDOWED_CONFIGS[family]))
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    results = {}
+    for backend in ("torch", "triton"):
+        llm = make_llm(str(tmp_path), backend)
+        if backend == "triton":
+            for module in llm.engine.core.runner.model.modules():
+                if hasattr(module, "quantize_experts"):
+                    module.impl = "triton"  # the fused kernel (default on CUDA only)
+        outs = llm.generate(prompts(), params, use_tqdm=False)
+        results[backend] = [o.outputs[0].token_ids for o in outs]
+        stats = llm.engine.stats()
+        assert stats.num_free_blocks == stats.num_total_blocks
+    assert results["triton"] == results["torch"]

@@ -192,3 +192,52 @@ def test_dispatch_uses_reference_on_cpu_by_default(monkeypatch):
     x = torch.randn(3, 32)
     w = torch.ones(32)
     torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), reference.rms_norm_ref(x, w, 1e-6))
+
+
+# ----------------------------------------------------------------- fused MoE
+
+
+def test_align_rows_by_expert_pads_each_expert_to_the_tile():
+    from tokenmill.kernels.fused_moe import align_rows_by_expert
+
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2]], device=DEVICE)  # rows 0..5 = (token, choice)
+    rows, experts = align_rows_by_expert(ids, num_experts=4, block_m=4)
+    pad = 6
+    # expert 0: rows 1, 4; expert 1: row 3; expert 2: rows 0, 2, 5; expert 3: none
+    assert rows.tolist()[:12] == [1, 4, pad, pad, 3, pad, pad, pad, 0, 2, 5, pad]
+    assert all(r == pad for r in rows.tolist()[12:])
+    assert experts.tolist()[:3] == [0, 1, 2] and all(e == -1 for e in experts.tolist()[3:])
+    assert rows.numel() % 4 == 0 and experts.numel() == rows.numel() // 4
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh"])
+def test_fused_moe_matches_grouped_experts(tokens, activation):
+    from tokenmill.kernels.fused_moe import fused_moe
+    from tokenmill.model.layers import gated_activation
+
+    num_experts, top_k, hidden, inter = 8, 2, 64, 48  # inter: not a tile multiple
+    x = randn(tokens, hidden, seed=1)
+    w13 = randn(num_experts, 2 * inter, hidden, seed=2) * 0.2
+    w2 = randn(num_experts, hidden, inter, seed=3) * 0.2
+    logits = randn(tokens, num_experts, seed=4)
+    weights, ids = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
+    act = gated_activation(activation)
+    want = torch.zeros_like(x)
+    for t in range(tokens):
+        for j in range(top_k):
+            e = int(ids[t, j])
+            want[t] += weights[t, j] * (act(x[t:t + 1] @ w13[e].T) @ w2[e].T)[0]
+    got = fused_moe(x, w13, w2, weights, ids, activation, block_m=16)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_moe_bfloat16_close_to_float32():
+    from tokenmill.kernels.fused_moe import fused_moe
+
+    x = randn(9, 64, seed=5)
+    w13, w2 = randn(4, 64, 64, seed=6) * 0.2, randn(4, 64, 32, seed=7) * 0.2
+    weights, ids = torch.topk(torch.softmax(randn(9, 4, seed=8), -1), 2, dim=-1)
+    want = fused_moe(x, w13, w2, weights, ids)
+    got = fused_moe(x.bfloat16(), w13.bfloat16(), w2.bfloat16(), weights, ids)
+    torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)

@@ -48,7 +48,11 @@ class AttentionBackend(Protocol):
     Shapes: ``q`` [T, num_heads, head_dim]; ``k``/``v`` [T, num_kv_heads, head_dim];
     ``k_cache``/``v_cache`` [num_blocks, block_size, num_kv_heads, head_dim].
     Returns [T, num_heads, head_dim]. Attention is causal: query token ``j`` of
-    request ``i`` sees context positions ``< seq_lens[i] - query_len + j + 1``.
+    request ``i`` sits at position ``p = seq_lens[i] - query_len + j`` and sees
+    context positions ``<= p``; with ``sliding_window`` W only the last W of
+    them, ``p - W < position <= p`` (transformers' convention). Keys outside
+    the window are never read, so their blocks may have been freed (a block
+    table entry there may point anywhere).
     """
 
     name: str
@@ -62,7 +66,15 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor: ...
+
+
+def window_start(position: int, sliding_window: int | None) -> int:
+    """First key position a query at ``position`` attends to."""
+    if sliding_window is None:
+        return 0
+    return max(0, position - sliding_window + 1)
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

@@ -11,6 +11,11 @@ chunks of up to ``SHORT_QUERY_LEN`` tokens) go to a native kernel that reads
 K/V in place from the paged cache (:mod:`tokenmill.kernels.cpu`); the
 PyTorch code above is the fallback when it cannot be built, and the path for
 long prefill chunks, where SDPA's matmul tiles win.
+
+Sliding windows: prefill chunks gather only the blocks that hold a key some
+query of the chunk can see and mask by both ends; batched decodes mask keys
+before the window (the blocks they gather there are never looked at); the
+native kernel starts each query's walk at its window.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenmill.attention.base import AttentionMetadata
+from tokenmill.attention.base import AttentionMetadata, window_start
 from tokenmill.kernels import cpu as cpu_kernels
 
 # Longest query the native CPU kernel takes; longer prefill chunks use SDPA.
@@ -51,12 +56,14 @@ def write_kv_cache(
     flat_v.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """Contiguous [length, kv_heads, head_dim] view of one sequence's cached K or V."""
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int,
+              first_block: int = 0) -> torch.Tensor:
+    """Contiguous copy of one sequence's cached K or V for positions
+    ``first_block * block_size .. length - 1`` ([n, kv_heads, head_dim])."""
     block_size = cache.shape[1]
     nblocks = (length + block_size - 1) // block_size
-    blocks = cache.index_select(0, block_table[:nblocks].long())
-    return blocks.reshape(-1, *cache.shape[2:])[:length]
+    blocks = cache.index_select(0, block_table[first_block:nblocks].long())
+    return blocks.reshape(-1, *cache.shape[2:])[: length - first_block * block_size]
 
 
 class TorchAttentionBackend:
@@ -73,23 +80,26 @@ class TorchAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, meta.has_padding_slots)
         out = q.new_zeros(q.shape)  # contiguous even when q is a strided view
         if meta.num_seqs == 0:
             return out
+        window = sliding_window
         if q.device.type == "cpu" and cpu_kernels.paged_attention(
             q, out, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            scale, SHORT_QUERY_LEN,
+            scale, SHORT_QUERY_LEN, window or 0,
         ):
             if meta.max_query_len > SHORT_QUERY_LEN:
-                self._prefill_each(q, out, k_cache, v_cache, meta, scale, SHORT_QUERY_LEN)
+                self._prefill_each(q, out, k_cache, v_cache, meta, scale, window,
+                                   SHORT_QUERY_LEN)
             return out
         if meta.is_decode_only:
             b = meta.num_seqs
-            out[:b] = self._decode(q[:b], k_cache, v_cache, meta, scale)
+            out[:b] = self._decode(q[:b], k_cache, v_cache, meta, scale, window)
             return out
-        self._prefill_each(q, out, k_cache, v_cache, meta, scale)
+        self._prefill_each(q, out, k_cache, v_cache, meta, scale, window)
         return out
 
     def _prefill_each(
@@ -100,6 +110,7 @@ class TorchAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
         skip_up_to: int = 0,
     ) -> None:
         """Attend every sequence with more than ``skip_up_to`` query tokens, one at a time."""
@@ -109,7 +120,7 @@ class TorchAttentionBackend:
             if end - start <= skip_up_to:
                 continue
             out[start:end] = self._prefill_one(
-                q[start:end], k_cache, v_cache, meta.block_tables[i], seq_len, scale
+                q[start:end], k_cache, v_cache, meta.block_tables[i], seq_len, scale, window
             )
 
     @staticmethod
@@ -120,21 +131,26 @@ class TorchAttentionBackend:
         block_table: torch.Tensor,
         seq_len: int,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         q_len = q.shape[0]
-        keys = gather_kv(k_cache, block_table, seq_len).to(q.dtype)
-        values = gather_kv(v_cache, block_table, seq_len).to(q.dtype)
+        # Only blocks holding a key some query of the chunk can see (all, without a window).
+        first_block = window_start(seq_len - q_len, window) // k_cache.shape[1]
+        keys = gather_kv(k_cache, block_table, seq_len, first_block).to(q.dtype)
+        values = gather_kv(v_cache, block_table, seq_len, first_block).to(q.dtype)
         # [heads, tokens, dim] layout for SDPA; GQA handled by enable_gqa.
         qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
-        if q_len == seq_len:
+        if q_len == seq_len and (window is None or window >= seq_len):
             o = F.scaled_dot_product_attention(
                 qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True
             )
         else:
             # Query j sits at absolute position seq_len - q_len + j (bottom-right causal).
             qpos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-            kpos = torch.arange(seq_len, device=q.device)
+            kpos = torch.arange(first_block * k_cache.shape[1], seq_len, device=q.device)
             mask = kpos[None, :] <= qpos[:, None]
+            if window is not None:
+                mask &= kpos[None, :] > qpos[:, None] - window
             o = F.scaled_dot_product_attention(
                 qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
             )
@@ -147,6 +163,7 @@ class TorchAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         b, num_heads, head_dim = q.shape
         block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -159,7 +176,13 @@ class TorchAttentionBackend:
         qg = q.view(b, num_kv_heads, group, head_dim)
         scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale
         length = keys.shape[1]
-        valid = torch.arange(length, device=q.device)[None, :] < meta.seq_lens[:b, None]
+        kpos = torch.arange(length, device=q.device)[None, :]
+        valid = kpos < meta.seq_lens[:b, None]
+        if window is not None:
+            valid &= kpos >= meta.seq_lens[:b, None] - window
+            # Blocks before the window may have been released and reused: never let
+            # whatever they hold (even NaN) into the weighted sum.
+            values = values.masked_fill(~valid[:, :, None, None], 0.0)
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out = torch.einsum("bhgl,blhd->bhgd", probs, values)

@@ -4,7 +4,8 @@ Per layer and step: one kernel stores the new K/V in the paged cache, then
 either the paged decode kernel runs (every request has exactly one new token;
 optionally split-K for long contexts and few sequences) or the varlen prefill
 kernel runs over all requests at once (prefill chunks, prefix-cache hits and
-decodes mixed). Same inputs and outputs as the PyTorch reference backend.
+decodes mixed). Same inputs and outputs as the PyTorch reference backend,
+sliding windows included (both kernels start reading at each query's window).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class TritonAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
@@ -56,12 +58,12 @@ class TritonAttentionBackend:
             segments = self._decode_segments(meta, k_cache.shape[2], q.device)
             paged_decode_attention(
                 out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                num_segments=segments,
+                num_segments=segments, sliding_window=sliding_window,
             )
         else:
             prefill_attention(
                 out, q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                meta.query_start_loc, scale,
+                meta.query_start_loc, scale, sliding_window,
             )
         return out
 

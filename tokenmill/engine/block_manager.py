@@ -14,6 +14,15 @@ eviction is simply "take the block at the head of the free list".
 Only this class changes reference counts. Allocation never half-succeeds: a
 call either gets every block it needs or returns ``None`` / ``False`` and
 changes nothing, so the scheduler can preempt and retry.
+
+Sliding-window models: once a sequence's leading blocks hold only tokens no
+future query can attend to, :meth:`free_blocks_before` releases them and
+leaves :data:`NULL_BLOCK` in their table slots (positions stay where they
+are). Released blocks join the free list like any freed block, keeping their
+prefix-cache hash, so a later request with the same prefix can still revive
+them: a prefix hit walks the chain from the first block and revives every
+block of it, and the new sequence releases the ones outside its window again
+after its first step.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from dataclasses import dataclass, field
 BlockKey = tuple[int, tuple[int, ...]]
 
 _ROOT_HASH = 0x7A3B  # parent hash of a sequence's first block
+NULL_BLOCK = -1  # a block-table slot whose block was released (outside every window)
 
 
 @dataclass
@@ -42,6 +52,7 @@ class _SeqBlocks:
     block_ids: list[int] = field(default_factory=list)
     num_hashed: int = 0  # leading blocks already registered in the prefix cache
     last_hash: int = _ROOT_HASH  # hash of block num_hashed - 1 (chain parent)
+    num_released: int = 0  # leading blocks released by free_blocks_before (NULL_BLOCK)
 
 
 class BlockManager:
@@ -190,8 +201,9 @@ class BlockManager:
             table[-1] = dst
             num_shared -= 1
         for b in table[:num_shared]:
-            self.blocks[b].ref_count += 1
-        child = _SeqBlocks(block_ids=table)
+            if b != NULL_BLOCK:
+                self.blocks[b].ref_count += 1
+        child = _SeqBlocks(block_ids=table, num_released=min(parent.num_released, num_shared))
         if parent.num_hashed <= num_shared:
             child.num_hashed, child.last_hash = parent.num_hashed, parent.last_hash
         self._seqs[child_id] = child
@@ -208,14 +220,42 @@ class BlockManager:
         if seq is None:
             return
         for b in reversed(seq.block_ids):
-            block = self.blocks[b]
-            block.ref_count -= 1
-            if block.ref_count < 0:
-                raise AssertionError(f"block {b} reference count went negative")
-            if block.ref_count == 0:
-                if block.key is None:
-                    block.hash = None
-                self._free[b] = None
+            if b != NULL_BLOCK:
+                self._release(b)
+
+    def free_blocks_before(self, seq_id: str, num_tokens: int) -> int:
+        """Release the sequence's leading blocks that hold only positions < ``num_tokens``.
+
+        For sliding-window models: the scheduler passes the first position any
+        future query of the sequence can still attend to. With prefix caching,
+        only blocks already registered are released (a registered block keeps
+        its hash in the free list; the chain of hashes stays intact). Their
+        table slots become :data:`NULL_BLOCK`. Returns how many were released.
+        """
+        seq = self._seqs[seq_id]
+        upto = min(max(num_tokens, 0) // self.block_size, len(seq.block_ids))
+        if self.enable_prefix_caching:
+            upto = min(upto, seq.num_hashed)
+        released = 0
+        for i in range(seq.num_released, upto):
+            b = seq.block_ids[i]
+            if b != NULL_BLOCK:
+                self._release(b)
+                seq.block_ids[i] = NULL_BLOCK
+                released += 1
+        seq.num_released = max(seq.num_released, upto)
+        return released
+
+    def _release(self, b: int) -> None:
+        """Drop one reference; an unreferenced block joins the free list's tail."""
+        block = self.blocks[b]
+        block.ref_count -= 1
+        if block.ref_count < 0:
+            raise AssertionError(f"block {b} reference count went negative")
+        if block.ref_count == 0:
+            if block.key is None:
+                block.hash = None
+            self._free[b] = None
 
     def record_prefix_query(self, num_queried: int, num_hit: int) -> None:
         self.prefix_queries += num_queried
@@ -252,8 +292,10 @@ class BlockManager:
         """Assert internal consistency (used by tests)."""
         refs = [0] * self.num_blocks
         for seq in self._seqs.values():
-            for b in seq.block_ids:
-                refs[b] += 1
+            for i, b in enumerate(seq.block_ids):
+                assert (b == NULL_BLOCK) == (i < seq.num_released), (seq, i)
+                if b != NULL_BLOCK:
+                    refs[b] += 1
         for block in self.blocks:
             assert block.ref_count == refs[block.block_id], (block, refs[block.block_id])
             assert (block.ref_count == 0) == (block.block_id in self._free), block

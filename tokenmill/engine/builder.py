@@ -86,7 +86,7 @@ def build_rank_model(
     t0 = time.perf_counter()
     resolved = resolve_model(args.model, args.load_format)
     loaded = load_model(resolved, dtype=dtype, device=str(device), attn_backend=backend,
-                        quantization=args.quantization, tp=tp)
+                        quantization=args.quantization, tp=tp, max_model_len=args.max_model_len)
     load_s = time.perf_counter() - t0
     model_config = loaded.config
     kv_heads = loaded.model.shard.num_kv_heads
@@ -198,9 +198,14 @@ def _assemble(args: EngineArgs, rank: RankModel, device: torch.device,
     )
     eos_token_ids = tuple(
         tokenizer.eos_token_ids if tokenizer is not None else model_config.eos_token_ids)
+    window = model_config.kv_window
+    if rank.draft is not None:
+        # The draft reads the same blocks: release them only if it never needs them either.
+        draft_window = rank.draft.config.kv_window
+        window = None if window is None or draft_window is None else max(window, draft_window)
     scheduler = Scheduler(
         sched_cfg, BlockManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching),
-        eos_token_ids,
+        eos_token_ids, sliding_window=window,
     )
     generator = torch.Generator(device=device).manual_seed(args.seed)
     spec_cfg = args.speculative_config()

@@ -55,9 +55,13 @@ class Scheduler:
         config: SchedulerConfig,
         block_manager: BlockManager,
         eos_token_ids: Iterable[int] = (),
+        sliding_window: int | None = None,
     ):
         self.config = config
         self.block_manager = block_manager
+        # Set when every layer (of the target and any draft model) attends through a
+        # window of at most this many tokens: blocks behind it are released in update().
+        self.sliding_window = sliding_window
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key: last = first victim
@@ -275,7 +279,8 @@ class Scheduler:
         condition (EOS, a stop token id, ``max_tokens``, the model length);
         with drafts, only the accepted ones count as computed (rejected
         positions are overwritten later). Full blocks are registered in the
-        prefix cache; finished sequences are freed.
+        prefix cache; with a sliding window, blocks no later query can see are
+        released; finished sequences are freed.
         """
         result = StepUpdate()
         touched: list[Sequence] = []
@@ -306,6 +311,11 @@ class Scheduler:
             if self.block_manager.has_seq(seq.seq_id):
                 self.block_manager.cache_full_blocks(seq.seq_id, seq.token_ids,
                                                      seq.num_computed_tokens)
+                if self.sliding_window is not None and seq.finish_reason is None:
+                    # Every later query sits at >= num_computed_tokens, so it sees
+                    # nothing before num_computed_tokens - window + 1.
+                    self.block_manager.free_blocks_before(
+                        seq.seq_id, seq.num_computed_tokens - self.sliding_window + 1)
             if seq.finish_reason is not None:
                 self.finish(seq)
                 result.finished.append(seq)

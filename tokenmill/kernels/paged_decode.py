@@ -39,7 +39,7 @@ MAX_SEGMENTS = 32
 def _paged_decode_kernel(
     out_ptr, part_out_ptr, part_ml_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    scale_log2,
+    scale_log2, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt,
@@ -65,12 +65,15 @@ def _paged_decode_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
+    # The query sits at seq_len - 1; a sliding window (> 0) starts its keys at
+    # seq_len - window, and nothing before that is read.
+    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
     if NUM_SEGMENTS == 1:
-        start = 0
+        start = lo
         end = seq_len
     else:
-        tiles_per_segment = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SEGMENTS)
-        start = segment * tiles_per_segment * BLOCK_N
+        tiles_per_segment = tl.cdiv(tl.cdiv(seq_len - lo, BLOCK_N), NUM_SEGMENTS)
+        start = lo + segment * tiles_per_segment * BLOCK_N
         end = tl.minimum(start + tiles_per_segment * BLOCK_N, seq_len)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -166,8 +169,12 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     num_segments: int = 1,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Attend one query token per sequence over its paged context; writes ``out``.
+
+    ``sliding_window``: only the last ``sliding_window`` positions are attended
+    (and read).
 
     ``q``/``out``: [B, num_heads, head_dim] (rows past ``len(seq_lens)`` are not
     touched); caches [num_blocks, block_size, kv_heads, head_dim];
@@ -204,7 +211,7 @@ def paged_decode_attention(
     launcher(_paged_decode_kernel, device)[(num_seqs, num_kv_heads, num_segments)](
         out, part_out, part_ml,
         q, k_cache, v_cache, block_tables, seq_lens,
-        scale * LOG2E,
+        scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

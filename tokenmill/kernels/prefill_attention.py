@@ -19,7 +19,10 @@ two), so each K/V tile is loaded once for the whole group.
 Causality is bottom-right aligned: query ``j`` of a request sits at absolute
 position ``seq_len - query_len + j`` and sees keys at positions <= that. Key
 tiles wholly visible to every row of the tile skip the mask; only the last few
-tiles, which straddle the diagonal, compute it.
+tiles, which straddle the diagonal, compute it. With a sliding window ``W`` a
+row at position ``p`` sees only ``p - W < key <= p``: the key loop starts at
+the tile holding the first row's first visible key, and tiles below the last
+row's window start are masked too.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ LOG2E = 1.4426950408889634
 def _prefill_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    scale_log2, num_seqs,
+    scale_log2, num_seqs, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt,
@@ -99,10 +102,15 @@ def _prefill_attention_kernel(
     # need no mask. Keys up to context_len + last are visible to some rows.
     unmasked_end = ((context_len + first + 1) // BLOCK_N) * BLOCK_N
     kv_end = context_len + last + 1
+    # Sliding window: the first row sees keys from kv_lo on; keys from window_all on
+    # are inside every row's window, so only tiles below that need the window mask.
+    kv_lo = tl.where(window > 0, tl.maximum(context_len + first - window + 1, 0), 0)
+    window_all = tl.where(window > 0, tl.maximum(context_len + last - window + 1, 0), 0)
+    kv_start = (kv_lo // BLOCK_N) * BLOCK_N
 
-    for tile_start in range(0, kv_end, BLOCK_N):
+    for tile_start in range(kv_start, kv_end, BLOCK_N):
         pos = tile_start + offs_n
-        n_mask = pos < kv_end
+        n_mask = (pos < kv_end) & (pos >= kv_lo)
         block = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         in_block = pos % BLOCK_SIZE
         k = tl.load(k_cache_ptr + block[None, :] * stride_kb + in_block[None, :] * stride_ks
@@ -113,14 +121,16 @@ def _prefill_attention_kernel(
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION, out_dtype=tl.float32)
         s = s * scale_log2
-        if tile_start >= unmasked_end:
+        if (tile_start >= unmasked_end) | (tile_start < window_all):
             visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+            visible = visible & ((pos[None, :] > q_pos[:, None] - window) | (window <= 0))
             s = tl.where(visible, s, float("-inf"))
-        # Row max stays finite: position 0 is visible to every row and lies in
-        # the first tile, so no row ever sees only -inf.
+        # With a window a row may see nothing in a tile (-inf max): exponentiate
+        # against 0 then, so exp2(-inf - 0) = 0 rather than NaN.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
                                             input_precision=PRECISION, out_dtype=tl.float32)
@@ -147,8 +157,12 @@ def prefill_attention(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention for a batch of chunks (any mix of prefills and decodes).
+
+    ``sliding_window``: each query attends only its last ``sliding_window``
+    positions (keys before are not read).
 
     ``q``/``out``: [T, num_heads, head_dim], request ``i`` owning rows
     ``query_start_loc[i]:query_start_loc[i+1]``; caches
@@ -173,7 +187,7 @@ def prefill_attention(
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     launcher(_prefill_attention_kernel, q.device)[grid](
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E, num_seqs,
+        scale * LOG2E, num_seqs, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

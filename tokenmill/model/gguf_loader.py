@@ -1,5 +1,9 @@
 """Read a llama.cpp GGUF file as a tokenmill model: config, names and float weights.
 
+Architectures: ``llama`` (Llama, and Mixtral when the file has experts),
+``qwen2``, ``qwen3``, ``qwen3moe``, ``gemma3`` and ``phi3``; anything else is
+refused with a message naming the architecture.
+
 A GGUF file carries the hyper-parameters as ``<arch>.*`` metadata keys and
 the tensors under llama.cpp's names (``blk.N.attn_q.weight``), possibly
 block-quantized. This module turns the metadata into a :class:`ModelConfig`,
@@ -14,31 +18,84 @@ Two llama.cpp conventions need undoing:
 - Q/K rows: for llama-architecture files, llama.cpp's converter reorders the
   rows of each attention head's Q and K projections from "first half, second
   half" (rotate-half RoPE) to interleaved pairs (its own RoPE kernel). We
-  reorder them back, per head, using the KV head count for K. Qwen2 files are
-  written without this permutation.
+  reorder them back, per head, using the KV head count for K. Qwen2/3, Gemma 3
+  and Phi-3 files are written without this permutation.
+- Norms: Gemma's converter stores ``1 + weight``; we subtract the 1 (the model
+  adds it back, as transformers does).
+
+Some hyper-parameters are tensors or llama.cpp constants rather than metadata:
+Llama 3's RoPE factors (``rope_freqs``), Phi-3's LongRoPE factors
+(``rope_factors_long/short``), Gemma 3's query scale and local RoPE base.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from tokenmill.config import ModelConfig
+from tokenmill.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
+from tokenmill.model.decoder import WeightLoadError
 from tokenmill.model.layers import rope_inv_freq
-from tokenmill.model.llama import WeightLoadError
 
 if TYPE_CHECKING:  # gguf is imported lazily by the functions that read files
     from gguf import GGUFReader, ReaderTensor
 
-# GGUF ``general.architecture`` -> (HF architecture, Q/K rows permuted by the converter)
-_GGUF_ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "llama": ("LlamaForCausalLM", True),
-    "qwen2": ("Qwen2ForCausalLM", False),
+
+@dataclass(frozen=True)
+class _Arch:
+    """How one GGUF ``general.architecture`` maps onto tokenmill."""
+
+    hf_architecture: str
+    permuted_qk: bool  # llama.cpp's converter interleaved each head's Q/K rows
+    block_names: dict[str, str]  # GGUF block tensor part -> HF module path in the layer
+    norm_shift: float = 0.0  # stored norm weight = HF weight + norm_shift (Gemma: 1)
+
+
+_LLAMA_BLOCK = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    # Mixture of experts: the router and the experts stacked per projection.
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
+_GEMMA3_BLOCK = {
+    **_LLAMA_BLOCK,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_PHI3_BLOCK = {**_LLAMA_BLOCK, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+# Mixtral in a "llama" GGUF: the router is block_sparse_moe.gate, older files store
+# one tensor per expert (blk.N.ffn_gate.E.weight).
+_MIXTRAL_BLOCK = {**_LLAMA_BLOCK, "ffn_gate_inp": "block_sparse_moe.gate"}
+_MIXTRAL_EXPERT = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
+
+# GGUF ``general.architecture`` -> how to read it ("llama" with experts is Mixtral).
+_GGUF_ARCHITECTURES: dict[str, _Arch] = {
+    "llama": _Arch("LlamaForCausalLM", True, _LLAMA_BLOCK),
+    "qwen2": _Arch("Qwen2ForCausalLM", False, _LLAMA_BLOCK),
+    "qwen3": _Arch("Qwen3ForCausalLM", False, _LLAMA_BLOCK),
+    "qwen3moe": _Arch("Qwen3MoeForCausalLM", False, _LLAMA_BLOCK),
+    "gemma3": _Arch("Gemma3ForCausalLM", False, _GEMMA3_BLOCK, norm_shift=1.0),
+    "phi3": _Arch("Phi3ForCausalLM", False, _PHI3_BLOCK),
+}
+_MIXTRAL = _Arch("MixtralForCausalLM", True, _MIXTRAL_BLOCK)
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -46,19 +103,8 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 
-_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-
 _BLOCK_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_EXPERT_PATTERN = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(\d+)\.weight")
 
 # Llama 3.x stores its RoPE scaling as a precomputed per-frequency factor tensor
 # instead of metadata; these are the published parameter sets it can encode.
@@ -68,6 +114,13 @@ _LLAMA3_ROPE_CANDIDATES = tuple(
      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     for factor in (8.0, 32.0, 16.0)
 )
+# Phi-3's LongRoPE factors, stored as tensors too.
+_LONGROPE_TENSORS = {"rope_factors_long.weight": "long_factor",
+                     "rope_factors_short.weight": "short_factor"}
+# Tensors folded into the config rather than loaded.
+_CONFIG_TENSORS = (_ROPE_FREQS_TENSOR, *_LONGROPE_TENSORS)
+# Gemma 3: every sixth layer is global unless the file says otherwise.
+_GEMMA3_PATTERN = 6
 
 
 def open_gguf(path: str) -> GGUFReader:
@@ -82,20 +135,28 @@ def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def gguf_architecture(reader: GGUFReader, source: str) -> tuple[str, bool]:
-    """(HF architecture name, whether Q/K rows are permuted) of a GGUF file."""
+def _arch(reader: GGUFReader, source: str) -> _Arch:
     arch = _field(reader, "general.architecture")
     if arch not in _GGUF_ARCHITECTURES:
         raise ValueError(
             f"{source}: unsupported GGUF architecture {arch!r}; supported: "
             f"{', '.join(sorted(_GGUF_ARCHITECTURES))}"
         )
+    if arch == "llama" and int(_field(reader, "llama.expert_count", 0) or 0) > 0:
+        return _MIXTRAL
     return _GGUF_ARCHITECTURES[arch]
+
+
+def gguf_architecture(reader: GGUFReader, source: str) -> tuple[str, bool]:
+    """(HF architecture name, whether Q/K rows are permuted) of a GGUF file."""
+    info = _arch(reader, source)
+    return info.hf_architecture, info.permuted_qk
 
 
 def config_from_gguf(reader: GGUFReader, source: str = "<gguf>") -> ModelConfig:
     """Build a :class:`ModelConfig` from a GGUF file's metadata and tensor list."""
-    architecture, _ = gguf_architecture(reader, source)
+    info = _arch(reader, source)
+    architecture = info.hf_architecture
     arch = _field(reader, "general.architecture")
     tensors = {t.name: t for t in reader.tensors}
 
@@ -105,25 +166,24 @@ def config_from_gguf(reader: GGUFReader, source: str = "<gguf>") -> ModelConfig:
             raise ValueError(f"{source}: GGUF metadata lacks {arch}.{key}")
         return value
 
+    def optional(key: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
     hidden = int(required("embedding_length"))
     heads = int(required("attention.head_count"))
-    kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
+    kv_heads = int(optional("attention.head_count_kv", heads))
+    head_dim = int(optional("attention.key_length", hidden // heads))
+    layers = int(required("block_count"))
     embed = tensors.get("token_embd.weight")
     if embed is None:
         raise WeightLoadError(f"{source}: missing tensor 'token_embd.weight'")
     # ne[1] of the embedding is the vocabulary the weights were trained with; in
     # well-formed files it equals the length of tokenizer.ggml.tokens.
     vocab_size = int(embed.shape[1])
-    scaling_type = _field(reader, f"{arch}.rope.scaling.type")
-    if scaling_type not in (None, "none"):
-        raise ValueError(f"{source}: unsupported GGUF rope scaling type {scaling_type!r}")
-    rope_theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
-    rope_scaling = None
-    if _ROPE_FREQS_TENSOR in tensors:
-        rope_scaling = _llama3_scaling_from_factors(
-            tensors[_ROPE_FREQS_TENSOR], head_dim, rope_theta, source
-        )
+    rope_theta = float(optional("rope.freq_base", 10000.0))
+    rope_scaling = _rope_scaling(reader, arch, tensors, head_dim, rope_theta, source)
+    rotary = optional("rope.dimension_count")
+    partial = 1.0 if not rotary else int(rotary) / head_dim
     has_q_bias = "blk.0.attn_q.bias" in tensors
     eos_ids = []
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
@@ -131,24 +191,108 @@ def config_from_gguf(reader: GGUFReader, source: str = "<gguf>") -> ModelConfig:
         if token is not None and int(token) not in eos_ids:
             eos_ids.append(int(token))
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    extra: dict[str, Any] = {}
+    window = optional("attention.sliding_window")
+    if window:
+        extra["sliding_window"] = int(window)
+        extra["layer_types"] = _layer_types(reader, arch, layers)
+    experts = int(optional("expert_count", 0) or 0)
+    inter = int(required("feed_forward_length"))
+    if experts:
+        moe_inter = int(optional("expert_feed_forward_length", 0) or inter)
+        extra.update(
+            num_experts=experts,
+            num_experts_per_tok=int(required("expert_used_count")),
+            moe_intermediate_size=moe_inter,
+            # llama.cpp renormalises Mixtral's and Qwen3-MoE's top-k weights.
+            norm_topk_prob=bool(optional("expert_weights_norm", True)),
+            dense_layers=tuple(i for i in range(layers)
+                               if f"blk.{i}.ffn_gate_inp.weight" not in tensors),
+        )
+    if architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"):
+        extra["qk_norm"] = True
+    if architecture == "Gemma3ForCausalLM":
+        # Not in the metadata: llama.cpp's constants (query scale 1/sqrt(hidden/heads)
+        # for the 62-layer 27B, 1/sqrt(head_dim) otherwise; local RoPE base 10000).
+        extra.update(
+            query_pre_attn_scalar=float(hidden // heads if layers == 62 else head_dim),
+            rope_local_theta=float(optional("rope.freq_base_swa", 10000.0)),
+            hidden_act="gelu_pytorch_tanh",
+            final_logit_softcapping=optional("final_logit_softcapping"),
+        )
     return ModelConfig(
         architecture=architecture,
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=int(required("feed_forward_length")),
-        num_hidden_layers=int(required("block_count")),
+        intermediate_size=inter,
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rms_norm_eps=float(optional("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=rope_theta,
-        rope_scaling=tuple(sorted(rope_scaling.items())) if rope_scaling else None,
-        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
+        rope_scaling=_frozen(rope_scaling),
+        max_position_embeddings=int(optional("context_length", 2048)),
         tie_word_embeddings="output.weight" not in tensors,
         attention_bias=architecture == "Qwen2ForCausalLM" or has_q_bias,
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=tuple(eos_ids),
+        partial_rotary_factor=partial,
+        **extra,
     )
+
+
+def _frozen(scaling: dict[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
+    if not scaling:
+        return None
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                        for k, v in scaling.items()))
+
+
+def _layer_types(reader: GGUFReader, arch: str, layers: int) -> tuple[str, ...]:
+    """Which layers slide: the file's ``attention.sliding_window_pattern`` (one flag per
+    layer, or a period whose last layer is global), else Gemma 3's period of 6, else all."""
+    pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list) and len(pattern) == layers:
+        return tuple(SLIDING_ATTENTION if p else FULL_ATTENTION for p in pattern)
+    period = int(pattern) if isinstance(pattern, int) and pattern > 0 else (
+        _GEMMA3_PATTERN if arch == "gemma3" else 0)
+    if not period:
+        return (SLIDING_ATTENTION,) * layers
+    return tuple(SLIDING_ATTENTION if (i + 1) % period else FULL_ATTENTION
+                 for i in range(layers))
+
+
+def _rope_scaling(reader: GGUFReader, arch: str, tensors: dict[str, ReaderTensor],
+                  head_dim: int, rope_theta: float, source: str) -> dict[str, Any] | None:
+    """RoPE scaling from metadata (linear), Llama 3's factor tensor or Phi-3's LongRoPE
+    factor tensors; ValueError for a type tokenmill does not implement."""
+    if any(name in tensors for name in _LONGROPE_TENSORS):
+        scaling: dict[str, Any] = {"rope_type": "longrope"}
+        for name, key in _LONGROPE_TENSORS.items():
+            if name not in tensors:
+                raise ValueError(f"{source}: LongRoPE needs both {', '.join(_LONGROPE_TENSORS)}")
+            values = dequantize_tensor(tensors[name], source).astype(np.float32).ravel()
+            scaling[key] = [float(v) for v in values]
+        original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+        if original is None:
+            raise ValueError(f"{source}: LongRoPE needs "
+                             f"{arch}.rope.scaling.original_context_length")
+        scaling["original_max_position_embeddings"] = int(original)
+        scaling["attention_factor"] = float(
+            _field(reader, f"{arch}.rope.scaling.attn_factor", 1.0))
+        return scaling
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    if kind == "linear":
+        return {"rope_type": "linear",
+                "factor": float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))}
+    if kind not in (None, "none"):
+        raise ValueError(f"{source}: unsupported GGUF rope scaling type {kind!r} "
+                         f"for {arch} (supported: linear, llama3 factors, LongRoPE)")
+    if _ROPE_FREQS_TENSOR in tensors:
+        return _llama3_scaling_from_factors(tensors[_ROPE_FREQS_TENSOR], head_dim, rope_theta,
+                                            source)
+    return None
 
 
 def _llama3_scaling_from_factors(
@@ -167,16 +311,31 @@ def _llama3_scaling_from_factors(
     )
 
 
-def hf_tensor_name(gguf_name: str, source: str = "<gguf>") -> str | None:
-    """Hugging Face name for a GGUF tensor name; None for tensors folded into the config."""
-    if gguf_name == _ROPE_FREQS_TENSOR:
+def hf_tensor_name(gguf_name: str, source: str = "<gguf>",
+                   architecture: str = "llama") -> str | None:
+    """Hugging Face name for a GGUF tensor name; None for tensors folded into the config.
+
+    ``architecture`` is the file's ``general.architecture`` ("mixtral" for a llama
+    file with experts): it decides names that differ between families.
+    """
+    if gguf_name in _CONFIG_TENSORS:
         return None
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    info = _MIXTRAL if architecture == "mixtral" else _GGUF_ARCHITECTURES.get(
+        architecture, _GGUF_ARCHITECTURES["llama"])
+    expert = _EXPERT_PATTERN.fullmatch(gguf_name)
+    if expert and info is _MIXTRAL:
+        layer, part, index = expert.groups()
+        experts = f"model.layers.{layer}.block_sparse_moe.experts"
+        return f"{experts}.{index}.{_MIXTRAL_EXPERT[part]}.weight"
     match = _BLOCK_PATTERN.fullmatch(gguf_name)
-    if match and match.group(2) in _BLOCK_NAMES:
+    if match and match.group(2) in info.block_names:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+        module = info.block_names[part]
+        if part.endswith("_exps"):
+            return f"model.layers.{layer}.{module}"  # stacked experts: no ".weight"
+        return f"model.layers.{layer}.{module}.{kind}"
     raise WeightLoadError(f"{source}: unexpected tensor {gguf_name!r} in GGUF file")
 
 
@@ -218,17 +377,22 @@ def permute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 def iter_gguf_weights(
     reader: GGUFReader, config: ModelConfig, source: str = "<gguf>"
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, float32 tensor)`` for every weight in the file, un-permuted."""
-    _, permuted = gguf_architecture(reader, source)
+    """Yield ``(hf_name, float32 tensor)`` for every weight in the file, in Hugging Face
+    conventions: Q/K rows un-permuted, Gemma's norm weights without their +1 shift."""
+    info = _arch(reader, source)
+    arch = "mixtral" if info is _MIXTRAL else _field(reader, "general.architecture")
     for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name, source)
+        name = hf_tensor_name(tensor.name, source, arch)
         if name is None:
             continue
         weight = torch.from_numpy(dequantize_tensor(tensor, source))
-        if permuted and ".self_attn.q_proj." in name:
+        if info.permuted_qk and ".self_attn.q_proj." in name:
             weight = unpermute_qk(weight, config.num_attention_heads)
-        elif permuted and ".self_attn.k_proj." in name:
+        elif info.permuted_qk and ".self_attn.k_proj." in name:
             weight = unpermute_qk(weight, config.num_key_value_heads)
+        elif info.norm_shift and name.endswith("norm.weight"):
+            # The model adds it back (the way transformers does, so float32 values match).
+            weight = weight - info.norm_shift
         yield name, weight
 
 

@@ -1,4 +1,4 @@
-"""Building blocks of Llama-family decoders: RMSNorm, rotary embedding, SwiGLU.
+"""Building blocks of the decoders: RMSNorm, rotary embedding, SwiGLU/GeGLU, linears.
 
 Every function here works on flattened token batches (``[T, ...]``): the engine
 packs the new tokens of all scheduled requests into one dimension, so there is
@@ -18,7 +18,7 @@ runs unchanged. ``use_triton=True``/``False`` forces a path (tests).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -83,24 +83,41 @@ def use_fused_kernels(x: torch.Tensor, use_triton: bool | None = None) -> bool:
 
 
 def rope_inv_freq(
-    head_dim: int, rope_theta: float, rope_scaling: Mapping[str, Any] | None = None
+    head_dim: int,
+    rope_theta: float,
+    rope_scaling: Mapping[str, Any] | None = None,
+    long_factors: bool = False,
 ) -> torch.Tensor:
     """Inverse frequencies (float32, ``[head_dim // 2]``) of the rotary embedding.
 
-    Supports the default RoPE and Llama 3.1's frequency-dependent scaling
-    (``rope_type == "llama3"``: long wavelengths divided by ``factor``, short
-    ones kept, a smooth blend in between). The arithmetic mirrors
-    ``transformers`` step by step so the float32 values are bit-identical.
+    ``head_dim`` is the rotated width (all of a head, or its leading part with a
+    partial rotary factor). Supports the default RoPE and these scalings:
+
+    - ``llama3`` (Llama 3.1): long wavelengths divided by ``factor``, short ones
+      kept, a smooth blend in between;
+    - ``linear``: every frequency divided by ``factor`` (Gemma 3's global layers);
+    - ``longrope`` (Phi-3): one factor per frequency, ``short_factor`` or, with
+      ``long_factors``, ``long_factor``.
+
+    The arithmetic mirrors ``transformers`` step by step so the float32 values
+    are bit-identical.
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    kind = None
+    if rope_scaling:
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if kind == "longrope":
+        key = "long_factor" if long_factors else "short_factor"
+        ext = torch.tensor(list(rope_scaling[key]), dtype=torch.float32)
+        return 1.0 / (ext * rope_theta**exponents)
     inv_freq = 1.0 / (rope_theta**exponents)
-    if not rope_scaling:
-        return inv_freq
-    kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
     if kind in (None, "default"):
         return inv_freq
+    if kind == "linear":
+        return inv_freq / float(rope_scaling["factor"])
     if kind != "llama3":
-        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3)")
+        raise ValueError(f"unsupported rope_scaling type {kind!r} "
+                         "(supported: llama3, linear, longrope)")
     factor = rope_scaling["factor"]
     low_freq_factor = rope_scaling["low_freq_factor"]
     high_freq_factor = rope_scaling["high_freq_factor"]
@@ -114,6 +131,28 @@ def rope_inv_freq(
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_attention_factor(rope_scaling: Mapping[str, Any] | None) -> float:
+    """Scale applied to the cos/sin tables (LongRoPE's; 1 for the other types)."""
+    if rope_scaling and rope_scaling.get("rope_type") == "longrope":
+        return float(rope_scaling.get("attention_factor", 1.0))
+    return 1.0
+
+
+def uses_long_rope_factors(rope_scaling: Mapping[str, Any] | None, max_model_len: int) -> bool:
+    """LongRoPE: whether an engine serving ``max_model_len`` tokens uses the long factors.
+
+    transformers switches factor sets per forward call once a sequence passes
+    ``original_max_position_embeddings``, so K/V cached before the switch were
+    rotated with the other set. An engine that caches and shares K/V across
+    requests needs one set for its whole life: the long one when it may serve
+    sequences past the original length (vLLM makes the same choice). This
+    equals transformers whenever no sequence crosses that length mid-way.
+    """
+    if not rope_scaling or rope_scaling.get("rope_type") != "longrope":
+        return False
+    return max_model_len > int(rope_scaling["original_max_position_embeddings"])
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -141,12 +180,14 @@ class RotaryEmbedding(nn.Module):
         rope_scaling: Mapping[str, Any] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        long_factors: bool = False,
     ) -> None:
         super().__init__()
-        self.head_dim = head_dim
+        self.head_dim = head_dim  # the rotated width (a head's leading part when partial)
         # A plain attribute, not a buffer: module.to(bfloat16) must not round it.
-        self.inv_freq = rope_inv_freq(head_dim, rope_theta, rope_scaling)
-        cos, sin = self._table(max_positions, self.inv_freq.to(device))
+        self.inv_freq = rope_inv_freq(head_dim, rope_theta, rope_scaling, long_factors)
+        self.attention_factor = rope_attention_factor(rope_scaling)
+        cos, sin = self._table(max_positions, self.inv_freq.to(device), self.attention_factor)
         dtype = dtype or torch.get_default_dtype()
         # Buffers (not persistent: derived from the config, never in a checkpoint) so
         # that module.to() moves them with the weights.
@@ -154,11 +195,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", sin.to(dtype), persistent=False)
 
     @staticmethod
-    def _table(length: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _table(length: int, inv_freq: torch.Tensor,
+               factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(length, device=inv_freq.device).float()
         freqs = positions[:, None] * inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos(), angles.sin()
+        if factor == 1.0:
+            return angles.cos(), angles.sin()
+        return angles.cos() * factor, angles.sin() * factor
 
     @property
     def max_positions(self) -> int:
@@ -169,7 +213,8 @@ class RotaryEmbedding(nn.Module):
         if length <= self.max_positions:
             return
         new_length = max(length, 2 * self.max_positions)
-        cos, sin = self._table(new_length, self.inv_freq.to(self.cos_cache.device))
+        cos, sin = self._table(new_length, self.inv_freq.to(self.cos_cache.device),
+                               self.attention_factor)
         self.cos_cache = cos.to(self.cos_cache.dtype)
         self.sin_cache = sin.to(self.sin_cache.dtype)
 
@@ -199,7 +244,17 @@ def apply_rotary(
 
     The eager path returns new tensors. The fused path rotates ``q`` and ``k``
     in place (they may be views of the fused QKV output) and returns them.
+    Tables narrower than the heads rotate only each head's leading dimensions
+    (partial rotary); the rest passes through.
     """
+    rot = cos.shape[-1]
+    if rot < q.shape[-1]:
+        if use_fused_kernels(q, use_triton):
+            apply_rotary(q[..., :rot], k[..., :rot], cos, sin, use_triton)  # in place
+            return q, k
+        q_rot, k_rot = apply_rotary(q[..., :rot], k[..., :rot], cos, sin, use_triton)
+        return (torch.cat((q_rot, q[..., rot:]), dim=-1),
+                torch.cat((k_rot, k[..., rot:]), dim=-1))
     if use_fused_kernels(q, use_triton):
         # The tables are already gathered per token, so token t reads row t.
         rows = torch.arange(q.shape[0], device=q.device)
@@ -220,8 +275,14 @@ def rotate_eager(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -
     """Rotary embedding of ``x`` ``[T, heads, head_dim]`` in four ops (new tensor).
 
     Same values as ``x * cos + rotate_half(x) * sin`` with ``sin_folded`` from
-    :func:`fold_rotary_sign`; Q and K heads can be rotated in one call.
+    :func:`fold_rotary_sign`; Q and K heads can be rotated in one call. Tables
+    narrower than ``head_dim`` rotate the leading dimensions only.
     """
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        part = x[..., :rot]
+        rotated = part * cos + part.roll(rot // 2, dims=-1) * sin_folded
+        return torch.cat((rotated, x[..., rot:]), dim=-1)
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_folded
 
 
@@ -231,6 +292,17 @@ def silu_and_mul(x: torch.Tensor, use_triton: bool | None = None) -> torch.Tenso
         return kernels.silu_and_mul(x, use_triton=True)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """GeGLU (Gemma) on a fused ``[..., 2 * inter]`` gate/up projection: gelu_tanh(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def gated_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gated activation of a config's ``hidden_act`` (silu or gelu_pytorch_tanh)."""
+    return gelu_tanh_and_mul if name == "gelu_pytorch_tanh" else silu_and_mul
 
 
 class Linear(nn.Module):

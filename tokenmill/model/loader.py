@@ -172,8 +172,12 @@ def load_model(
     attn_backend: AttentionBackend,
     quantization: str | None = None,
     tp: TPGroup | None = None,
+    max_model_len: int | None = None,
 ) -> LoadedModel:
     """Build the model in ``dtype`` directly on ``device`` and load its weights.
+
+    ``max_model_len`` (default: the model's context length) is the longest
+    sequence the engine will serve; LongRoPE models pick their factor set by it.
 
     ``quantization`` ("int4" or "int8") replaces the loaded linear layers by
     quantized ones (see :mod:`tokenmill.model.quantization`). With a sharded
@@ -183,10 +187,11 @@ def load_model(
     """
     check_quantization(quantization, torch.device(device))
     if resolved.format == "gguf":
-        loaded = _load_gguf(resolved, dtype, device, attn_backend, tp)
+        loaded = _load_gguf(resolved, dtype, device, attn_backend, tp, max_model_len)
     else:
         config = read_hf_config(resolved.path)
-        model = get_model_class(config.architecture)(config, attn_backend, dtype, device, tp)
+        model = get_model_class(config.architecture)(config, attn_backend, dtype, device, tp,
+                                                     max_model_len)
         if resolved.format == "dummy":
             init_dummy_weights(model)
         else:
@@ -275,6 +280,7 @@ def _load_gguf(
     device: str | torch.device,
     attn_backend: AttentionBackend,
     tp: TPGroup | None = None,
+    max_model_len: int | None = None,
 ) -> LoadedModel:
     from tokenmill.model.gguf_loader import config_from_gguf, iter_gguf_weights, open_gguf
 
@@ -283,6 +289,7 @@ def _load_gguf(
         raise FileNotFoundError(f"GGUF file {source!r} does not exist")
     reader = open_gguf(source)
     config = config_from_gguf(reader, source)
-    model = get_model_class(config.architecture)(config, attn_backend, dtype, device, tp)
+    model = get_model_class(config.architecture)(config, attn_backend, dtype, device, tp,
+                                                 max_model_len)
     model.load_weights(iter_gguf_weights(reader, config, source), source=source)
     return LoadedModel(config=config, model=model.eval(), gguf_reader=reader)

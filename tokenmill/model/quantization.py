@@ -238,10 +238,15 @@ def _quantized(linear: Linear, bits: int) -> nn.Module:
     return Int8Linear(linear.weight.data, linear.bias)
 
 
+def _quantized_weight(weight: torch.Tensor, bits: int) -> nn.Module:
+    return Int4Linear(weight) if bits == 4 else Int8Linear(weight)
+
+
 def quantize_model(model: nn.Module, method: str | None) -> int:
     """Replace the quantizable ``Linear`` layers of ``model`` in place; returns how many.
 
-    Layers whose input size is not a multiple of 32 stay dense. The LM head
+    Layers whose input size is not a multiple of 32 stay dense. Experts of a
+    mixture-of-experts layer are quantized like linear layers. The LM head
     (``model.lm_head``, or for an embedding-tied model a quantized copy of the
     embedding set with ``set_quantized_lm_head``) always gets 8 bits; the
     embedding itself stays dense for lookups.
@@ -258,6 +263,11 @@ def quantize_model(model: nn.Module, method: str | None) -> int:
             if isinstance(child, Linear) and child.in_features % INT4_GROUP_SIZE == 0:
                 setattr(parent, name, _quantized(child, 8 if child is head else layer_bits))
                 replaced += 1
+    for module in list(model.modules()):
+        # Mixture-of-experts layers: each expert's matrices, the same way (router stays dense).
+        quantize_experts = getattr(module, "quantize_experts", None)
+        if quantize_experts is not None:
+            replaced += quantize_experts(lambda w: _quantized_weight(w, layer_bits))
     set_head = getattr(model, "set_quantized_lm_head", None)
     if set_head is not None and head is None:
         embedding = model.lm_head_weight

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from tokenmill.model.decoder import DecoderCausalLM
+from tokenmill.model.families import (
+    Gemma3CausalLM,
+    MixtralCausalLM,
+    Phi3CausalLM,
+    Qwen3CausalLM,
+    Qwen3MoeCausalLM,
+)
 from tokenmill.model.llama import LlamaCausalLM, MistralCausalLM, Qwen2CausalLM
 
-_MODEL_CLASSES: dict[str, type[LlamaCausalLM]] = {
+_MODEL_CLASSES: dict[str, type[DecoderCausalLM]] = {
     "LlamaForCausalLM": LlamaCausalLM,
     "MistralForCausalLM": MistralCausalLM,
     "Qwen2ForCausalLM": Qwen2CausalLM,
+    "Qwen3ForCausalLM": Qwen3CausalLM,
+    "Gemma3ForCausalLM": Gemma3CausalLM,
+    "Phi3ForCausalLM": Phi3CausalLM,
+    "MixtralForCausalLM": MixtralCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeCausalLM,
 }
 
 
@@ -16,7 +29,7 @@ def supported_architectures() -> list[str]:
     return sorted(_MODEL_CLASSES)
 
 
-def get_model_class(architecture: str) -> type[LlamaCausalLM]:
+def get_model_class(architecture: str) -> type[DecoderCausalLM]:
     """The model class for ``architecture``; ValueError listing the supported ones."""
     try:
         return _MODEL_CLASSES[architecture]

@@ -15,6 +15,14 @@ keep whole 32-wide groups: column-parallel shards split output rows, and a
 row-parallel shard whose input width is not a multiple of 32 stays dense (as
 any such layer does), so a shard is quantized exactly as the same rows of the
 unsharded layer would be.
+
+Mixture-of-experts layers shard the same way as a dense MLP: every rank holds
+every expert, with its slice of each expert's intermediate units (column-parallel
+gate/up, row-parallel down, one all-reduce per layer); the small router is
+replicated so every rank picks the same experts. Splitting experts across ranks
+instead (expert parallelism) would need an all-to-all exchange of tokens and
+leaves ranks idle when routing is skewed; with the few ranks tokenmill runs
+(CPU processes, one node of GPUs) the intermediate split keeps the work even.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ class ShardPlan:
     vocab_start: int = 0
     vocab_rows: int = 0  # real rows on this rank
     vocab_padded: int = 0  # rows every rank allocates
+    moe_intermediate_size: int = 0  # each expert's units on this rank (MoE models)
+    moe_intermediate_start: int = 0
 
     @property
     def sharded(self) -> bool:
@@ -57,8 +67,9 @@ def shard_plan(config: ModelConfig, rank: int = 0, world_size: int = 1) -> Shard
         kv_start, kv_local = rank * kv // world_size, 1
     inter_start, inter_local = shard_range(config.intermediate_size, rank, world_size)
     vocab_start, vocab_rows, vocab_padded = padded_shard(config.vocab_size, rank, world_size)
+    moe_start, moe_local = shard_range(config.moe_intermediate_size, rank, world_size)
     return ShardPlan(rank, world_size, q_local, q_start, kv_local, kv_start, inter_local,
-                     inter_start, vocab_start, vocab_rows, vocab_padded)
+                     inter_start, vocab_start, vocab_rows, vocab_padded, moe_local, moe_start)
 
 
 def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
@@ -78,8 +89,12 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
         raise ValueError(f"{arch} has {kv} key/value heads: tensor_parallel_size {tp} must "
                          f"divide them, or be a multiple of them (to replicate){hint}")
     if not _mlp_fits(config, tp):
-        raise ValueError(f"{arch}'s intermediate size {config.intermediate_size} is not "
-                         f"divisible by tensor_parallel_size {tp}{hint}")
+        if config.is_moe and config.moe_intermediate_size % tp:
+            what, size = "expert intermediate size", config.moe_intermediate_size
+        else:
+            what, size = "intermediate size", config.intermediate_size
+        raise ValueError(f"{arch}'s {what} {size} is not divisible by "
+                         f"tensor_parallel_size {tp}{hint}")
 
 
 def _kv_fits(kv: int, tp: int) -> bool:
@@ -87,4 +102,7 @@ def _kv_fits(kv: int, tp: int) -> bool:
 
 
 def _mlp_fits(config: ModelConfig, tp: int) -> bool:
-    return config.intermediate_size % tp == 0
+    dense = not config.is_moe or bool(config.dense_layers)
+    if dense and config.intermediate_size % tp:
+        return False
+    return not config.is_moe or config.moe_intermediate_size % tp == 0

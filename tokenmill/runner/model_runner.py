@@ -80,7 +80,8 @@ def build_step_inputs(out: SchedulerOutput, block_size: int) -> StepInputs:
         pos = np.arange(s.start_pos, s.start_pos + (b - a), dtype=np.int64)
         positions[a:b] = pos
         table = np.asarray(s.block_table, dtype=np.int64)
-        tables[i, : len(table)] = table
+        # Released slots (sliding window, -1) are never read; point them at block 0.
+        tables[i, : len(table)] = np.maximum(table, 0)
         slots[a:b] = table[pos // block_size] * block_size + pos % block_size
         if s.num_logits:
             logits_idx.extend(range(b - s.num_logits, b))

@@ -161,7 +161,8 @@ def load_draft_model(
     from tokenmill.model.loader import load_model, resolve_model
 
     loaded = load_model(resolve_model(path, load_format), dtype=dtype, device=str(device),
-                        attn_backend=attn_backend, quantization=quantization)
+                        attn_backend=attn_backend, quantization=quantization,
+                        max_model_len=max_model_len)
     if loaded.config.vocab_size != target.vocab_size:
         raise ValueError(
             f"the speculative model {path!r} has a vocabulary of {loaded.config.vocab_size} "

@@ -47,7 +47,7 @@ def _march() -> str:
 _i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _ATTENTION_ARGTYPES = [
     _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
-    _i32, _i32, _i32, _i32, _i32, _i32, _f32, _i32,
+    _i32, _i32, _i32, _i32, _i32, _i32, _f32, _i32, _i32,
 ]
 _INT8_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 _Q4_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
@@ -197,8 +197,12 @@ def paged_attention(
     block_tables: torch.Tensor,
     scale: float,
     max_q_len: int,
+    sliding_window: int = 0,
 ) -> bool:
     """Attention of every sequence with at most ``max_q_len`` query tokens, into ``out``.
+
+    ``sliding_window`` > 0: each query sees only its last ``sliding_window``
+    positions (blocks before them are not read).
 
     ``q``/``out`` are ``[T, H, D]`` with contiguous heads; caches are
     ``[num_blocks, block_size, KVH, D]``; metadata tensors are int32 on the
@@ -229,5 +233,6 @@ def paged_attention(
         query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
         seq_lens.shape[0], block_tables.shape[1] if block_tables.dim() == 2 else 0,
         num_heads, num_kv_heads, head_dim, block_size, float(scale), int(max_q_len),
+        int(sliding_window),
     )
     return True

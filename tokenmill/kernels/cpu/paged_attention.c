@@ -15,7 +15,9 @@
  *   k/v_cache    [num_blocks, block_size, KVH, D] contiguous
  *   query_start  [B + 1]; seq_lens [B]; block_tables [B, max_blocks]
  * Query token i of a sequence with context length L and query length n sits
- * at position L - n + i and sees keys 0..L - n + i (bottom-right causal).
+ * at position p = L - n + i and sees keys 0..p (bottom-right causal); with a
+ * sliding window W > 0 only keys p - W + 1..p. Blocks before a query's window
+ * are never read (their block-table entries may be stale).
  * Sequences with more than max_q_len query tokens are skipped (the caller
  * runs them through a matmul-based kernel).
  */
@@ -52,7 +54,8 @@ static inline uint16_t f32_to_bf16(float f) {
 void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_cache,          \
           const T *v_cache, const int32_t *query_start, const int32_t *seq_lens,              \
           const int32_t *block_tables, int num_seqs, int max_blocks, int num_heads,            \
-          int num_kv_heads, int head_dim, int block_size, float scale, int max_q_len) {        \
+          int num_kv_heads, int head_dim, int block_size, float scale, int max_q_len,          \
+          int window) {                                                                        \
     const int group = num_heads / num_kv_heads;                                                \
     const int64_t row = (int64_t)num_kv_heads * head_dim; /* one token's K (or V) */           \
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")                               \
@@ -66,6 +69,7 @@ void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_c
             float s[group][block_size], m[group], l[group];                                    \
             for (int i = 0; i < qlen; i++) {                                                   \
                 const int visible = len - qlen + i + 1;                                        \
+                const int lo = window > 0 && visible > window ? visible - window : 0;          \
                 for (int g = 0; g < group; g++) {                                              \
                     const T *qp = q + (int64_t)(q0 + i) * q_stride                             \
                                   + (int64_t)(hk * group + g) * head_dim;                      \
@@ -74,11 +78,12 @@ void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_c
                     m[g] = -INFINITY;                                                          \
                     l[g] = 0.0f;                                                               \
                 }                                                                              \
-                for (int start = 0; start < visible; start += block_size) {                    \
+                for (int start = lo - lo % block_size; start < visible; start += block_size) { \
                     const int64_t base = (int64_t)table[start / block_size] * block_size * row \
                                          + (int64_t)hk * head_dim;                             \
                     const int n = visible - start < block_size ? visible - start : block_size; \
-                    for (int j = 0; j < n; j++) {                                              \
+                    const int j0 = start < lo ? lo - start : 0;                                \
+                    for (int j = j0; j < n; j++) {                                             \
                         const T *kp = k_cache + base + j * row;                                \
                         for (int g = 0; g < group; g++) {                                      \
                             float dot = 0.0f;                                                  \
@@ -89,11 +94,11 @@ void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_c
                     }                                                                          \
                     for (int g = 0; g < group; g++) {                                          \
                         float mx = m[g];                                                       \
-                        for (int j = 0; j < n; j++) mx = s[g][j] > mx ? s[g][j] : mx;          \
+                        for (int j = j0; j < n; j++) mx = s[g][j] > mx ? s[g][j] : mx;         \
                         const float corr = expf(m[g] - mx);                                    \
                         l[g] *= corr;                                                          \
                         for (int d = 0; d < head_dim; d++) acc[g][d] *= corr;                  \
-                        for (int j = 0; j < n; j++) {                                          \
+                        for (int j = j0; j < n; j++) {                                         \
                             const float p = expf(s[g][j] - mx);                                \
                             const T *vp = v_cache + base + j * row;                            \
                             l[g] += p;                                                         \
@@ -144,7 +149,7 @@ static void paged_attention_f32_avx2(const float *q, int64_t q_stride, float *ou
                                      const int32_t *seq_lens, const int32_t *block_tables,
                                      int num_seqs, int max_blocks, int num_heads,
                                      int num_kv_heads, int D, int block_size, float scale,
-                                     int max_q_len) {
+                                     int max_q_len, int window) {
     const int group = num_heads / num_kv_heads;
     const int64_t row = (int64_t)num_kv_heads * D;
     int max_len = 0;
@@ -163,19 +168,21 @@ static void paged_attention_f32_avx2(const float *q, int64_t q_stride, float *ou
                 const int32_t *table = block_tables + (int64_t)b * max_blocks;
                 for (int i = 0; i < qlen; i++) {
                     const int visible = len - qlen + i + 1;
+                    const int lo = window > 0 && visible > window ? visible - window : 0;
+                    const int first = lo - lo % block_size; /* block-aligned start */
                     for (int g = 0; g < group; g++) {
                         const int head = hk * group + g;
                         const float *qp = q + (int64_t)(q0 + i) * q_stride + (int64_t)head * D;
                         for (int d = 0; d < D; d++) qs[d] = qp[d] * scale;
                         /* scores, 8 keys at a time inside each block */
                         float mx = -INFINITY;
-                        for (int start = 0; start < visible; start += block_size) {
+                        for (int start = first; start < visible; start += block_size) {
                             const float *kb = k_cache
                                 + (int64_t)table[start / block_size] * block_size * row
                                 + (int64_t)hk * D;
                             const int n = visible - start < block_size ? visible - start
                                                                        : block_size;
-                            int j = 0;
+                            int j = start < lo ? lo - start : 0;
                             for (; j + 8 <= n; j += 8)
                                 _mm256_storeu_ps(sc + start + j, dot8(qs, kb + j * row, row, D));
                             for (; j < n; j++) {
@@ -184,9 +191,9 @@ static void paged_attention_f32_avx2(const float *q, int64_t q_stride, float *ou
                                 sc[start + j] = dot;
                             }
                         }
-                        for (int t = 0; t < visible; t++) mx = sc[t] > mx ? sc[t] : mx;
+                        for (int t = lo; t < visible; t++) mx = sc[t] > mx ? sc[t] : mx;
                         float sum = 0.0f;
-                        for (int t = 0; t < visible; t++) {
+                        for (int t = lo; t < visible; t++) {
                             sc[t] = expf(sc[t] - mx);
                             sum += sc[t];
                         }
@@ -195,13 +202,13 @@ static void paged_attention_f32_avx2(const float *q, int64_t q_stride, float *ou
                             const int w = D - d0 < 64 ? D - d0 : 64; /* multiple of 8 */
                             __m256 a[8];
                             for (int c = 0; c < 8; c++) a[c] = _mm256_setzero_ps();
-                            for (int start = 0; start < visible; start += block_size) {
+                            for (int start = first; start < visible; start += block_size) {
                                 const float *vb = v_cache
                                     + (int64_t)table[start / block_size] * block_size * row
                                     + (int64_t)hk * D + d0;
                                 const int n = visible - start < block_size ? visible - start
                                                                            : block_size;
-                                for (int j = 0; j < n; j++) {
+                                for (int j = start < lo ? lo - start : 0; j < n; j++) {
                                     const __m256 p = _mm256_set1_ps(sc[start + j]);
                                     for (int c = 0; c < w / 8; c++)
                                         a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vb + j * row + 8 * c),
@@ -228,16 +235,16 @@ void paged_attention_f32(const float *q, int64_t q_stride, float *out, int64_t o
                          const float *k_cache, const float *v_cache, const int32_t *query_start,
                          const int32_t *seq_lens, const int32_t *block_tables, int num_seqs,
                          int max_blocks, int num_heads, int num_kv_heads, int head_dim,
-                         int block_size, float scale, int max_q_len) {
+                         int block_size, float scale, int max_q_len, int window) {
 #ifdef TM_AVX2
     if (head_dim % 8 == 0) {
         paged_attention_f32_avx2(q, q_stride, out, out_stride, k_cache, v_cache, query_start,
                                  seq_lens, block_tables, num_seqs, max_blocks, num_heads,
-                                 num_kv_heads, head_dim, block_size, scale, max_q_len);
+                                 num_kv_heads, head_dim, block_size, scale, max_q_len, window);
         return;
     }
 #endif
     paged_attention_f32_generic(q, q_stride, out, out_stride, k_cache, v_cache, query_start,
                                 seq_lens, block_tables, num_seqs, max_blocks, num_heads,
-                                num_kv_heads, head_dim, block_size, scale, max_q_len);
+                                num_kv_heads, head_dim, block_size, scale, max_q_len, window);
 }
