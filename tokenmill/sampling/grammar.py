@@ -153,6 +153,8 @@ def _grammar_for(kind: str, value: Any, compact: bool) -> Any:
     if kind == "json":
         schema = json.loads(value)
         _check_schema(schema)
+        if _bound_string_lengths(schema):
+            value = json.dumps(schema, ensure_ascii=False)
         return _json_grammar(xgr, value, compact)
     try:
         if kind == "regex":
@@ -187,6 +189,38 @@ def _check_schema(schema: Any) -> None:
         raise InvalidParameterError(
             "json", f"uses JSON-schema features that structured output cannot enforce: "
                     f"{listed}")
+
+
+def _bound_string_lengths(schema: Any) -> bool:
+    """Rewrite length-bounded strings as patterns, in place; True if anything changed.
+
+    xgrammar (0.2.x) lets a string with minLength/maxLength hold raw control
+    characters (a tab, U+000B), which makes the output invalid JSON. The same
+    bounds as a pattern over characters other than controls, quote and backslash
+    keep the output valid (such strings cannot hold escapes, as before).
+    """
+    changed = False
+    if not isinstance(schema, dict):
+        return False
+    types = schema.get("type")
+    is_string = types == "string" or (isinstance(types, list) and "string" in types)
+    if (is_string and ("minLength" in schema or "maxLength" in schema)
+            and not {"pattern", "format", "enum", "const"} & schema.keys()):
+        low = int(schema.pop("minLength", 0) or 0)
+        high = schema.pop("maxLength", None)
+        upper = "" if high is None else str(int(high))
+        schema["pattern"] = f'^[^\\x00-\\x1f"\\\\]{{{low},{upper}}}$'
+        changed = True
+    for keyword in _SUBSCHEMA:
+        changed |= _bound_string_lengths(schema.get(keyword))
+    for keyword in _SUBSCHEMA_LISTS:
+        for sub in schema.get(keyword) or [] if isinstance(schema.get(keyword), list) else []:
+            changed |= _bound_string_lengths(sub)
+    for keyword in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(keyword), dict):
+            for sub in schema[keyword].values():
+                changed |= _bound_string_lengths(sub)
+    return changed
 
 
 def _json_grammar(xgr: Any, schema_text: str, compact: bool) -> Any:
