@@ -80,6 +80,9 @@ class ReasoningParser:
             self._state = self._START
         self._held = ""
         self._strip_newlines = False
+        # Reasoning from the start: the model may still write the start marker itself.
+        self._skip_start = self._state == self._REASONING
+        self.saw_block = self._state == self._REASONING  # the output had a reasoning part
 
     @property
     def in_reasoning(self) -> bool:
@@ -96,12 +99,22 @@ class ReasoningParser:
                 if stripped.startswith(self.fmt.start):
                     buf = stripped[len(self.fmt.start):]
                     self._state = self._REASONING
+                    self.saw_block = True
                 elif self.fmt.start.startswith(stripped):
                     self._held = buf  # whitespace or a partial start marker: undecided
                     buf = ""
                 else:
                     self._state = self._CONTENT
             elif self._state == self._REASONING:
+                if self._skip_start:
+                    stripped = buf.lstrip()
+                    if self.fmt.start.startswith(stripped):
+                        self._held = buf  # may still become the start marker
+                        break
+                    self._skip_start = False
+                    if stripped.startswith(self.fmt.start):
+                        buf = stripped[len(self.fmt.start):]
+                        continue
                 i = buf.find(self.fmt.end)
                 if i >= 0:
                     reasoning.append(buf[:i])
@@ -137,10 +150,7 @@ class ReasoningParser:
         reasoning, content = self.feed(text)
         more_reasoning, more_content = self.finish()
         reasoning += more_reasoning
-        return (reasoning if reasoning or self._saw_block(text) else None), content + more_content
-
-    def _saw_block(self, text: str) -> bool:
-        return self.fmt.start in text or self.fmt.end in text
+        return (reasoning if self.saw_block else None), content + more_content
 
 
 def _partial_suffix(text: str, marker: str) -> int:
