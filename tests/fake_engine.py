@@ -63,9 +63,13 @@ class FakeEngine:
     """A stand-in for ``MPEngineClient``; create it inside the server's event loop."""
 
     def __init__(self, reply: str = "Hello from the fake engine.", interval: float = 0.0,
-                 max_model_len: int = 512, num_kv_blocks: int = 64, block_size: int = 16) -> None:
+                 max_model_len: int = 512, num_kv_blocks: int = 64, block_size: int = 16,
+                 stop_after_reply: bool = False) -> None:
         self.tokenizer = byte_tokenizer()
         self.reply_ids = self.tokenizer.encode(reply, add_special_tokens=False)
+        # True: the reply is followed by EOS (finish "stop"), like a model that is done.
+        self.stop_after_reply = stop_after_reply
+        self.received: list[tuple[list[int], SamplingParams]] = []  # (prompt, params) per add
         self.interval = interval
         self.limits = EngineLimits(max_model_len, self.tokenizer.vocab_size, num_kv_blocks,
                                    block_size)
@@ -122,6 +126,7 @@ class FakeEngine:
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         params = self.validate(prompt_token_ids, params)
+        self.received.append((list(prompt_token_ids), params))
         stream = RequestStream(request_id)
         self.processor.add_request(request_id, prompt_text, prompt_token_ids, params, 0.0)
         req = _Request(request_id, list(prompt_token_ids), params, stream)
@@ -173,7 +178,10 @@ class FakeEngine:
             self._steps += 1
             token = self.reply_ids[step % len(self.reply_ids)]
             last = step + 1 == max_tokens
-            deltas = [SeqDelta(i, [token], None, "length" if last else None) for i in live]
+            reason = "length" if last else None
+            if self.stop_after_reply and step == len(self.reply_ids):
+                token, last, reason = 257, True, "stop"  # <|im_end|>
+            deltas = [SeqDelta(i, [token], None, reason) for i in live]
             core_out = EngineCoreOutput(req.request_id, deltas, finished=last,
                                         first_token_time=0.0 if step == 0 else None)
             processed = self.processor.process([core_out])

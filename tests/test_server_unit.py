@@ -96,10 +96,9 @@ def test_chat_options_are_checked():
     with pytest.raises(APIError) as info:
         req.check_supported(max_n=16)
     assert info.value.param == "top_logprobs"
-    req = parse_request(ChatCompletionRequest, chat_body(tools=[{"type": "function"}]))
-    with pytest.raises(APIError) as info:
-        req.check_supported(max_n=16)
-    assert info.value.param == "tools"
+    with pytest.raises(APIError) as info:  # a tool needs its function
+        parse_request(ChatCompletionRequest, chat_body(tools=[{"type": "function"}]))
+    assert info.value.param == "tools[0].function"
     req = parse_request(ChatCompletionRequest, chat_body(logprobs=True, top_logprobs=3))
     req.check_supported(max_n=16)
     assert req.num_logprobs == 3

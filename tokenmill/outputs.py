@@ -129,6 +129,12 @@ class EngineStats:
     spec_draft_tokens_total: int = 0
     spec_accepted_tokens_total: int = 0
     spec_verifications_total: int = 0
+    # Structured outputs: grammars compiled (cache misses), compile-cache hits, failed
+    # compilations, and the total seconds spent compiling.
+    grammar_compiles_total: int = 0
+    grammar_cache_hits_total: int = 0
+    grammar_compile_errors_total: int = 0
+    grammar_compile_seconds_total: float = 0.0
 
     @property
     def spec_acceptance_rate(self) -> float:

@@ -53,6 +53,11 @@ class EngineArgs:
     ngram_prompt_lookup_min: int = 1
     speculative_model: str | None = None  # draft model path (same vocabulary)
     speculative_quantization: str | None = None  # the draft's weight quantization
+    # Structured outputs: compiled grammars kept in the engine's LRU cache, and the
+    # reasoning format of the model (grammars then constrain the answer after the
+    # reasoning block; the server splits reasoning_content off).
+    structured_outputs_cache_size: int = 256
+    reasoning_parser: str | None = None  # None | "deepseek_r1" | "qwen3"
     # Tensor parallelism: the model is split over this many ranks (processes).
     tensor_parallel_size: int = 1
     nnodes: int = 1  # machines the ranks are spread over (tensor_parallel_size / nnodes each)
@@ -203,6 +208,12 @@ class EngineArgs:
                             "must share the target's vocabulary)")
         s.add_argument("--speculative-quantization", default=None, choices=["int4", "int8"],
                        help="weight quantization of the draft model (default: none)")
+        so = parser.add_argument_group("structured outputs (see docs/structured-output.md)")
+        so.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
+                        help="the model writes <think>...</think> before its answer: split it "
+                             "into reasoning_content and apply grammars to the answer only")
+        so.add_argument("--structured-outputs-cache-size", type=int, default=256,
+                        help="compiled grammars kept in the engine's LRU cache (default 256)")
         p = parser.add_argument_group("tensor parallelism (see docs/parallelism.md)")
         p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="split the model over this many ranks, one process each "

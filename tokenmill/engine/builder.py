@@ -26,6 +26,7 @@ from tokenmill.engine.core import EngineCore
 from tokenmill.engine.executor import Executor
 from tokenmill.engine.messages import EngineInfo
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.structured import StructuredOutputManager
 from tokenmill.engine.validation import EngineLimits
 from tokenmill.runner.cuda_graphs import DEFAULT_MAX_CAPTURE_BATCH, CudaGraphConfig
 from tokenmill.runner.kv_cache import allocate_kv_cache, bytes_per_block, num_kv_blocks
@@ -232,7 +233,8 @@ def _assemble(args: EngineArgs, rank: RankModel, device: torch.device,
         max_model_len=sched_cfg.max_model_len, vocab_size=model_config.vocab_size,
         num_kv_blocks=num_blocks, block_size=cache_cfg.block_size,
     )
-    core = EngineCore(scheduler, executor, Sampler(generator), limits, speculator)
+    structured = _structured_outputs(args, tokenizer, model_config.vocab_size, eos_token_ids)
+    core = EngineCore(scheduler, executor, Sampler(generator), limits, speculator, structured)
     info = EngineInfo(
         model_name=model_name(resolved.path, resolved.gguf_file), limits=limits,
         eos_token_ids=list(eos_token_ids), architecture=model_config.architecture,
@@ -253,6 +255,36 @@ def _assemble(args: EngineArgs, rank: RankModel, device: torch.device,
     )
     return BuiltEngine(core, info, config, model_config, tokenizer, resolved.path,
                        resolved.gguf_file)
+
+
+def _structured_outputs(args: EngineArgs, tokenizer: Any, vocab_size: int,
+                        eos_token_ids: tuple[int, ...]) -> StructuredOutputManager | None:
+    """The grammar compiler and matcher factory (None without a tokenizer: no vocabulary)."""
+    if tokenizer is None:
+        return None
+    from tokenmill.sampling.grammar import GrammarCompiler, tokenizer_info
+
+    compiler = GrammarCompiler(
+        lambda: tokenizer_info(tokenizer, vocab_size, eos_token_ids),
+        cache_size=args.structured_outputs_cache_size)
+    markers = None
+    if args.reasoning_parser is not None:
+        markers = reasoning_markers(args.reasoning_parser, tokenizer)
+    return StructuredOutputManager(compiler, vocab_size, markers)
+
+
+def reasoning_markers(name: str, tokenizer: Any) -> Any:
+    """The token ids of a reasoning format's markers in this vocabulary."""
+    from tokenmill.sampling.grammar import ReasoningMarkers
+    from tokenmill.tokenizer.reasoning import get_reasoning_format
+
+    fmt = get_reasoning_format(name)
+    start = tuple(tokenizer.encode(fmt.start, add_special_tokens=False))
+    end = tuple(tokenizer.encode(fmt.end, add_special_tokens=False))
+    if len(start) != 1 or len(end) != 1:
+        logger.warning("reasoning markers %r / %r are not single tokens in this vocabulary; "
+                       "grammars start after the token sequence %s", fmt.start, fmt.end, end)
+    return ReasoningMarkers(start, end, fmt.starts_in_reasoning)
 
 
 def load_tokenizer(args: EngineArgs) -> Any:

@@ -11,15 +11,21 @@ process.
 State has one owner each: the scheduler owns queues, progress and (through
 the block manager) KV blocks; the executor owns the model runners and caches;
 the core owns the request registry (which samples belong to which request)
-and the step's sampling.
+and the step's sampling; the structured-output manager owns compiled grammars
+(each sequence's matcher rides on the sequence and is advanced by the
+scheduler as tokens are appended). A request with a grammar waits outside the
+scheduler until its grammar is compiled (in the background).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,6 +35,7 @@ from tokenmill.engine.messages import EngineCoreOutput, EngineCoreRequest, SeqDe
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence
 from tokenmill.engine.speculation import Speculator
+from tokenmill.engine.structured import StructuredOutputManager
 from tokenmill.engine.validation import EngineLimits, validate_request
 from tokenmill.outputs import EngineStats, TokenLogprob
 from tokenmill.sampling import Sampler, SamplingBatch, SamplingParams
@@ -71,15 +78,20 @@ class EngineCore:
         sampler: Sampler,
         limits: EngineLimits,
         speculator: Speculator | None = None,
+        structured: StructuredOutputManager | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.executor = executor
         self.sampler = sampler
         self.limits = limits
         self.speculator = speculator
+        self.structured = structured
         self.device = executor.device
         self._requests: dict[str, _CoreRequest] = {}
         self._seqs: dict[str, Sequence] = {}
+        # Requests whose grammar is compiling: (first sequence, compiled-grammar future).
+        self._awaiting_grammar: dict[str, tuple[Sequence, Future[Any]]] = {}
+        self._failed: list[EngineCoreOutput] = []  # grammar failures, sent with the next step
         self._arrivals = itertools.count()
         self._started: list[str] = []
         self._prompt_tokens_total = 0
@@ -117,13 +129,59 @@ class EngineCore:
         order = next(self._arrivals)
         seq = self._new_sequence(rid, 0, token_ids, params, request.arrival_time, order,
                                  request.priority)
+        future = self._start_grammar(params)
         req = _CoreRequest(
             request_id=rid, params=params, seqs=[seq], arrival_time=request.arrival_time,
             prompt_logprobs_sent=0 if params.prompt_logprobs is not None else None,
         )
         self._requests[rid] = req
         self._seqs[seq.seq_id] = seq
-        self.scheduler.add(seq)
+        if future is None:
+            self.scheduler.add(seq)
+        else:
+            self._awaiting_grammar[rid] = (seq, future)
+            self._admit_compiled()
+
+    def _start_grammar(self, params: SamplingParams) -> Future[Any] | None:
+        """Start compiling the request's grammar (None when it has none)."""
+        spec = params.structured_outputs
+        if spec is None:
+            return None
+        if self.structured is None:
+            raise RequestRejected("structured outputs are not available on this engine (the "
+                                  "model has no tokenizer)", code="invalid_value",
+                                  param="structured_outputs")
+        return self.structured.submit(spec)
+
+    def _admit_compiled(self) -> None:
+        """Move requests whose grammar is ready into the scheduler (or fail them)."""
+        for rid, (seq, future) in list(self._awaiting_grammar.items()):
+            if not future.done():
+                continue
+            del self._awaiting_grammar[rid]
+            error = future.exception()
+            if error is not None:
+                logger.warning("request %s: grammar compilation failed: %s", rid, error)
+                req = self._requests.get(rid)
+                if req is not None:
+                    self._drop(req)
+                self._failed.append(EngineCoreOutput(
+                    rid, finished=True, error=f"grammar compilation failed: {error}"))
+                continue
+            assert self.structured is not None
+            seq.grammar = self.structured.new_grammar(future.result(), seq.prompt_token_ids)
+            self.scheduler.add(seq)
+
+    @property
+    def num_awaiting_grammar(self) -> int:
+        """Requests waiting for their grammar to compile."""
+        return len(self._awaiting_grammar)
+
+    def wait_for_grammars(self, timeout: float) -> None:
+        """Block until a pending grammar compiles (or ``timeout`` seconds pass)."""
+        futures = [f for _, f in self._awaiting_grammar.values()]
+        if futures:
+            concurrent.futures.wait(futures, timeout, concurrent.futures.FIRST_COMPLETED)
 
     def _new_sequence(
         self, request_id: str, index: int, token_ids: list[int], params: SamplingParams,
@@ -147,6 +205,8 @@ class EngineCore:
         req = self._requests.get(request_id)
         if req is None:
             return False
+        if index is None or req.params.n == 1:
+            self._awaiting_grammar.pop(request_id, None)
         for seq in req.seqs:
             if index is not None and seq.index != index:
                 continue
@@ -172,11 +232,20 @@ class EngineCore:
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[EngineCoreOutput]:
-        """Schedule and run one step; return the deltas of the requests it touched."""
-        return self.execute(self.schedule())
+        """Schedule and run one step; return the deltas of the requests it touched.
+
+        With nothing runnable but grammars compiling, waits briefly for them first.
+        """
+        sched = self.schedule()
+        if sched.is_empty and self._awaiting_grammar and not self._failed:
+            self.wait_for_grammars(0.05)
+            sched = self.schedule()
+        return self.execute(sched)
 
     def schedule(self) -> SchedulerOutput:
         """Plan the next step (requests scheduled for the first time become "started")."""
+        if self._awaiting_grammar:
+            self._admit_compiled()
         sched = self.scheduler.schedule()
         for item in sched.seqs:
             req = self._requests[self._seqs[item.seq_id].request_id]
@@ -192,9 +261,10 @@ class EngineCore:
 
     def execute(self, sched: SchedulerOutput) -> list[EngineCoreOutput]:
         """Run a planned step: forward, sample/verify, update, propose drafts."""
+        failed, self._failed = self._failed, []
         model_out = self.executor.execute(sched)
         if sched.is_empty:
-            return []
+            return failed
         self._steps += 1
         now = time.time()
         outputs: dict[str, EngineCoreOutput] = {}
@@ -211,7 +281,7 @@ class EngineCore:
         update = self.scheduler.update(sched, sampled, forks)
         if self.speculator is not None:
             self.speculator.propose(work)
-        return self._collect(outputs, update.num_appended, logprobs, now)
+        return failed + self._collect(outputs, update.num_appended, logprobs, now)
 
     def _sample_and_verify(
         self, sched: SchedulerOutput, model_out: ModelOutput, outputs: dict[str, EngineCoreOutput],
@@ -246,6 +316,8 @@ class EngineCore:
                     child = self._new_sequence(
                         req.request_id, i, seq.token_ids, seq.params, seq.arrival_time,
                         seq.arrival_order, seq.priority)
+                    if seq.grammar is not None:
+                        child.grammar = seq.grammar.fork()  # nothing accepted yet
                     req.seqs.append(child)
                     self._seqs[child.seq_id] = child
                     forks.append((seq, child))
@@ -265,17 +337,31 @@ class EngineCore:
                 generators=[s.generator for s in sample_seqs],
                 eos_token_ids=tuple(self.scheduler.eos_token_ids),
             )
+            if self.structured is not None:
+                batch.token_bitmask, batch.bitmask_rows = (
+                    self.structured.sampling_bitmask(sample_seqs))
             result = self.sampler(logits[sample_rows], batch)
             for seq, token, lp in zip(sample_seqs, result.token_ids, result.logprobs):
                 sampled[seq.seq_id] = SampledTokens([token])
                 logprobs[seq.seq_id] = [lp]
         if spec:
             assert self.speculator is not None
+            num_drafts = [item.num_draft_tokens for _, item, _ in spec]
+            masks: list[tuple[torch.Tensor, list[int]] | None] = [None] * len(spec)
+            for i, (seq, _, _) in enumerate(spec):
+                if seq.grammar is not None and self.structured is not None:
+                    # Drafts the grammar refuses are cut before verification.
+                    valid, bitmask, rows = self.structured.draft_bitmask(
+                        seq, seq.spec_token_ids[:num_drafts[i]])
+                    num_drafts[i] = valid
+                    if bitmask is not None:
+                        masks[i] = (bitmask, rows)
             verified = self.speculator.verify(
                 [seq for seq, _, _ in spec],
-                [item.num_draft_tokens for _, item, _ in spec],
-                [logits[rows.start:rows.stop] for _, _, rows in spec],
+                num_drafts,
+                [logits[r.start:r.start + d + 1] for (_, _, r), d in zip(spec, num_drafts)],
                 self.sampler,
+                masks,
             )
             for (seq, _, _), v in zip(spec, verified):
                 sampled[seq.seq_id] = SampledTokens(v.token_ids, v.num_accepted)
@@ -341,9 +427,10 @@ class EngineCore:
     def stats(self) -> EngineStats:
         bm = self.scheduler.block_manager
         spec = self.speculator
+        grammar = self.structured.stats if self.structured is not None else None
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self._awaiting_grammar),
             kv_cache_usage=bm.usage,
             num_total_blocks=bm.num_blocks,
             num_free_blocks=bm.num_free_blocks,
@@ -356,6 +443,10 @@ class EngineCore:
             spec_draft_tokens_total=spec.num_draft_tokens if spec else 0,
             spec_accepted_tokens_total=spec.num_accepted_tokens if spec else 0,
             spec_verifications_total=spec.num_verifications if spec else 0,
+            grammar_compiles_total=grammar.compiles if grammar else 0,
+            grammar_cache_hits_total=grammar.cache_hits if grammar else 0,
+            grammar_compile_errors_total=grammar.errors if grammar else 0,
+            grammar_compile_seconds_total=grammar.compile_seconds if grammar else 0.0,
         )
 
 

@@ -78,6 +78,11 @@ class LLMEngine:
             text = None
             token_ids = [int(t) for t in prompt]
         params = validate_request(self.info.limits, token_ids, params)
+        if params.structured_outputs is not None:
+            from tokenmill.sampling.grammar import check_structured_outputs
+
+            # An invalid schema fails here, naming the field, rather than in the core.
+            check_structured_outputs(params.structured_outputs)
         if request_id in self.processor:
             raise ValueError(f"request id {request_id!r} is already in use")
         now = time.time() if arrival_time is None else arrival_time

@@ -22,7 +22,7 @@ import msgpack
 
 from tokenmill.engine.validation import EngineLimits
 from tokenmill.outputs import EngineStats, TokenLogprob
-from tokenmill.sampling.params import SamplingParams
+from tokenmill.sampling.params import SamplingParams, StructuredOutputsParams
 from tokenmill.step_types import ScheduledSeq, SchedulerOutput
 
 # ----------------------------------------------------------------- front end -> core
@@ -153,7 +153,7 @@ _TYPES: tuple[type, ...] = (
     EngineCoreRequest, AbortRequest, Shutdown, EngineInfo, EngineReady, EngineLoadFailed,
     SeqDelta, EngineCoreOutput, EngineCoreOutputs, EngineLimits, EngineStats, TokenLogprob,
     SamplingParams, ScheduledSeq, SchedulerOutput, ExecuteStep, ChannelSync, Heartbeat,
-    StopWorker,
+    StopWorker, StructuredOutputsParams,
 )
 _CODES = {cls: code for code, cls in enumerate(_TYPES)}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES}

@@ -23,6 +23,7 @@ anyone), with logits at every position so the engine can verify them.
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -30,6 +31,8 @@ from tokenmill.config import SchedulerConfig
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.sequence import Sequence, SequenceStatus
 from tokenmill.step_types import SampledTokens, ScheduledSeq, SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -334,11 +337,26 @@ class Scheduler:
         self._add_running(child)
 
     def _append(self, seq: Sequence, token: int) -> None:
-        """Append one token and apply the token-level stop conditions."""
+        """Append one token and apply the token-level stop conditions.
+
+        A constrained sequence's grammar advances here too; a grammar that has
+        accepted its stop token ends the sequence ("stop") even with ignore_eos.
+        """
         params = seq.params
         seq.token_ids.append(token)
         n_out = seq.num_output_tokens
         min_ok = n_out >= params.min_tokens
+        grammar = seq.grammar
+        if grammar is not None:
+            if not grammar.accept(token):
+                # The sampler only picks allowed tokens; stop rather than emit garbage.
+                logger.error("sequence %s: token %d refused by its grammar; stopping",
+                             seq.seq_id, token)
+                seq.finish_reason = "stop"
+                return
+            if grammar.is_terminated:
+                seq.finish_reason = "stop"
+                return
         if min_ok and not params.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
         elif min_ok and token in params.stop_token_ids:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +52,9 @@ class Sequence:
     # sampled from (None: deterministic proposals, i.e. one-hot q).
     spec_token_ids: list[int] = field(default_factory=list)
     spec_probs: torch.Tensor | None = None
+    # Structured outputs: this sequence's grammar matcher (a SequenceGrammar), advanced
+    # by the scheduler as it appends tokens; None for unconstrained requests.
+    grammar: Any = None
     # Set by the scheduler's stop check: "stop" (EOS or a stop token id), "length",
     # or "abort"; stop_reason is the stop token id when one ended it.
     finish_reason: str | None = None

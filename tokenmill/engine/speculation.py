@@ -16,6 +16,7 @@ The engine core owns one :class:`Speculator` when speculation is on. Per step:
 
 from __future__ import annotations
 
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence
 from tokenmill.outputs import TokenLogprob
 from tokenmill.sampling import Sampler, SamplingBatch, compute_prompt_logprobs
-from tokenmill.sampling.sampler import probability_rows
+from tokenmill.sampling.sampler import constrained_logits, probability_rows
 from tokenmill.spec.draft_model import DraftInput, DraftModelProposer
 from tokenmill.spec.ngram import propose_ngram
 from tokenmill.spec.policy import can_speculate, max_num_drafts
@@ -73,15 +74,20 @@ class Speculator:
         num_drafts: list[int],
         logits: list[torch.Tensor],
         sampler: Sampler,
+        bitmasks: SequenceOf[tuple[torch.Tensor, list[int]] | None] | None = None,
     ) -> list[Verified]:
         """Verify ``num_drafts[i]`` drafts of ``seqs[i]`` against its ``logits[i]`` rows.
 
         Row ``j`` of ``logits[i]`` (``num_drafts[i] + 1`` rows) follows the
         sequence extended by its first ``j`` drafts; each row is processed as
         the sampler would (``min_tokens`` counted at that row's length).
+        ``bitmasks[i]``, for a sequence with a grammar, is ``(bitmask, rows)``:
+        the tokens the grammar allows at each of those rows (drafts it refuses
+        get probability 0 and are rejected like any other).
         """
         results: list[Verified | None] = [None] * len(seqs)
-        batches = [self._row_batch(s, d) for s, d in zip(seqs, num_drafts)]
+        masks = list(bitmasks) if bitmasks is not None else [None] * len(seqs)
+        batches = [self._row_batch(s, d, m) for s, d, m in zip(seqs, num_drafts, masks)]
         greedy = [i for i, s in enumerate(seqs) if s.params.is_greedy]
         sampled = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
         if greedy:
@@ -111,7 +117,8 @@ class Speculator:
                 row += d + 1
                 lps: list[TokenLogprob | None] = [None] * len(tokens)
                 if seq.params.logprobs is not None:
-                    lps = list(compute_prompt_logprobs(logits[i][: len(tokens)], tokens,
+                    rows_logits = constrained_logits(logits[i].float(), batches[i])
+                    lps = list(compute_prompt_logprobs(rows_logits[: len(tokens)], tokens,
                                                        seq.params.logprobs))
                 results[i] = Verified(tokens, lps, len(tokens) - 1)
         for d, r in zip(num_drafts, results):
@@ -121,7 +128,8 @@ class Speculator:
             self.num_verifications += 1
         return [r for r in results if r is not None]
 
-    def _row_batch(self, seq: Sequence, num_drafts: int) -> SamplingBatch:
+    def _row_batch(self, seq: Sequence, num_drafts: int,
+                   mask: tuple[torch.Tensor, list[int]] | None = None) -> SamplingBatch:
         rows = num_drafts + 1
         prompt, output = seq.prompt_token_ids, seq.output_token_ids
         drafts = seq.spec_token_ids
@@ -131,6 +139,8 @@ class Speculator:
             output_token_ids=[output + drafts[:j] for j in range(rows)],
             generators=[seq.generator] * rows,
             eos_token_ids=self.eos_token_ids,
+            token_bitmask=mask[0] if mask is not None else None,
+            bitmask_rows=list(mask[1]) if mask is not None else [],
         )
 
     # ---------------------------------------------------------------- propose
@@ -190,10 +200,28 @@ class Speculator:
 
 def _concat(batches: list[SamplingBatch]) -> SamplingBatch:
     first = batches[0]
+    bitmask = None
+    bitmask_rows: list[int] = []
+    masked = [b for b in batches if b.bitmask_rows]
+    if masked:
+        assert masked[0].token_bitmask is not None
+        width = masked[0].token_bitmask.shape[1]
+        parts, offset = [], 0
+        for b in batches:
+            rows = len(b.params)
+            if b.bitmask_rows and b.token_bitmask is not None:
+                parts.append(b.token_bitmask[:rows])
+                bitmask_rows += [offset + r for r in b.bitmask_rows]
+            else:
+                parts.append(torch.full((rows, width), -1, dtype=torch.int32))
+            offset += rows
+        bitmask = torch.cat(parts)
     return SamplingBatch(
         params=[p for b in batches for p in b.params],
         prompt_token_ids=[t for b in batches for t in b.prompt_token_ids],
         output_token_ids=[t for b in batches for t in b.output_token_ids],
         generators=[g for b in batches for g in b.generators],
         eos_token_ids=first.eos_token_ids,
+        token_bitmask=bitmask,
+        bitmask_rows=bitmask_rows,
     )

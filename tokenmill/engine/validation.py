@@ -44,6 +44,11 @@ def validate_request(
     if bad is not None:
         raise RequestRejected(f"token id {bad} is out of range [0, {vocab})",
                               code="invalid_prompt", param="prompt")
+    if params.logit_bias:
+        bad = next((t for t in params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise RequestRejected(f"logit_bias names token id {bad}, outside the vocabulary "
+                                  f"[0, {vocab})", code="invalid_value", param="logit_bias")
     n_prompt = len(token_ids)
     if n_prompt >= limits.max_model_len:
         _too_long(limits, n_prompt, params.max_tokens or 1, "prompt")

@@ -9,6 +9,7 @@ names the offending field so the HTTP server can answer 400 with ``param``.
 from __future__ import annotations
 
 import dataclasses
+import json as json_module
 import math
 import numbers
 from collections.abc import Iterable
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_N = 128  # most samples one request may ask for
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's range for logit_bias values
+MAX_LOGIT_BIAS_ENTRIES = 1024  # OpenAI caps the map at 300 entries; we allow more
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's limit)
 MAX_TEMPERATURE = 100.0  # OpenAI stops at 2; vLLM has no upper bound. We allow up to 100.
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's range for frequency/presence penalties
@@ -35,6 +38,93 @@ class InvalidParameterError(ValueError):
         super().__init__(f"{param}: {message}")
         self.param = param
         self.message = message
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on what a request may generate, enforced with a grammar.
+
+    Exactly one of the following is set:
+
+    - ``json``: a JSON schema (a dict, or its JSON text); the output is one JSON
+      value valid against it;
+    - ``json_object``: any JSON object (OpenAI's ``{"type": "json_object"}``);
+    - ``regex``: the whole output matches this regular expression;
+    - ``choice``: the output is exactly one of these strings;
+    - ``grammar``: an EBNF grammar (GBNF style, root rule ``root``).
+
+    ``disable_any_whitespace`` makes JSON compact (one space after ``:`` and
+    ``,``) instead of letting the model choose its whitespace (bounded per gap).
+    The grammar is compiled by the engine (xgrammar) and applied as a token mask;
+    see docs/structured-output.md. Normalised on construction: a ``json`` dict
+    becomes its JSON text (key order kept: it is the order properties are
+    generated in), ``choice`` a tuple.
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: Iterable[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.json is not None:
+            if isinstance(self.json, dict):
+                self.json = _json_text(self.json)
+            elif isinstance(self.json, str):
+                try:
+                    parsed = json_module.loads(self.json)
+                except ValueError as exc:
+                    raise InvalidParameterError("json", f"is not valid JSON: {exc}") from None
+                if not isinstance(parsed, (dict, bool)):
+                    raise InvalidParameterError("json", "must be a JSON schema (an object)")
+            else:
+                raise InvalidParameterError(
+                    "json", f"must be a JSON schema object, got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidParameterError(name, "must be a non-empty string")
+        if self.choice is not None:
+            if isinstance(self.choice, (str, bytes)) or not isinstance(self.choice, Iterable):
+                raise InvalidParameterError("choice", "must be a list of strings")
+            self.choice = tuple(self.choice)
+            if not self.choice:
+                raise InvalidParameterError("choice", "must not be empty")
+            for item in self.choice:
+                if not isinstance(item, str) or not item:
+                    raise InvalidParameterError(
+                        "choice", f"must contain only non-empty strings, got {item!r}")
+        for name in ("json_object", "disable_any_whitespace"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameterError(name, "must be a boolean")
+        given = [name for name in ("json", "regex", "choice", "grammar")
+                 if getattr(self, name) is not None]
+        if self.json_object:
+            given.append("json_object")
+        if len(given) != 1:
+            raise InvalidParameterError(
+                "structured_outputs",
+                "exactly one of json, json_object, regex, choice or grammar must be given"
+                + (f" (got {', '.join(given)})" if given else ""))
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: json, json_object, regex, choice or grammar."""
+        if self.json_object:
+            return "json_object"
+        for name in ("json", "regex", "choice", "grammar"):
+            if getattr(self, name) is not None:
+                return name
+        raise AssertionError("validated in __post_init__")
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """Identifies the compiled grammar (the compile cache's key)."""
+        value = {"json": self.json, "regex": self.regex, "grammar": self.grammar,
+                 "choice": self.choice, "json_object": None}[self.kind]
+        return (self.kind, value, self.disable_any_whitespace)
 
 
 @dataclass
@@ -63,7 +153,13 @@ class SamplingParams:
       end generation (besides EOS unless ``ignore_eos``).
     - ``logprobs``: number of top alternatives returned per generated token
       (0 returns only the sampled token's logprob); ``prompt_logprobs``
-      likewise for prompt tokens. At most 20.
+      likewise for prompt tokens. At most 20. They are computed after
+      ``logit_bias`` and the grammar mask (a token the grammar forbids has
+      logprob -inf), before penalties and temperature.
+    - ``logit_bias``: token id -> value in [-100, 100] added to that token's
+      logit before sampling (OpenAI semantics; -100 in effect bans a token).
+    - ``structured_outputs``: a grammar the output must follow
+      (:class:`StructuredOutputsParams`).
     """
 
     n: int = 1
@@ -84,6 +180,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self.n = _int_in_range("n", self.n, 1, MAX_N)
@@ -129,6 +227,11 @@ class SamplingParams:
             self.prompt_logprobs = _int_in_range(
                 "prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS
             )
+        self.logit_bias = _normalise_logit_bias(self.logit_bias)
+        if self.structured_outputs is not None and not isinstance(
+                self.structured_outputs, StructuredOutputsParams):
+            raise InvalidParameterError(
+                "structured_outputs", "must be a StructuredOutputsParams")
 
     @property
     def is_greedy(self) -> bool:
@@ -138,6 +241,46 @@ class SamplingParams:
     def clone(self, **changes: Any) -> SamplingParams:
         """A copy with ``changes`` applied, validated again."""
         return dataclasses.replace(self, **changes)
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return json_module.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameterError("json", f"is not JSON-serialisable: {exc}") from None
+
+
+def _normalise_logit_bias(bias: Any) -> dict[int, float] | None:
+    """``{token id: value}`` with integer ids (strings of digits accepted, as OpenAI sends
+    them) and values in [-100, 100]; None or empty means no bias."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise InvalidParameterError("logit_bias", f"must be a map of token id to bias, got "
+                                                  f"{type(bias).__name__}")
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidParameterError(
+            "logit_bias", f"must have at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(bias)}")
+    result: dict[int, float] = {}
+    low, high = LOGIT_BIAS_RANGE
+    for key, value in bias.items():
+        token = key
+        if isinstance(key, str):
+            text = key.strip()
+            if not text.lstrip("-").isdigit():
+                raise InvalidParameterError(
+                    "logit_bias", f"keys must be token ids (integers), got {key!r}")
+            token = int(text)
+        if not _is_int(token) or token < 0:
+            raise InvalidParameterError(
+                "logit_bias", f"keys must be non-negative token ids, got {key!r}")
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value) \
+                or not low <= value <= high:
+            raise InvalidParameterError(
+                "logit_bias", f"values must be numbers in [{low:g}, {high:g}], got {value!r} "
+                              f"for token {key}")
+        result[int(token)] = float(value)
+    return result or None
 
 
 def _is_int(value: Any) -> bool:

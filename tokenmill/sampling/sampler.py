@@ -2,10 +2,14 @@
 
 Pipeline per row (each stage is skipped when no row in the batch uses it):
 
+0. constraints: ``logit_bias`` is added, then tokens the row's grammar
+   forbids (its packed bitmask, see :mod:`tokenmill.sampling.grammar`) get
+   -inf; what follows, logprobs included, sees this constrained distribution;
 1. penalties on the logits: repetition (HF, over prompt + output), then
    frequency and presence (OpenAI, over output tokens);
 2. ``min_tokens``: EOS and ``stop_token_ids`` get -inf while the output is
-   shorter than ``min_tokens``;
+   shorter than ``min_tokens`` (unless the grammar allows nothing else: a
+   complete JSON value must be allowed to end);
 3. greedy rows take the argmax; random rows go through temperature, top-k,
    top-p and min-p and are then sampled.
 
@@ -24,8 +28,10 @@ rounding may depend on the batch shape, which matters only for a token lying
 exactly on the top-p boundary). Unseeded rows share the sampler's default
 generator.
 
-Reported logprobs are the log-softmax of the *raw* logits (before penalties,
-temperature and filters), as vLLM reports them by default.
+Reported logprobs are the log-softmax of the constrained logits (after
+``logit_bias`` and the grammar mask, before penalties, temperature and
+filters); without constraints that is the raw logits, as vLLM reports them
+by default.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -57,6 +63,11 @@ class SamplingBatch:
     output_token_ids: list[list[int]]  # generated so far; frequency/presence count these
     generators: list[torch.Generator | None]  # per-request generator when seeded, else None
     eos_token_ids: tuple[int, ...] = ()  # masked (with stop_token_ids) below min_tokens
+    # Grammar constraints: a packed bitmask [rows, ceil(V / 32)] int32 (bit set =
+    # allowed) whose rows pair with params; only the rows listed in bitmask_rows
+    # are applied (the others may hold anything).
+    token_bitmask: torch.Tensor | None = None
+    bitmask_rows: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         rows = len(self.params)
@@ -66,6 +77,9 @@ class SamplingBatch:
                     f"SamplingBatch.{name} has {len(getattr(self, name))} rows, "
                     f"params has {rows}"
                 )
+        if self.bitmask_rows and (self.token_bitmask is None
+                                  or self.token_bitmask.shape[0] != rows):
+            raise ValueError("SamplingBatch.token_bitmask must have one row per params row")
 
 
 @dataclass
@@ -104,10 +118,11 @@ class Sampler:
                 f"logits must be [B, V] with B = {len(batch.params)} rows, "
                 f"got shape {tuple(logits.shape)}"
             )
-        raw = logits.float()  # never modified in place: logprobs read it at the end
-        num_rows = raw.shape[0]
+        num_rows = logits.shape[0]
         if num_rows == 0:
             return SamplerOutput(token_ids=[], logprobs=[])
+        # Never modified in place afterwards: logprobs read it at the end.
+        raw = constrained_logits(logits.float(), batch)
         params = batch.params
 
         x = _penalised_logits(raw, batch)
@@ -181,7 +196,7 @@ def probability_rows(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
             f"logits must be [B, V] with B = {len(batch.params)} rows, "
             f"got shape {tuple(logits.shape)}"
         )
-    raw = logits.float()
+    raw = constrained_logits(logits.float(), batch)
     x = _penalised_logits(raw, batch)
     x = _mask_below_min_tokens(x, raw, batch)
     probs = torch.zeros_like(x)
@@ -419,6 +434,39 @@ def compute_prompt_logprobs(
     return _logprob_entries(logits.float(), targets, [k] * len(target_ids))
 
 
+def constrained_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """``logits`` ``[R, V]`` with each row's ``logit_bias`` added and its grammar mask
+    applied (a new tensor when anything applies; ``logits`` itself otherwise)."""
+    bias_rows: list[int] = []
+    bias_cols: list[int] = []
+    bias_values: list[float] = []
+    vocab = logits.shape[1]
+    for row, p in enumerate(batch.params):
+        if p.logit_bias:
+            for token, value in p.logit_bias.items():
+                if 0 <= token < vocab:
+                    bias_rows.append(row)
+                    bias_cols.append(token)
+                    bias_values.append(value)
+    masked = batch.bitmask_rows and batch.token_bitmask is not None
+    if not bias_rows and not masked:
+        return logits
+    out = logits.clone()
+    if bias_rows:
+        device = out.device
+        out.index_put_(
+            (torch.tensor(bias_rows, device=device), torch.tensor(bias_cols, device=device)),
+            torch.tensor(bias_values, dtype=out.dtype, device=device), accumulate=True)
+    if masked:
+        from tokenmill.sampling.grammar import apply_bitmask
+
+        assert batch.token_bitmask is not None
+        rows = batch.bitmask_rows
+        apply_bitmask(out, batch.token_bitmask,
+                      None if len(rows) == out.shape[0] else rows)
+    return out
+
+
 def _penalised_logits(raw: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Raw logits with penalties applied to the rows that ask for any (a new tensor if so)."""
     rows = [
@@ -469,7 +517,18 @@ def _mask_below_min_tokens(
         return x
     if x is raw:
         x = x.clone()
-    x[torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)] = _NEG_INF
+    banned_rows = torch.tensor(rows, device=x.device)
+    kept = x[banned_rows, torch.tensor(cols, device=x.device)].clone()
+    x[banned_rows, torch.tensor(cols, device=x.device)] = _NEG_INF
+    constrained = set(batch.bitmask_rows)
+    if constrained.intersection(rows):
+        # A grammar that can only end (a complete JSON value) leaves nothing but EOS:
+        # there the grammar wins over min_tokens, or the row would have no token at all.
+        for row in sorted(constrained.intersection(rows)):
+            if torch.isneginf(x[row]).all():
+                for i, r in enumerate(rows):
+                    if r == row:
+                        x[row, cols[i]] = kept[i]
     return x
 
 
@@ -519,7 +578,8 @@ def _logprob_entries(
                 token_id=token,
                 logprob=value,
                 rank=rank,
-                top=list(zip(ids[:k], values[:k], strict=True)),
+                # Tokens a constraint forbids (-inf) are not alternatives.
+                top=[(i, v) for i, v in zip(ids[:k], values[:k], strict=True) if v != _NEG_INF],
             )
         )
     return entries

@@ -54,6 +54,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", nargs="+", default=None,
                         help="Name(s) clients use in 'model'; default: the model's name.")
 
+    tools = parser.add_argument_group("tool calling (see docs/structured-output.md)")
+    tools.add_argument("--tool-call-parser", default="auto",
+                       choices=["auto", "hermes", "llama3_json", "mistral"],
+                       help="format of tool calls in the model's output: hermes "
+                            "(<tool_call> JSON, Qwen2.5), llama3_json, mistral ([TOOL_CALLS]); "
+                            "auto picks it from the chat template (default)")
+
     sec = parser.add_argument_group("access")
     sec.add_argument("--api-key", action="append", default=None,
                      help="Accepted API key (repeatable). Also read from $TOKENMILL_API_KEY.")
@@ -132,6 +139,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         forwarded_allow_ips=allow_ips,
         log_prompts=args.log_prompts,
         log_level=str(getattr(args, "log_level", None) or "info").lower(),
+        tool_call_parser=getattr(args, "tool_call_parser", "auto"),
     )
 
 

@@ -35,6 +35,9 @@ class ServerConfig:
     replica_name: str = ""  # x-tokenmill-replica header; default host:port
     log_prompts: bool = False
     log_level: str = "info"
+    # Tool calls in model output: hermes | llama3_json | mistral, or auto (from the
+    # chat template). The reasoning parser is an engine argument (reasoning_parser).
+    tool_call_parser: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_queued_requests < 0:
@@ -51,3 +54,13 @@ class ServerConfig:
             raise ValueError("request_timeout must be positive")
         if self.shutdown_timeout < 0:
             raise ValueError("shutdown_timeout must be >= 0")
+        from tokenmill.server.tool_parsers import TOOL_CALL_PARSERS
+
+        if self.tool_call_parser != "auto" and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"unknown tool call parser {self.tool_call_parser!r}; choose auto "
+                             f"or one of {', '.join(sorted(TOOL_CALL_PARSERS))}")
+
+    @property
+    def reasoning_parser(self) -> str | None:
+        """The engine's reasoning format name (None: outputs have no reasoning block)."""
+        return self.engine_args.get("reasoning_parser")

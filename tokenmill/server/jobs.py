@@ -29,6 +29,7 @@ from typing import Any
 from tokenmill.sampling import SamplingParams
 from tokenmill.server import responses
 from tokenmill.server.accesslog import RequestRecord
+from tokenmill.server.chat_output import ChatOutputSpec
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.errors import (
     APIError,
@@ -43,6 +44,7 @@ from tokenmill.server.lifecycle import Admission, EngineHost, ServerState
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.server.ratelimit import RateLimiter
+from tokenmill.server.structured import Constraint
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -66,6 +68,7 @@ class Job:
     headers: dict[str, str] = field(default_factory=dict)
     outcome: str | None = None  # "ok", "timeout", "error"; None while running
     finished: bool = False
+    output: ChatOutputSpec | None = None  # chat: tool calls and reasoning to parse out
 
     @property
     def num_logprobs(self) -> int | None:
@@ -109,11 +112,17 @@ class JobRunner:
         identity: str,
         record: RequestRecord,
         engine_prompt_texts: list[str | None] | None = None,
+        constraint: Constraint | None = None,
+        output: ChatOutputSpec | None = None,
     ) -> Job:
-        """Validate, admit, rate-limit and start generation (see the module docstring)."""
+        """Validate, admit, rate-limit and start generation (see the module docstring).
+
+        ``constraint`` is the request's (already checked) output constraint;
+        ``output`` says how to parse a chat answer (tool calls, reasoning).
+        """
         engine = self.host.engine
         names = param_names(kind, req)
-        params = self._sampling_params(req, names)
+        params = self._sampling_params(req, names, constraint, output)
         if req.priority != 0 and self.config.engine_args.get("scheduling_policy") != "priority":
             raise invalid_param(
                 "priority is only accepted when the server runs with "
@@ -151,7 +160,7 @@ class JobRunner:
             engine_prompt_texts,
         )
         job = Job(kind, req, response_id, int(time.time()), model, prompt_texts, run,
-                  admission, identity, record, headers)
+                  admission, identity, record, headers, output=output)
         admission.interrupt = lambda: run.interrupt(self.abort_error())
         try:
             run.start()
@@ -164,11 +173,17 @@ class JobRunner:
         admission.submitted()
         return job
 
-    def _sampling_params(self, req: CompletionBody, names: dict[str, str]) -> SamplingParams:
+    def _sampling_params(self, req: CompletionBody, names: dict[str, str],
+                         constraint: Constraint | None = None,
+                         output: ChatOutputSpec | None = None) -> SamplingParams:
         """Build the engine's parameters; its validation errors become 400s naming the field."""
         kwargs = req.sampling_kwargs(req.requested_max_tokens)
         if req.num_logprobs is not None:
             kwargs["logprobs"] = req.num_logprobs
+        if constraint is not None:
+            kwargs["structured_outputs"] = constraint.params
+        if output is not None and output.plan is not None and output.plan.needs_special_tokens:
+            kwargs["skip_special_tokens"] = False  # the parser reads e.g. [TOOL_CALLS]
         try:
             return SamplingParams(**kwargs)
         except ValueError as exc:  # InvalidParameterError names the field

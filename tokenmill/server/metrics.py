@@ -6,7 +6,7 @@ Two sources feed one registry owned by the app (no global registry):
   finish reasons, HTTP status codes);
 * the engine's own counters and gauges (running/waiting requests, KV-cache usage,
   prefix-cache queries and hits, preemptions, token totals, speculative-decoding
-  drafts and acceptances), read from
+  drafts and acceptances, grammar compilations and compile-cache hits), read from
   ``engine.stats()`` each time ``/metrics`` is scraped, so they are never stale.
 """
 
@@ -85,6 +85,18 @@ class _EngineStatsCollector:
                 "Sequence-steps that verified draft tokens (accepted / verifications = "
                 "mean accepted drafts per step).",
                 stats.spec_verifications_total if stats else 0),
+            "tokenmill_grammar_compiles": (
+                "Structured-output grammars compiled (compile-cache misses).",
+                stats.grammar_compiles_total if stats else 0),
+            "tokenmill_grammar_cache_hits": (
+                "Structured-output requests whose grammar came from the compile cache.",
+                stats.grammar_cache_hits_total if stats else 0),
+            "tokenmill_grammar_compile_errors": (
+                "Grammar compilations that failed in the engine.",
+                stats.grammar_compile_errors_total if stats else 0),
+            "tokenmill_grammar_compile_seconds": (
+                "Time spent compiling grammars (mean = this / tokenmill_grammar_compiles).",
+                stats.grammar_compile_seconds_total if stats else 0),
         }
         for name, (doc, value) in counters.items():
             # CounterMetricFamily appends the _total suffix itself.

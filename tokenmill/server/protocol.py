@@ -10,6 +10,7 @@ never has to know which API field maps to which engine field.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -37,13 +38,51 @@ class ContentPart(_Body):
     text: str | None = None
 
 
+class ToolCallFunction(_Body):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class MessageToolCall(_Body):
+    """A tool call in an assistant message of the conversation so far."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this answers
+    reasoning_content: str | None = None  # assistant messages of reasoning models
 
-    def to_template_dict(self, index: int) -> dict[str, str]:
-        """The plain ``{"role", "content"}`` dict a chat template consumes."""
+    def to_template_dict(self, index: int) -> dict[str, Any]:
+        """The ``{"role", "content", ...}`` dict a chat template consumes."""
+        message = self._content_dict(index)
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name,
+                              "arguments": c.function.arguments
+                              if isinstance(c.function.arguments, str)
+                              else json.dumps(c.function.arguments, ensure_ascii=False)}}
+                for c in self.tool_calls]
+        if self.role == "tool":
+            if self.content is None:
+                raise invalid_param("A tool message needs content (the tool's result).",
+                                    f"messages[{index}].content")
+            if self.tool_call_id is not None:
+                message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        if self.reasoning_content is not None:
+            message["reasoning_content"] = self.reasoning_content
+        return message
+
+    def _content_dict(self, index: int) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role
         if self.content is None:
             text = ""
@@ -61,6 +100,58 @@ class ChatMessage(_Body):
                 texts.append(part.text)
             text = "\n".join(texts)
         return {"role": role, "content": text}
+
+
+class JsonSchemaFormat(_Body):
+    """``response_format.json_schema``: OpenAI's structured outputs."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Body):
+    """vLLM's ``structured_outputs`` request field: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_fallback: bool | None = None  # accepted: there is no other backend to fall to
+    disable_additional_properties: bool | None = None  # accepted: strict schemas are used
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class SamplingFields(_Body):
@@ -89,6 +180,16 @@ class SamplingFields(_Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its
+    # older guided_* names (see docs/structured-output.md). At most one of them.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted; xgrammar is always used
+    guided_whitespace_pattern: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -108,8 +209,6 @@ class SamplingFields(_Body):
         """Reject fields we parse but cannot honour, instead of silently ignoring them."""
         if self.n > max_n:
             raise invalid_param(f"n must be at most {max_n}, got {self.n}.", "n")
-        if self.logit_bias:
-            raise invalid_param("logit_bias is not supported.", "logit_bias")
         if self.best_of is not None and self.best_of != self.n:
             raise invalid_param("best_of is not supported (it must equal n).", "best_of")
 
@@ -134,6 +233,7 @@ class SamplingFields(_Body):
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
             "stop_token_ids": self.stop_token_ids,
+            "logit_bias": self.logit_bias or None,
         }
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         return kwargs
@@ -146,8 +246,10 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -171,15 +273,18 @@ class ChatCompletionRequest(SamplingFields):
         super().check_supported(max_n)
         if self.top_logprobs and not self.logprobs:
             raise invalid_param("top_logprobs requires logprobs to be true.", "top_logprobs")
-        if self.tools:
-            raise invalid_param("Tool calling is not supported by this server.", "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise invalid_param(
-                "Only response_format type 'text' is supported.", "response_format"
-            )
 
-    def template_messages(self) -> list[dict[str, str]]:
+    def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template_dict(i) for i, m in enumerate(self.messages)]
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        """The tools as plain OpenAI tool objects (what chat templates render)."""
+        return [t.model_dump(exclude_none=True, by_alias=True) for t in self.tools or []]
+
+    def tool_choice_value(self) -> Any:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.model_dump()
+        return self.tool_choice
 
 
 class CompletionRequest(SamplingFields):
@@ -290,4 +395,5 @@ def loc_to_param(loc: tuple[Any, ...] | list[Any]) -> str:
     return out or "body"
 
 
-_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after"}
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after",
+               "NamedToolChoice"}

@@ -30,6 +30,8 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # chat: parsed tool calls
+    reasoning_content: str | None = None  # chat with a reasoning parser
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -97,7 +99,9 @@ def chat_completion(
     usage: dict[str, Any],
     top_logprobs: int | None,
     token_text: TokenText,
+    with_reasoning: bool = False,
 ) -> dict[str, Any]:
+    """A ``chat.completion``; ``with_reasoning`` adds ``reasoning_content`` to messages."""
     out_choices = []
     for choice in choices:
         logprobs = None
@@ -105,7 +109,7 @@ def chat_completion(
             logprobs = chat_logprobs(choice.logprobs or [], top_logprobs, token_text)
         out_choices.append({
             "index": choice.index,
-            "message": {"role": "assistant", "content": choice.text, "refusal": None},
+            "message": chat_message(choice, with_reasoning),
             "logprobs": logprobs,
             "finish_reason": choice.finish_reason,
         })
@@ -117,6 +121,20 @@ def chat_completion(
         "choices": out_choices,
         "usage": usage,
     }
+
+
+def chat_message(choice: ChoiceResult, with_reasoning: bool = False) -> dict[str, Any]:
+    """The assistant message of a choice: content (null when only tools were called),
+    tool calls when there are any, reasoning when a reasoning parser is on."""
+    content: str | None = choice.text
+    if choice.tool_calls and not content:
+        content = None
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if choice.tool_calls:
+        message["tool_calls"] = choice.tool_calls
+    if with_reasoning:
+        message["reasoning_content"] = choice.reasoning_content
+    return message
 
 
 def chat_chunk(

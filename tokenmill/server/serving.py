@@ -21,6 +21,13 @@ from starlette.responses import Response
 
 from tokenmill.server.accesslog import RequestRecord, get_record
 from tokenmill.server.body import read_json_body
+from tokenmill.server.chat_output import (
+    ChatOutputSpec,
+    ToolPlan,
+    choose_parser,
+    prepare_messages,
+    template_renders_tools,
+)
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.errors import invalid_param, model_not_found
 from tokenmill.server.jobs import JobRunner
@@ -37,6 +44,8 @@ from tokenmill.server.protocol import (
 )
 from tokenmill.server.ratelimit import RateLimiter
 from tokenmill.server.streaming import Responder
+from tokenmill.server.structured import check_constraint_async, resolve_constraint
+from tokenmill.tokenizer.reasoning import get_reasoning_format
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -138,8 +147,7 @@ class OpenAIServing:
         """The chat request's prompt token ids, as vLLM's ``/v1/chat/completions/render``."""
         req = parse_request(ChatCompletionRequest, await self._body(request))
         model = self.resolve_model(req.model)
-        _, token_ids = await self.prompts.encode_chat(req.template_messages(),
-                                                      req.add_generation_prompt)
+        token_ids = (await self._chat_prompt(req))[4]  # rendered exactly as the real request
         return _generate_request(f"chatcmpl-{get_record(request).request_id}", model,
                                  token_ids)
 
@@ -158,22 +166,50 @@ class OpenAIServing:
 
     # ----- completions ----------------------------------------------------------------------
 
+    async def _chat_prompt(self, req: ChatCompletionRequest) -> tuple[Any, Any, list[Any], str,
+                                                                      list[int]]:
+        """Tools plan, grammar constraint, final messages, prompt text and token ids."""
+        prompts = self.prompts
+        messages = req.template_messages()
+        plan = self._tool_plan(req)
+        template = self.engine.tokenizer.chat_template_source(with_tools=bool(req.tools))
+        template_has_tools = template_renders_tools(template)
+        if plan.mode != "none" or _has_tool_history(messages):
+            messages = prepare_messages(messages, plan, template_has_tools)
+        constraint = resolve_constraint(req, plan)
+        if constraint is not None:
+            await check_constraint_async(constraint)
+        kwargs = _template_kwargs(req.chat_template_kwargs)
+        if template_has_tools and plan.template_tools():
+            kwargs["tools"] = plan.template_tools()
+        prompt_text, token_ids = await prompts.encode_chat(
+            messages, req.add_generation_prompt, **kwargs)
+        return plan, constraint, messages, prompt_text, token_ids
+
     async def chat_completions(self, request: Request, identity: str) -> Response:
         record = get_record(request)
         req = parse_request(ChatCompletionRequest, await self._body(request))
         _note_request(record, req)
         model = record.model = self.resolve_model(req.model)
         req.check_supported(self.config.max_n)
-        messages = req.template_messages()
-        prompt_text, token_ids = await self.prompts.encode_chat(
-            messages, req.add_generation_prompt)
+        plan, constraint, messages, prompt_text, token_ids = await self._chat_prompt(req)
         if self.config.log_prompts:
             record.prompt = messages
+        reasoning = self.config.reasoning_parser
+        output = ChatOutputSpec(plan, get_reasoning_format(reasoning) if reasoning else None,
+                                prompt_text)
         job = await self.jobs.submit("chat", req, model, [token_ids], [prompt_text], identity,
-                                     record)
+                                     record, constraint=constraint, output=output)
         if req.stream:
             return self.responder.stream(job)
         return await self.responder.respond(request, job)
+
+    def _tool_plan(self, req: ChatCompletionRequest) -> ToolPlan:
+        tokenizer = self.engine.tokenizer
+        parser = choose_parser(self.config.tool_call_parser,
+                               tokenizer.chat_template_source(with_tools=True))
+        return ToolPlan.from_request(req.tool_dicts(), req.tool_choice_value(),
+                                     req.parallel_tool_calls, parser)
 
     async def completions(self, request: Request, identity: str) -> Response:
         record = get_record(request)
@@ -197,8 +233,11 @@ class OpenAIServing:
                     if req.echo else "")
         if self.config.log_prompts:
             record.prompt = req.prompt
+        constraint = resolve_constraint(req)
+        if constraint is not None:
+            await check_constraint_async(constraint)
         job = await self.jobs.submit("completion", req, model, prompt_ids, prompt_texts,
-                                     identity, record, engine_texts)
+                                     identity, record, engine_texts, constraint=constraint)
         if req.stream:
             return self.responder.stream(job)
         return await self.responder.respond(request, job)
@@ -206,6 +245,23 @@ class OpenAIServing:
 
 def _generate_request(request_id: str, model: str, token_ids: list[int]) -> dict[str, Any]:
     return {"request_id": request_id, "model": model, "token_ids": token_ids, "features": None}
+
+
+def _has_tool_history(messages: list[dict[str, Any]]) -> bool:
+    return any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+
+
+_RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt")
+
+
+def _template_kwargs(given: dict[str, Any] | None) -> dict[str, Any]:
+    """``chat_template_kwargs`` (e.g. enable_thinking), minus what the server sets itself."""
+    kwargs = dict(given or {})
+    for name in _RESERVED_TEMPLATE_KWARGS:
+        if name in kwargs:
+            raise invalid_param(f"chat_template_kwargs may not set {name!r}.",
+                                "chat_template_kwargs")
+    return kwargs
 
 
 def _note_request(record: RequestRecord, req: SamplingFields) -> None:

@@ -17,10 +17,12 @@ from starlette.responses import JSONResponse, Response
 
 from tokenmill.server import responses
 from tokenmill.server.asgi import CLIENT_CLOSED_REQUEST, SSEResponse, run_until_disconnect
+from tokenmill.server.chat_output import ChoiceDelta, finish_reason_with_tools
 from tokenmill.server.errors import engine_error, request_timeout
 from tokenmill.server.jobs import Job, JobRunner
 from tokenmill.server.protocol import CompletionRequest
 from tokenmill.server.sse import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
+from tokenmill.server.tool_parsers import merge_calls
 
 TokenText = Callable[[int], str]
 
@@ -81,9 +83,24 @@ class Responder:
 
     async def _chat_body(self, job: Job) -> dict[str, Any]:
         choices = await self._collect(job)
+        spec = job.output
+        if spec is not None and spec.active:
+            for choice in choices:
+                parser = spec.new_choice()
+                parsed = parser.feed(choice.text)
+                rest = parser.finish()
+                choice.text = parsed.content + rest.content
+                if parser.reasoning is not None and parser.reasoning.saw_block:
+                    choice.reasoning_content = parsed.reasoning + rest.reasoning
+                calls = merge_calls(parsed.tool_calls + rest.tool_calls)
+                if calls:
+                    choice.tool_calls = [c.to_dict() for c in calls]
+                choice.finish_reason = finish_reason_with_tools(choice.finish_reason,
+                                                                len(calls))
         return responses.chat_completion(
             job.response_id, job.created, job.model, choices, self.jobs.usage(job),
             job.num_logprobs, self.token_text,
+            with_reasoning=spec is not None and spec.reasoning is not None,
         )
 
     async def _completion_body(self, job: Job) -> dict[str, Any]:
@@ -141,6 +158,8 @@ class Responder:
             role = {"role": "assistant", "content": ""}
             yield chunk([responses.chat_chunk_choice(index, role)])
         done: set[int] = set()
+        spec = job.output if job.output is not None and job.output.active else None
+        parsers = {index: spec.new_choice() for index in range(req.n)} if spec else {}
         async for _, output in job.run.outputs():
             for out in output.outputs:
                 if out.index in done:
@@ -152,7 +171,20 @@ class Responder:
                 if job.num_logprobs is not None:
                     logprobs = responses.chat_logprobs(
                         out.logprobs or [], job.num_logprobs, self.token_text)
-                delta = {"content": out.text} if out.text else {}
+                if spec is None:
+                    delta: dict[str, Any] = {"content": out.text} if out.text else {}
+                else:
+                    parser = parsers[out.index]
+                    parsed = parser.feed(out.text)
+                    if finish is not None:
+                        rest = parser.finish()
+                        parsed.reasoning += rest.reasoning
+                        parsed.content += rest.content
+                        parsed.tool_calls += rest.tool_calls
+                        finish = finish_reason_with_tools(finish, parser.num_calls)
+                    if not parsed and finish is None and logprobs is None:
+                        continue  # held back (a marker may be starting)
+                    delta = _chat_delta(parsed)
                 yield chunk([responses.chat_chunk_choice(out.index, delta, finish, logprobs)])
                 if finish is not None:
                     done.add(out.index)
@@ -196,3 +228,16 @@ class Responder:
                     done.add(index)
         if include_usage:
             yield chunk([], self.jobs.usage(job))
+
+
+def _chat_delta(parsed: ChoiceDelta) -> dict[str, Any]:
+    """A chunk's ``delta`` from a parsed piece: reasoning, content and tool-call deltas."""
+    delta: dict[str, Any] = {}
+    if parsed.reasoning:
+        delta["reasoning_content"] = parsed.reasoning
+    if parsed.content:
+        delta["content"] = parsed.content
+    if parsed.tool_calls:
+        delta["tool_calls"] = [d.to_dict() for d in parsed.tool_calls]
+    return delta
+

@@ -272,6 +272,10 @@ class Tokenizer:
         """The template text in use (ChatML when the model has none)."""
         return self._chat_template.source()
 
+    def chat_template_source(self, with_tools: bool = False) -> str:
+        """The template text used for a conversation with (or without) tools."""
+        return self._chat_template.source(with_tools)
+
     @property
     def has_chat_template(self) -> bool:
         """False when the model shipped no template and ChatML is used instead."""
