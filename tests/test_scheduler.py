@@ -170,22 +170,27 @@ def test_abort_frees_blocks_everywhere():
     assert not sched.has_work()
 
 
-def test_sliding_window_releases_blocks_behind_the_next_query():
-    """Window 6, blocks of 4: after computing n tokens the next query (position n) sees
-    n - 5 .. n, so blocks wholly before n - 5 go back to the pool."""
+def test_sliding_window_releases_blocks_behind_the_step():
+    """Window 6, blocks of 4. After a step whose first new token sat at position s, no
+    query of it or of later steps (a draft model's catch-up pass included) sees a key
+    before s - 5, so blocks wholly before it go back to the pool."""
     sched = make_scheduler(num_blocks=16, block_size=4, budget=8, window=6)
-    a = make_seq("a", 18, 0.0)
+    a = make_seq("a", 30, 0.0)
     sched.add(a)
-    complete_step(sched, sched.schedule())  # 8 computed: first needed 3, block 0 kept
+    complete_step(sched, sched.schedule())  # positions 0..7: s - 5 < 0, nothing
     assert sched.block_manager.block_table("a") == [0, 1]
-    complete_step(sched, sched.schedule())  # 16 computed: first needed 11 -> blocks 0, 1
-    assert sched.block_manager.block_table("a") == [NULL_BLOCK, NULL_BLOCK, 2, 3]
+    complete_step(sched, sched.schedule())  # 8..15: s - 5 = 3, block 0 still holds 3
+    assert sched.block_manager.block_table("a") == [0, 1, 2, 3]
     out = sched.schedule()
-    assert plan(out) == [("a", 16, 2)]
-    assert out.seqs[0].block_table == [NULL_BLOCK, NULL_BLOCK, 2, 3, 4]
-    complete_step(sched, out)  # 18 computed + 1 sampled: first needed 13 -> block 2 too
-    assert sched.block_manager.block_table("a")[:3] == [NULL_BLOCK] * 3
-    assert sched.block_manager.num_free_blocks == 16 - 2
+    assert plan(out) == [("a", 16, 8)]
+    assert out.seqs[0].block_table == [0, 1, 2, 3, 4, 5]
+    complete_step(sched, out)  # 16..23: s - 5 = 11 -> blocks 0 (0..3) and 1 (4..7)
+    assert sched.block_manager.block_table("a") == [NULL_BLOCK, NULL_BLOCK, 2, 3, 4, 5]
+    out = sched.schedule()
+    assert out.seqs[0].block_table[:2] == [NULL_BLOCK, NULL_BLOCK]  # positions stay put
+    complete_step(sched, out)  # 24..29 (+1 sampled): s - 5 = 19 -> blocks 2, 3 too
+    assert sched.block_manager.block_table("a")[:4] == [NULL_BLOCK] * 4
+    assert sched.block_manager.num_free_blocks == 16 - 4
     sched.block_manager.check_invariants()
 
 
@@ -197,7 +202,7 @@ def test_prefix_hit_on_released_blocks_after_the_first_request_finished():
     sched.add(b)
     out = sched.schedule()
     assert plan(out) == [("b", 12, 2)] and b.num_cached_tokens == 12
-    complete_step(sched, out)  # 14 computed: the next query sees 11.. -> blocks 0, 1 go
+    complete_step(sched, out)  # the step started at 12: keys from 9 on -> blocks 0, 1 go
     assert sched.block_manager.block_table("b")[:3] == [NULL_BLOCK, NULL_BLOCK, 2]
     sched.block_manager.check_invariants()
 
