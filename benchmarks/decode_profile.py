@@ -74,7 +74,8 @@ def profile(llm: LLM, batch: int, steps: int, seed: int = 0) -> tuple[float, dic
                         SamplingParams(max_tokens=2 * steps + 20, temperature=0,
                                        ignore_eos=True))
         ids.append(rid)
-    while any(s.num_output_tokens == 0 for s in eng.scheduler.running + eng.scheduler.waiting):
+    scheduler = eng.core.scheduler
+    while any(s.num_output_tokens == 0 for s in scheduler.running + scheduler.waiting):
         eng.step()
     for _ in range(3):
         eng.step()
@@ -84,7 +85,7 @@ def profile(llm: LLM, batch: int, steps: int, seed: int = 0) -> tuple[float, dic
     plain = (time.perf_counter() - t) / steps
 
     parts: dict[str, float] = collections.defaultdict(float)
-    model = eng.runner.model
+    model = eng.core.runner.model
     patched: list[tuple[object, str, object]] = []
 
     def patch(obj: object, name: str, key: str) -> None:
@@ -95,16 +96,16 @@ def profile(llm: LLM, batch: int, steps: int, seed: int = 0) -> tuple[float, dic
     for module in model.modules():
         if isinstance(module, linear_types) and id(module) not in head:
             patch(module, "forward", "linear")
-    patch(eng.runner.attn_backend, "forward", "attention")
+    patch(eng.core.runner.attn_backend, "forward", "attention")
     patch(model, "compute_logits", "head")
     patch(model.model, "forward", "forward")
-    sampler = eng.sampler
-    eng.sampler = _TimedCall(sampler, parts, "sampling")
+    sampler = eng.core.sampler
+    eng.core.sampler = _TimedCall(sampler, parts, "sampling")
     t = time.perf_counter()
     for _ in range(steps):
         eng.step()
     total = (time.perf_counter() - t) / steps
-    eng.sampler = sampler
+    eng.core.sampler = sampler
     for obj, name, old in patched:
         if old is None:
             delattr(obj, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.block_manager import NULL_BLOCK, BlockManager
 
 
 def test_allocate_takes_blocks_in_order_and_free_returns_reversed():
@@ -109,8 +109,53 @@ def test_usage_and_free_unknown_is_noop():
     assert bm.usage == 0.0
 
 
+def test_free_blocks_before_releases_leading_blocks_to_the_free_list_tail():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    assert bm.allocate("a", 14) == [0, 1, 2, 3]
+    assert bm.free_blocks_before("a", 3) == 0  # block 0 still holds position 3
+    assert bm.free_blocks_before("a", 9) == 2  # positions 0..7 gone: blocks 0 and 1
+    assert bm.block_table("a") == [NULL_BLOCK, NULL_BLOCK, 2, 3]
+    assert list(bm._free) == [4, 5, 6, 7, 0, 1]  # released blocks join the tail
+    assert bm.free_blocks_before("a", 9) == 0  # idempotent
+    assert bm.append_slots("a", 20) == [4]  # positions stay where they were
+    assert bm.block_table("a") == [NULL_BLOCK, NULL_BLOCK, 2, 3, 4]
+    bm.check_invariants()
+    bm.free("a")
+    assert bm.num_free_blocks == 8
+    bm.check_invariants()
+
+
+def test_released_blocks_keep_their_prefix_hash_and_can_be_revived():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    tokens = list(range(14))
+    bm.allocate("a", 14)
+    # Only registered blocks are released with prefix caching on: nothing yet.
+    assert bm.free_blocks_before("a", 12) == 0
+    bm.cache_full_blocks("a", tokens, 12)
+    assert bm.free_blocks_before("a", 12) == 3
+    assert bm.block_table("a") == [NULL_BLOCK] * 3 + [3]
+    # A new request with the same prefix finds the whole chain and revives it.
+    assert bm.computed_prefix(tokens + [99]) == [0, 1, 2]
+    assert bm.allocate("b", 15, [0, 1, 2]) == [0, 1, 2, 4]
+    assert [bm.blocks[b].ref_count for b in (0, 1, 2)] == [1, 1, 1]
+    bm.check_invariants()
+
+
+def test_fork_after_release_shares_only_live_blocks():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    bm.allocate("p", 10)
+    bm.free_blocks_before("p", 8)
+    assert bm.fork("p", "c", 10) == [(2, 3)]  # partial last block copied
+    assert bm.block_table("c") == [NULL_BLOCK, NULL_BLOCK, 3]
+    bm.check_invariants()
+    bm.free("p")
+    bm.free("c")
+    assert bm.num_free_blocks == 8
+
+
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["alloc", "append", "fork", "free", "cache"]),
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "append", "fork", "free", "cache",
+                                           "release"]),
                           st.integers(0, 5), st.integers(1, 40)), max_size=60),
        st.booleans())
 def test_random_operations_never_leak_and_counts_stay_valid(ops, prefix_caching):
@@ -133,6 +178,8 @@ def test_random_operations_never_leak_and_counts_stay_valid(ops, prefix_caching)
             child = f"{name}.{n}"
             if child not in tokens and bm.fork(name, child, len(tokens[name])) is not None:
                 tokens[child] = list(tokens[name])
+        elif op == "release" and name in tokens:
+            bm.free_blocks_before(name, len(tokens[name]) - n)  # a window of n tokens
         elif op == "free":
             bm.free(name)
             tokens.pop(name, None)

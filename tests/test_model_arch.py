@@ -116,10 +116,12 @@ def empty_kv_caches(config: ModelConfig, num_blocks: int, dtype: torch.dtype) ->
     ]
 
 
-def tokenmill_logits(loaded: LoadedModel, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """Per-prompt [len, vocab] float32 logits from one batched prefill step."""
+def tokenmill_logits(loaded: LoadedModel, prompts: list[list[int]],
+                     dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Per-prompt [len, vocab] float32 logits from one batched prefill step (KV cache in
+    ``dtype``, default the head's)."""
     ids, positions, meta, nblocks = prefill_batch(prompts)
-    dtype = loaded.model.lm_head_weight.dtype
+    dtype = dtype or loaded.model.lm_head_weight.dtype
     kv = empty_kv_caches(loaded.config, nblocks, dtype)
     with torch.inference_mode():
         hidden = loaded.model(ids, positions, kv, meta)

@@ -88,9 +88,73 @@ def test_linear_1024_to_4096_memory_bound_at_batch_1_compute_bound_at_512():
     ("qwen2.5-0.5b", 494_032_768),
     ("qwen2.5-7b", 7_615_616_512),
     ("smollm2-135m", 134_515_008),
+    ("qwen3-8b", 8_190_735_360),
+    ("qwen3-30b-a3b", 30_532_122_624),
+    ("mixtral-8x7b", 46_702_792_704),
+    ("gemma-3-270m", 268_098_176),
+    ("gemma-3-1b", 999_885_952),
+    ("phi-3-mini-4k", 3_821_079_552),
 ])
 def test_parameter_counts_match_published_totals(name, params):
     assert count_parameters(config_of(name)).total == params
+
+
+@pytest.mark.parametrize("name, active", [
+    ("qwen3-30b-a3b", 3_353_032_704),  # "A3B": 3.3 billion active
+    ("mixtral-8x7b", 12_879_925_248),  # 12.9 billion active
+])
+def test_moe_active_parameters(name, active):
+    counts = count_parameters(config_of(name))
+    assert counts.total - counts.experts + counts.experts_active == active
+    assert counts.layer_matmul_active < counts.layer_matmul
+
+
+def test_moe_decode_reads_only_the_experts_its_tokens_touch():
+    """Uniform routing, 8 of 128 experts per token: batch 1 reads 1/16 of each MoE layer's
+    experts, batch 256 nearly all of them; FLOPs follow the active parameters."""
+    inputs = build_inputs("qwen3-30b-a3b", "H100-SXM", dtype="bf16")
+    weights = inputs.weights
+    one = roofline_decode(inputs, 1, 0)
+    many = roofline_decode(inputs, 256, 0)
+    kv = plan_memory(inputs).kv_bytes_per_token
+    assert one.bytes - kv == pytest.approx(weights.streamed_per_step() - weights.experts * 15 / 16)
+    assert many.bytes - 256 * kv == pytest.approx(weights.streamed_per_step(), rel=1e-6)
+    counts = count_parameters(inputs.config)
+    vocab = inputs.config.vocab_size * inputs.config.hidden_size
+    attention = 4 * 32 * 128 * 48  # one (query, key) pair per layer at context 0
+    assert one.flops == pytest.approx(2 * (counts.layer_matmul_active + vocab) + attention)
+
+
+def test_windowed_models_hold_only_their_window_of_kv():
+    """Phi-3-mini-4k slides on every layer (window 2047): a sequence keeps at most
+    (2047 - 1) // 16 + 2 = 129 blocks whatever its length, so more sequences fit."""
+    inputs = build_inputs("phi-3-mini-4k", "A100-80G", dtype="bf16", max_model_len=4096)
+    memory = plan_memory(inputs)
+    assert memory.kv_window == 2047 and memory.blocks_for(4096) == 129
+    assert memory.blocks_for(100) == 7
+    assert memory.max_concurrent_sequences(4096) == memory.kv_blocks // 129
+    assert memory.kv_bytes_per_sequence == memory.kv_bytes_per_token * 129 * 16
+    # Decode attention reads the window only: the same at context 4000 as at 2046.
+    assert (roofline_decode(inputs, 1, 4000).bytes == roofline_decode(inputs, 1, 2046).bytes)
+
+
+def test_mixed_window_models_keep_every_block_but_read_less():
+    """Gemma 3: 15 of 18 layers slide over 512 tokens. One pool keeps every block, so the
+    capacity is the dense one; decode reads 3 full layers + 15 windows of KV."""
+    inputs = build_inputs("gemma-3-270m", "L4", dtype="bf16", max_model_len=8192)
+    memory = plan_memory(inputs)
+    assert memory.kv_window is None and memory.sliding_layers == 15
+    assert memory.blocks_for(8192) == 512
+    per_layer = memory.kv_bytes_per_token / 18
+    point = roofline_decode(inputs, 1, 4095)
+    weights = inputs.weights.streamed_per_step()
+    assert point.bytes == pytest.approx(weights + per_layer * (3 * 4096 + 15 * 512))
+    plan = make_plan(inputs, [512], [1], [1], [4096])
+    from tokenmill.plan.report import format_plan
+
+    text = format_plan(plan)
+    assert "15 of 18 layers attend to the last 512 tokens" in text
+    assert "window-limited KV" in text
 
 
 def test_smollm2_parameter_breakdown_by_hand():
@@ -360,6 +424,30 @@ def test_qwen2_gguf_metadata(tmp_path):
     assert weights.embedding == weights.lm_head == 100 * 64 * 2
     assert weights.layers == 64 * 64 * 2 + 64 * 4  # the bias is sharded with its matrix
     assert weights.replicated == 64 * 4
+
+
+def test_moe_gguf_expert_bytes(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = str(tmp_path / "tiny-qwen3moe.gguf")
+    writer = gguf.GGUFWriter(path, "qwen3moe")
+    for add, value in (("block_count", 1), ("context_length", 4096), ("embedding_length", 64),
+                       ("feed_forward_length", 128), ("head_count", 4), ("head_count_kv", 2),
+                       ("expert_count", 4), ("expert_used_count", 2),
+                       ("expert_feed_forward_length", 32)):
+        getattr(writer, f"add_{add}")(value)
+    writer.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float16))
+    writer.add_tensor("blk.0.ffn_gate_inp.weight", np.zeros((4, 64), dtype=np.float32))
+    writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 32, 64), dtype=np.float16))
+    writer.add_tensor("blk.0.ffn_down_exps.weight", np.zeros((4, 64, 32), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    source = load_model_source(path)
+    assert source.config.architecture == "Qwen3MoeForCausalLM"
+    assert (source.config.num_experts, source.config.moe_intermediate_size) == (4, 32)
+    assert source.file_weights.experts == 2 * 4 * 32 * 64 * 2
+    assert source.file_weights.layers == source.file_weights.experts + 4 * 64 * 4
 
 
 # ---------------------------------------------------------------- CLI

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenmill.config import SchedulerConfig
-from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.block_manager import NULL_BLOCK, BlockManager
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence, SequenceStatus
 from tokenmill.sampling import SamplingParams
@@ -29,10 +29,10 @@ def make_seq(name: str, prompt_len: int, arrival: float, priority: int = 0,
 
 
 def make_scheduler(num_blocks=64, block_size=4, budget=8, max_seqs=8, policy="fcfs",
-                   prefix=True) -> Scheduler:
+                   prefix=True, window=None) -> Scheduler:
     cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs,
                           max_model_len=1024, policy=policy)
-    return Scheduler(cfg, BlockManager(num_blocks, block_size, prefix))
+    return Scheduler(cfg, BlockManager(num_blocks, block_size, prefix), sliding_window=window)
 
 
 def add_random_requests(
@@ -170,12 +170,50 @@ def test_abort_frees_blocks_everywhere():
     assert not sched.has_work()
 
 
+def test_sliding_window_releases_blocks_behind_the_step():
+    """Window 6, blocks of 4. After a step whose first new token sat at position s, no
+    query of it or of later steps (a draft model's catch-up pass included) sees a key
+    before s - 5, so blocks wholly before it go back to the pool."""
+    sched = make_scheduler(num_blocks=16, block_size=4, budget=8, window=6)
+    a = make_seq("a", 30, 0.0)
+    sched.add(a)
+    complete_step(sched, sched.schedule())  # positions 0..7: s - 5 < 0, nothing
+    assert sched.block_manager.block_table("a") == [0, 1]
+    complete_step(sched, sched.schedule())  # 8..15: s - 5 = 3, block 0 still holds 3
+    assert sched.block_manager.block_table("a") == [0, 1, 2, 3]
+    out = sched.schedule()
+    assert plan(out) == [("a", 16, 8)]
+    assert out.seqs[0].block_table == [0, 1, 2, 3, 4, 5]
+    complete_step(sched, out)  # 16..23: s - 5 = 11 -> blocks 0 (0..3) and 1 (4..7)
+    assert sched.block_manager.block_table("a") == [NULL_BLOCK, NULL_BLOCK, 2, 3, 4, 5]
+    out = sched.schedule()
+    assert out.seqs[0].block_table[:2] == [NULL_BLOCK, NULL_BLOCK]  # positions stay put
+    complete_step(sched, out)  # 24..29 (+1 sampled): s - 5 = 19 -> blocks 2, 3 too
+    assert sched.block_manager.block_table("a")[:4] == [NULL_BLOCK] * 4
+    assert sched.block_manager.num_free_blocks == 16 - 4
+    sched.block_manager.check_invariants()
+
+
+def test_prefix_hit_on_released_blocks_after_the_first_request_finished():
+    sched = make_scheduler(num_blocks=16, block_size=4, budget=100, window=4)
+    a, b = make_seq("a", 14, 0.0, salt=1, max_tokens=1), make_seq("b", 14, 1.0, salt=1)
+    sched.add(a)
+    complete_step(sched, sched.schedule())  # a finishes; its blocks were released anyway
+    sched.add(b)
+    out = sched.schedule()
+    assert plan(out) == [("b", 12, 2)] and b.num_cached_tokens == 12
+    complete_step(sched, out)  # the step started at 12: keys from 9 on -> blocks 0, 1 go
+    assert sched.block_manager.block_table("b")[:3] == [NULL_BLOCK, NULL_BLOCK, 2]
+    sched.block_manager.check_invariants()
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 30), st.integers(1, 12)), min_size=1, max_size=8),
-       st.integers(2, 24), st.integers(6, 20))
-def test_everything_finishes_and_nothing_leaks(reqs, budget, num_blocks):
+       st.integers(2, 24), st.integers(6, 20), st.sampled_from([None, 1, 3, 8]))
+def test_everything_finishes_and_nothing_leaks(reqs, budget, num_blocks, window):
     """Random prompts/output lengths under a tiny pool: all complete, all blocks return."""
-    sched = make_scheduler(num_blocks=num_blocks, block_size=4, budget=budget, max_seqs=4)
+    sched = make_scheduler(num_blocks=num_blocks, block_size=4, budget=budget, max_seqs=4,
+                           window=window)
     seqs, want = add_random_requests(sched, reqs, num_blocks)
     for _ in range(2000):
         if not sched.has_work():

@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from family_models import save_family
 from safetensors.torch import save_file
 from server_utils import ServerProcess, free_port
 
@@ -101,6 +102,15 @@ def test_qwen2_bias_and_tied_head_under_tp(tmp_path):
     assert generate(path, tensor_parallel_size=2) == generate(path)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "qwen3-moe", "mixtral"])
+def test_added_families_under_tp(tmp_path, family):
+    """Gemma 3 (sandwich norms, Q/K norms, local/global layers) and the MoE families
+    (every expert's intermediate units split across ranks, router replicated; Mixtral's
+    all-window layers also release blocks) give the single-rank greedy output."""
+    path, _ = save_family(tmp_path, family)
+    assert generate(path, tensor_parallel_size=2, max_num_batched_tokens=16) == generate(path)
+
+
 def test_sharded_logprobs_match_unsharded(tiny):
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=3)
     results = []
@@ -164,6 +174,17 @@ def test_smollm2_needs_a_head_divisor():
     with pytest.raises(ValueError, match="9 attention heads.*sizes that work for this model: 1, 3"):
         check_tensor_parallel(config, 2)
     check_tensor_parallel(config, 3)
+
+
+def test_expert_width_must_divide():
+    config = ModelConfig(architecture="Qwen3MoeForCausalLM", vocab_size=100, hidden_size=64,
+                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=4, head_dim=8, num_experts=4,
+                         num_experts_per_tok=2, moe_intermediate_size=36)
+    with pytest.raises(ValueError,
+                       match="expert intermediate size 36.*work for this model: 1, 2, 4"):
+        check_tensor_parallel(config, 8)
+    check_tensor_parallel(config, 4)
 
 
 def test_an_impossible_split_is_refused_and_cleans_up(tiny):

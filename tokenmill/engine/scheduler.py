@@ -282,16 +282,19 @@ class Scheduler:
         condition (EOS, a stop token id, ``max_tokens``, the model length);
         with drafts, only the accepted ones count as computed (rejected
         positions are overwritten later). Full blocks are registered in the
-        prefix cache; with a sliding window, blocks no later query can see are
-        released; finished sequences are freed.
+        prefix cache; with a sliding window, blocks that no query from this
+        step's first new token on can see are released; finished sequences are
+        freed.
         """
         result = StepUpdate()
         touched: list[Sequence] = []
+        step_start: dict[str, int] = {}
         for item in out.seqs:
             seq = self._seqs.get(item.seq_id)
             if seq is None:
                 continue  # aborted since it was scheduled
             seq.num_computed_tokens += len(item.token_ids) - item.num_draft_tokens
+            step_start[seq.seq_id] = item.start_pos
             touched.append(seq)
         for parent, child in forks:
             self._fork(parent, child)
@@ -315,10 +318,13 @@ class Scheduler:
                 self.block_manager.cache_full_blocks(seq.seq_id, seq.token_ids,
                                                      seq.num_computed_tokens)
                 if self.sliding_window is not None and seq.finish_reason is None:
-                    # Every later query sits at >= num_computed_tokens, so it sees
-                    # nothing before num_computed_tokens - window + 1.
+                    # Later queries sit at >= num_computed_tokens, but a draft model's
+                    # catch-up pass still runs this step's tokens (from start_pos on)
+                    # before the next schedule: keep every key those can see.
+                    first = min(step_start.get(seq.seq_id, seq.num_computed_tokens),
+                                seq.num_computed_tokens)
                     self.block_manager.free_blocks_before(
-                        seq.seq_id, seq.num_computed_tokens - self.sliding_window + 1)
+                        seq.seq_id, first - self.sliding_window + 1)
             if seq.finish_reason is not None:
                 self.finish(seq)
                 result.finished.append(seq)

@@ -1,7 +1,11 @@
-"""Model definitions and loading: Llama-family decoders over a paged KV cache.
+"""Model definitions and loading: decoder-only transformers over a paged KV cache.
 
-- ``layers``: RMSNorm, rotary embedding, SwiGLU, uninitialised Linear/Embedding.
-- ``llama``: LlamaCausalLM (also Mistral and Qwen2) with fused QKV and gate/up.
+- ``layers``: RMSNorm, rotary embedding (llama3/linear/LongRoPE, partial), SwiGLU/GeGLU,
+  uninitialised Linear/Embedding.
+- ``decoder``: the shared decoder skeleton (fused QKV and gate/up, per-layer sliding
+  windows, Q/K norms, sandwich norms) and its checkpoint slot table.
+- ``llama``, ``families``: Llama, Mistral, Qwen2; Qwen3, Gemma 3, Phi-3, Mixtral, Qwen3-MoE.
+- ``moe``: top-k routed experts, computed grouped by expert.
 - ``registry``: architecture name -> model class.
 - ``loader``: locate a model (HF directory, GGUF file, dummy) and load it.
 - ``gguf_loader``: GGUF metadata -> ModelConfig, tensor names, dequantization.

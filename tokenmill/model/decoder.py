@@ -255,7 +255,11 @@ class DecoderModel(nn.Module):
         self.embed_tokens = VocabEmbedding(shard.vocab_padded, config.hidden_size, dtype, device,
                                            shard.vocab_start, tp)
         # The same rounding as transformers: the float32 constant cast to the weights' dtype.
-        self.embed_scale = None if embed_scale is None else torch.tensor(embed_scale).to(dtype)
+        # A buffer, so it lives on the model's device (no host copy inside a CUDA graph).
+        self.scales_embeddings = embed_scale is not None
+        self.register_buffer(
+            "embed_scale",
+            torch.tensor(embed_scale or 1.0).to(dtype=dtype, device=device), persistent=False)
         rotaries = [RotaryEmbedding(
             config.rotary_dim, config.max_position_embeddings, config.rope_theta,
             config.rope_scaling_dict, dtype, device, long_rope_factors)]
@@ -284,8 +288,8 @@ class DecoderModel(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        if self.embed_scale is not None:
-            hidden = hidden * self.embed_scale.to(hidden.device)
+        if self.scales_embeddings:
+            hidden = hidden * self.embed_scale
         fused = use_fused_kernels(hidden)
         ropes = []
         for rotary in self.rotaries:

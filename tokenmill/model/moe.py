@@ -107,6 +107,9 @@ class MoEBlock(nn.Module):
     def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor,
                         ids: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert, one matmul per expert that has any; weighted sum back."""
+        if x.shape[0] == 1:
+            # One token: nothing to group, and the sort/scatter would cost more than it saves.
+            return self.forward_per_token(x, weights, ids)
         k = self.top_k
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)  # stable: rows keep token order per expert

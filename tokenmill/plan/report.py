@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.plan.inputs import PlanInputs
-from tokenmill.plan.memory import MemoryPlan, plan_memory
+from tokenmill.plan.memory import MemoryPlan, plan_memory, window_limited_kv_bytes
 from tokenmill.plan.roofline import RooflinePoint, roofline_decode, roofline_prefill
 from tokenmill.plan.weights import ParamCounts, count_parameters
 
@@ -94,7 +94,9 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "memory": {**dataclasses.asdict(plan.memory),
                    "weights_fit": plan.memory.weights_fit,
                    "full_sequence_fits": plan.memory.full_sequence_fits,
-                   "kv_heads_per_gpu": inputs.kv_heads_per_gpu},
+                   "kv_heads_per_gpu": inputs.kv_heads_per_gpu,
+                   "window_limited_kv_bytes_per_sequence": window_limited_kv_bytes(
+                       inputs.config, inputs.kv_dtype_bytes, inputs.max_model_len, inputs.tp)},
         "concurrency": [{"context": c, "max_sequences": n} for c, n in plan.concurrency],
         "roofline": {"prefill": [dataclasses.asdict(p) for p in plan.prefill],
                      "decode": [dataclasses.asdict(p) for p in plan.decode]},
@@ -155,6 +157,17 @@ def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = N
     return "\n".join(line(row) for row in all_rows)
 
 
+def _window_rows(inputs: PlanInputs, memory: MemoryPlan) -> list[tuple[str, str]]:
+    """For models mixing sliding and global layers: what per-layer pools would hold."""
+    if not memory.sliding_layers or memory.kv_window is not None:
+        return []
+    limited = window_limited_kv_bytes(inputs.config, inputs.kv_dtype_bytes,
+                                      inputs.max_model_len, inputs.tp)
+    return [("window-limited KV", f"{fmt_bytes(limited)} per sequence if each sliding layer "
+                                  "kept only its window; tokenmill keeps one pool for all "
+                                  "layers and releases a block only outside every window")]
+
+
 def format_plan(plan: Plan) -> str:
     """The human-readable report ``tokenmill plan`` prints."""
     inputs, memory, cfg, gpu = plan.inputs, plan.memory, plan.inputs.config, plan.inputs.gpu
@@ -167,14 +180,24 @@ def format_plan(plan: Plan) -> str:
     out.append("")
 
     out.append("Model")
-    out.append(format_table([
+    model_rows = [
         ("parameters", _fmt_count(plan.params.total)),
         ("shape", f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
                   f"{cfg.num_attention_heads} heads, {cfg.num_key_value_heads} KV heads "
                   f"x {cfg.head_dim}, vocab {cfg.vocab_size}"),
         ("weight bytes", f"{fmt_bytes(memory.weight_bytes_total)} total, "
                          f"{fmt_bytes(memory.weight_bytes_per_gpu)} per GPU"),
-    ], align="ll"))
+    ]
+    if cfg.is_moe:
+        active = plan.params.total - plan.params.experts + plan.params.experts_active
+        model_rows.append(("experts", f"{cfg.num_experts} per MoE layer, "
+                                      f"{cfg.num_experts_per_tok} per token: "
+                                      f"{_fmt_count(active)} parameters active per token"))
+    if memory.sliding_layers:
+        model_rows.append(("sliding window", f"{memory.sliding_layers} of "
+                                             f"{cfg.num_hidden_layers} layers attend to the "
+                                             f"last {memory.sliding_window:,} tokens"))
+    out.append(format_table(model_rows, align="ll"))
     out.append("")
 
     kv_formula = (f"2 x {cfg.num_hidden_layers} layers x {inputs.kv_heads_per_gpu} KV heads "
@@ -190,7 +213,11 @@ def format_plan(plan: Plan) -> str:
         ("KV bytes per token", f"{fmt_bytes(memory.kv_bytes_per_token)} "
                                f"({memory.kv_bytes_per_token:,.0f} B = {kv_formula})"),
         ("KV per sequence", f"{fmt_bytes(memory.kv_bytes_per_sequence)} at "
-                            f"{memory.max_model_len:,} tokens"),
+                            f"{memory.max_model_len:,} tokens" + (
+                                f" (every layer slides: blocks behind the "
+                                f"{memory.kv_window:,}-token window are released)"
+                                if memory.kv_window is not None else "")),
+        *_window_rows(inputs, memory),
         ("KV tokens that fit", f"{memory.kv_tokens:,} ({memory.kv_blocks:,} blocks of "
                                f"{memory.block_size})"),
         ("max concurrent seqs", seqs),

@@ -12,6 +12,12 @@ FLOPs per step (per GPU, tensor-parallel degree ``tp``):
                tokens has L(L+1)/2 pairs, a decode token at context C has C + 1.
 Bytes per step: every weight once (an untied embedding table is only gathered)
 plus the KV cache read and written; activations are assumed to stay on chip.
+
+Sliding-window layers attend to (and read the KV of) at most their window: a
+decode token at context C costs min(C + 1, W) pairs in such a layer. Mixture of
+experts: matmul FLOPs count the experts each token runs (``num_experts_per_tok``);
+a step reads the experts its tokens touch, E x (1 - (1 - k/E)^tokens) of each
+MoE layer's E under uniform routing.
 """
 
 from __future__ import annotations
@@ -68,16 +74,50 @@ def roofline_point(label: str, phase: str, batch: int, seq_len: int, tokens: int
 
 
 def attention_flops(inputs: PlanInputs, query_key_pairs: float) -> float:
-    """FLOPs of QK^T and PV over all layers for ``query_key_pairs``, per GPU."""
+    """FLOPs of QK^T and PV for ``query_key_pairs`` summed over layers, per GPU.
+
+    ``query_key_pairs`` is a layer-sum (see :func:`decode_pairs`, :func:`prefill_pairs`);
+    without sliding windows it is ``layers x`` the pairs of one layer.
+    """
     cfg = inputs.config
-    return 4 * cfg.num_hidden_layers * inputs.heads_per_gpu * cfg.head_dim * query_key_pairs
+    return 4 * inputs.heads_per_gpu * cfg.head_dim * query_key_pairs
+
+
+def decode_pairs(inputs: PlanInputs, context: int) -> int:
+    """(query, key) pairs of one decode token at ``context``, summed over layers."""
+    cfg = inputs.config
+    return sum(min(context + 1, cfg.layer_window(i) or context + 1)
+               for i in range(cfg.num_hidden_layers))
+
+
+def prefill_pairs(inputs: PlanInputs, prompt_len: int) -> float:
+    """Causal (query, key) pairs of a ``prompt_len`` prefill, summed over layers."""
+    cfg = inputs.config
+    total = 0.0
+    for i in range(cfg.num_hidden_layers):
+        w = cfg.layer_window(i)
+        if w is None or w >= prompt_len:
+            total += prompt_len * (prompt_len + 1) / 2
+        else:  # rows 1..w see all their prefix, the rest w keys each
+            total += w * (w + 1) / 2 + (prompt_len - w) * w
+    return total
 
 
 def _matmul_flops(inputs: PlanInputs, tokens: int, sequences: int) -> float:
     cfg = inputs.config
     params = count_parameters(cfg)
     vocab_matrix = cfg.vocab_size * cfg.hidden_size
-    return 2 * (params.layer_matmul * tokens + vocab_matrix * sequences) / inputs.tp
+    return 2 * (params.layer_matmul_active * tokens + vocab_matrix * sequences) / inputs.tp
+
+
+def _weight_bytes_streamed(inputs: PlanInputs, tokens: int) -> float:
+    """Weight bytes one step reads: all of them, less the experts no token touched."""
+    streamed = inputs.weights.streamed_per_step(inputs.tp)
+    cfg = inputs.config
+    if cfg.is_moe and inputs.weights.experts:
+        touched = 1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** tokens
+        streamed -= inputs.weights.experts / inputs.tp * (1 - touched)
+    return streamed
 
 
 def roofline_prefill(inputs: PlanInputs, prompt_len: int, batch: int = 1) -> RooflinePoint:
@@ -87,9 +127,9 @@ def roofline_prefill(inputs: PlanInputs, prompt_len: int, batch: int = 1) -> Roo
     memory = plan_memory(inputs)
     tokens = batch * prompt_len
     flops = (_matmul_flops(inputs, tokens, batch)
-             + attention_flops(inputs, batch * prompt_len * (prompt_len + 1) / 2))
+             + attention_flops(inputs, batch * prefill_pairs(inputs, prompt_len)))
     kv_written = tokens * memory.kv_bytes_per_token
-    bytes_moved = inputs.weights.streamed_per_step(inputs.tp) + kv_written
+    bytes_moved = _weight_bytes_streamed(inputs, tokens) + kv_written
     fits = (prompt_len <= inputs.max_model_len
             and batch * memory.blocks_for(prompt_len) <= memory.kv_blocks)
     return roofline_point(f"prefill L={prompt_len} B={batch}", "prefill", batch, prompt_len,
@@ -99,15 +139,17 @@ def roofline_prefill(inputs: PlanInputs, prompt_len: int, batch: int = 1) -> Roo
 def roofline_decode(inputs: PlanInputs, batch: int, context: int) -> RooflinePoint:
     """One decode step: ``batch`` sequences, each with ``context`` tokens already cached.
 
-    Each new token attends to ``context + 1`` positions, reads ``context``
-    tokens of KV and writes its own.
+    Each new token attends to ``context + 1`` positions (at most the window in a
+    sliding layer), reads their KV and writes its own.
     """
     if batch < 1 or context < 0:
         raise ValueError("batch must be positive and context non-negative")
     memory = plan_memory(inputs)
-    flops = _matmul_flops(inputs, batch, batch) + attention_flops(inputs, batch * (context + 1))
-    kv_moved = batch * (context + 1) * memory.kv_bytes_per_token
-    bytes_moved = inputs.weights.streamed_per_step(inputs.tp) + kv_moved
+    pairs = decode_pairs(inputs, context)
+    flops = _matmul_flops(inputs, batch, batch) + attention_flops(inputs, batch * pairs)
+    per_layer_token = memory.kv_bytes_per_token / inputs.config.num_hidden_layers
+    kv_moved = batch * pairs * per_layer_token
+    bytes_moved = _weight_bytes_streamed(inputs, batch) + kv_moved
     fits = (context + 1 <= inputs.max_model_len
             and batch * memory.blocks_for(context + 1) <= memory.kv_blocks)
     return roofline_point(f"decode B={batch} C={context}", "decode", batch, context, batch,

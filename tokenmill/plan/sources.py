@@ -8,6 +8,7 @@ hyper-parameters and whose tensors give the real weight bytes.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,8 @@ from tokenmill.config import ModelConfig
 from tokenmill.plan.catalog import KNOWN_MODELS
 from tokenmill.plan.weights import WeightBytes
 
-_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# Expert matrices: stacked per projection, or one tensor per expert (older Mixtral files).
+_EXPERT_TENSOR = re.compile(r"blk\.\d+\.ffn_(gate|up|down)(_exps|\.\d+)\.weight")
 
 
 @dataclass(frozen=True)
@@ -66,48 +68,14 @@ def _display_name(path: str) -> str:
 
 
 def load_gguf_source(path: str) -> ModelSource:
-    """Read hyper-parameters from GGUF metadata and weight bytes from its tensors."""
+    """Read hyper-parameters from GGUF metadata (the model loader's own parser) and
+    weight bytes from its tensors."""
     import gguf  # imported here: reading a GGUF is the only use, and it is slow to import
 
+    from tokenmill.model.gguf_loader import config_from_gguf
+
     reader = gguf.GGUFReader(path)
-    arch = _gguf_value(reader, "general.architecture")
-    if arch not in _GGUF_ARCHITECTURES:
-        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; "
-                         f"supported: {', '.join(_GGUF_ARCHITECTURES)}")
-    tensors = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in tensors:
-        raise ValueError(f"{path}: no token_embd.weight tensor")
-
-    def meta(key: str, default: Any = None) -> Any:
-        value = _gguf_value(reader, f"{arch}.{key}")
-        if value is None and default is None:
-            raise ValueError(f"{path}: missing GGUF metadata {arch}.{key}")
-        return default if value is None else value
-
-    hidden = int(meta("embedding_length"))
-    heads = int(meta("attention.head_count"))
-    # GGUF stores tensor shapes fastest-dimension first: token_embd is [hidden, vocab].
-    vocab = int(meta("vocab_size", int(tensors["token_embd.weight"].shape[-1])))
-    hf: dict[str, Any] = {
-        "architectures": [_GGUF_ARCHITECTURES[arch]],
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": int(meta("feed_forward_length")),
-        "num_hidden_layers": int(meta("block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(meta("attention.head_count_kv", heads)),
-        "head_dim": int(meta("attention.key_length", hidden // heads)),
-        "max_position_embeddings": int(meta("context_length", 2048)),
-        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(meta("rope.freq_base", 10000.0)),
-        "tie_word_embeddings": "output.weight" not in tensors,
-    }
-    for hf_key, gguf_key in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
-                             ("eos_token_id", "tokenizer.ggml.eos_token_id")):
-        value = _gguf_value(reader, gguf_key)
-        if value is not None:
-            hf[hf_key] = int(value)
-    config = ModelConfig.from_hf_dict(hf, source=path)
+    config = config_from_gguf(reader, path)
     name = os.path.basename(path)[: -len(".gguf")]
     return ModelSource(name, config, path, _gguf_weight_bytes(reader.tensors))
 
@@ -118,7 +86,7 @@ def _gguf_value(reader: Any, key: str) -> Any:
 
 
 def _gguf_weight_bytes(tensors: list[Any]) -> WeightBytes:
-    embedding = lm_head = layers = replicated = 0
+    embedding = lm_head = layers = replicated = experts = 0
     bytes_by_type: Counter[str] = Counter()
     for t in tensors:
         size = int(t.n_bytes)
@@ -131,5 +99,8 @@ def _gguf_weight_bytes(tensors: list[Any]) -> WeightBytes:
             replicated += size  # norms (and rope_freqs): every GPU keeps them whole
         else:
             layers += size
+            if _EXPERT_TENSOR.fullmatch(t.name):
+                experts += size
     dominant = bytes_by_type.most_common(1)[0][0]
-    return WeightBytes(embedding, lm_head, layers, replicated, label=f"GGUF {dominant}")
+    return WeightBytes(embedding, lm_head, layers, replicated, label=f"GGUF {dominant}",
+                       experts=experts)

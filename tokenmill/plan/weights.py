@@ -1,8 +1,11 @@
-"""Parameter counts and weight bytes of a Llama-family decoder.
+"""Parameter counts and weight bytes of a decoder (dense or mixture of experts).
 
 Counts are grouped by how the planner treats them: matrices that multiply
 every token (attention and MLP), the vocabulary matrices (input embedding,
-output projection), small vectors (biases, norms).
+output projection), small vectors (biases, norms). For mixture-of-experts
+models ``mlp`` holds every expert (and router) and ``experts`` /
+``experts_active`` say how much of it is expert matrices, all of them and the
+``num_experts_per_tok`` a token runs through.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class ParamCounts:
     mlp: int  # gate, up, down projection matrices of all layers
     biases: int  # q/k/v biases (Qwen2)
     norms: int  # RMSNorm weights
+    experts: int = 0  # expert matrices of all MoE layers (part of ``mlp``)
+    experts_active: int = 0  # the expert matrices one token runs through
 
     @property
     def total(self) -> int:
@@ -48,26 +53,42 @@ class ParamCounts:
 
     @property
     def layer_matmul(self) -> int:
-        """Weights every token multiplies by in the decoder layers."""
+        """Weights of the decoder layers' matrices (every expert included)."""
         return self.attention + self.mlp
+
+    @property
+    def layer_matmul_active(self) -> int:
+        """Weights each token multiplies by in the decoder layers (its experts only)."""
+        return self.attention + self.mlp - self.experts + self.experts_active
 
 
 def count_parameters(cfg: ModelConfig) -> ParamCounts:
-    """Count the parameters of a Llama/Mistral/Qwen2 model from its hyper-parameters."""
+    """Count the parameters of any supported model from its hyper-parameters."""
     hidden, layers, head_dim = cfg.hidden_size, cfg.num_hidden_layers, cfg.head_dim
     q_width = cfg.num_attention_heads * head_dim
     kv_width = cfg.num_key_value_heads * head_dim
     vocab_matrix = cfg.vocab_size * hidden
     per_layer_attention = hidden * q_width + 2 * hidden * kv_width + q_width * hidden
-    per_layer_mlp = 3 * hidden * cfg.intermediate_size
     per_layer_bias = q_width + 2 * kv_width if cfg.attention_bias else 0
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(layers))
+    per_expert = 3 * hidden * cfg.moe_intermediate_size
+    experts = moe_layers * cfg.num_experts * per_expert
+    router = moe_layers * cfg.num_experts * hidden
+    dense_mlp = (layers - moe_layers) * 3 * hidden * cfg.intermediate_size
+    norms_per_layer = 2 * hidden
+    if cfg.architecture == "Gemma3ForCausalLM":
+        norms_per_layer += 2 * hidden  # norms after attention and after the MLP too
+    if cfg.qk_norm:
+        norms_per_layer += 2 * head_dim
     return ParamCounts(
         embedding=vocab_matrix,
         lm_head=0 if cfg.tie_word_embeddings else vocab_matrix,
         attention=layers * per_layer_attention,
-        mlp=layers * per_layer_mlp,
+        mlp=dense_mlp + experts + router,
         biases=layers * per_layer_bias,
-        norms=(2 * layers + 1) * hidden,
+        norms=layers * norms_per_layer + hidden,
+        experts=experts,
+        experts_active=moe_layers * cfg.num_experts_per_tok * per_expert,
     )
 
 
@@ -80,6 +101,7 @@ class WeightBytes:
     layers: float  # attention and MLP matrices with their biases (sharded)
     replicated: float  # norms and other vectors every GPU keeps whole
     label: str  # where the sizes come from, e.g. "bf16" or "GGUF Q4_1"
+    experts: float = 0.0  # the expert matrices' share of ``layers`` (MoE models)
 
     @property
     def total(self) -> float:
@@ -124,4 +146,5 @@ def weight_bytes_for_dtype(counts: ParamCounts, dtype: str) -> WeightBytes:
         layers=counts.layer_matmul * matrix_width + counts.biases * other_width,
         replicated=counts.norms * other_width,
         label=dtype,
+        experts=counts.experts * matrix_width,
     )
