@@ -5,8 +5,10 @@ concurrent streams") for ``--max-tokens`` tokens with ``ignore_eos``, alternatel
 JSON schema (the ``bench serve --workload structured`` default: longer than the run, so
 both generate exactly ``max_tokens`` tokens) and without, ``--rounds`` times. Rounds
 alternate which goes first, so drift on a shared machine cancels; the table gives each
-round's time per output token and the median ratio. It also times the grammar's own
-work per step (bitmask fill + apply + matcher advance) and one cold compile.
+round's time per output token (wall clock, and CPU time of the process, which a busy
+shared machine inflates less) and the median ratios. It also times the grammar's own
+work per step (bitmask fill, mask + bias applied to the logits, matcher advance) and
+one cold compile.
 
     python benchmarks/structured_overhead.py                # ~2-4 min on 2 CPU cores
     python benchmarks/structured_overhead.py --rounds 3 --max-tokens 32
@@ -25,6 +27,8 @@ import time
 from tokenmill.bench.structured import default_schema
 from tokenmill.llm import LLM
 from tokenmill.sampling import SamplingParams
+from tokenmill.sampling import sampler as sampler_module
+from tokenmill.sampling.grammar import SequenceGrammar
 from tokenmill.sampling.params import StructuredOutputsParams
 
 
@@ -55,53 +59,67 @@ def main() -> None:
     compiler.compile(constrained.structured_outputs)
     compile_ms = 1000 * (compiler.stats.compile_seconds - before)
 
-    grammar_s = 0.0
-    original = core.structured.sampling_bitmask
+    parts = {"fill": 0.0, "apply": 0.0, "accept": 0.0}
+    timing = [False]
 
-    def timed_bitmask(seqs):  # noqa: ANN001, ANN202 - wraps the manager's method
-        nonlocal grammar_s
-        start = time.perf_counter()
-        result = original(seqs)
-        grammar_s += time.perf_counter() - start
-        return result
+    def timed(name, fn):  # noqa: ANN001, ANN202 - wraps a grammar step to time it
+        def wrapper(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                if timing[0]:
+                    parts[name] += time.perf_counter() - start
+        return wrapper
 
-    core.structured.sampling_bitmask = timed_bitmask
+    core.structured.sampling_bitmask = timed("fill", core.structured.sampling_bitmask)
+    sampler_module.constrained_logits = timed("apply", sampler_module.constrained_logits)
+    SequenceGrammar.accept = timed("accept", SequenceGrammar.accept)
 
-    def tpot(params: SamplingParams) -> tuple[float, int]:
-        start = time.perf_counter()
+    def tpot(params: SamplingParams) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
         outs = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        return elapsed / max(1, tokens / args.batch), tokens
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        per_seq = max(1.0, sum(len(o.outputs[0].token_ids) for o in outs) / args.batch)
+        return wall / per_seq, cpu / per_seq
 
     tpot(free)  # warm-up
     tpot(constrained)
     rows = []
-    fill_s_total, steps = 0.0, 0
+    steps = 0
     for r in range(args.rounds):
         order = [("json", constrained), ("free", free)]
         if r % 2:
             order.reverse()
         times = {}
         for name, params in order:
-            grammar_s = 0.0
+            timing[0] = name == "json"
             steps_before = core.stats().steps_total
-            times[name], _ = tpot(params)
+            times[name] = tpot(params)
             if name == "json":
-                fill_s_total += grammar_s
                 steps += core.stats().steps_total - steps_before
+        timing[0] = False
         rows.append((times["json"], times["free"]))
 
     print(f"\nbatch {args.batch}, {args.max_tokens} tokens per sequence, greedy, "
           f"{args.rounds} rounds (alternating order)")
-    print(f"{'round':>5} {'TPOT json (ms)':>15} {'TPOT free (ms)':>15} {'ratio':>7}")
-    for i, (a, b) in enumerate(rows):
-        print(f"{i:>5} {1000 * a:>15.1f} {1000 * b:>15.1f} {a / b:>6.3f}x")
-    ratios = [a / b for a, b in rows]
-    print(f"median TPOT ratio json/free: {statistics.median(ratios):.3f}x "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
-    print(f"bitmask fill per constrained step ({args.batch} rows): "
-          f"{1000 * fill_s_total / max(1, steps):.2f} ms")
+    print(f"{'round':>5} {'TPOT json':>10} {'TPOT free':>10} {'ratio':>7}"
+          f" {'CPU/tok json':>13} {'CPU/tok free':>13} {'ratio':>7}   (ms)")
+    for i, ((wa, ca), (wb, cb)) in enumerate(rows):
+        print(f"{i:>5} {1000 * wa:>10.1f} {1000 * wb:>10.1f} {wa / wb:>6.3f}x"
+              f" {1000 * ca:>13.1f} {1000 * cb:>13.1f} {ca / cb:>6.3f}x")
+    wall = [a[0] / b[0] for a, b in rows]
+    cpu = [a[1] / b[1] for a, b in rows]
+    print(f"median TPOT ratio json/free: wall {statistics.median(wall):.3f}x "
+          f"(min {min(wall):.3f}, max {max(wall):.3f}); CPU time "
+          f"{statistics.median(cpu):.3f}x (min {min(cpu):.3f}, max {max(cpu):.3f})")
+    per_step = {k: 1000 * v / max(1, steps) for k, v in parts.items()}
+    step_ms = 1000 * statistics.median(b[0] for _, b in rows)
+    print(f"grammar work per constrained step ({args.batch} rows): fill "
+          f"{per_step['fill']:.2f} ms, mask+bias on logits {per_step['apply']:.2f} ms, "
+          f"matcher advance {per_step['accept']:.2f} ms; total "
+          f"{sum(per_step.values()):.2f} ms = {sum(per_step.values()) / step_ms:.1%} of a "
+          f"median unconstrained step ({step_ms:.1f} ms)")
     print(f"cold compile of the schema: {compile_ms:.1f} ms")
 
 
