@@ -400,3 +400,16 @@ def test_draft_bitmasks_stop_at_the_first_refused_draft(tokenizer, compiler):
     assert {b, c} <= set(allowed_token_ids(mask[2], tokenizer.vocab_size))
     # The matcher is back where it started.
     assert g.accept(a) and g.accept(b) and g.accept(c) and g.accept(2) and g.is_terminated
+
+
+def test_length_bounded_strings_refuse_control_characters(tokenizer, compiler):
+    # xgrammar 0.2 lets bounded strings hold raw control characters (invalid JSON);
+    # the grammar is patched, and a compiled matcher must refuse them.
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 5}},
+              "required": ["s"]}
+    compiled = compiler.compile(SO(json=schema))
+    for text, ok in [('{"s": "ab', True), ('{"s": "a\tb', False), ('{"s": "a\x0bb', False),
+                     ('{"s": "abcdef', False)]:
+        g = SequenceGrammar.create(compiled, [5])
+        accepted = all(g.accept(t) for t in _ids(tokenizer, text))
+        assert accepted == ok, text

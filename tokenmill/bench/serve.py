@@ -6,6 +6,10 @@ Example::
         --random-input-len 128 --random-output-len 128 --num-prompts 64 \\
         --sweep concurrency=1,8,32 --result-json out.json --plot out.png
 
+    # JSON-schema output vs unconstrained, same prompts, 8 streams; prints TPOT A/B
+    # and the grammar compile time:
+    tokenmill bench serve --workload structured --max-concurrency 8 --num-prompts 32
+
 See docs/bench.md for the workloads, the load options and how each metric is defined.
 """
 
@@ -36,6 +40,13 @@ from tokenmill.bench.report import (
     write_json,
 )
 from tokenmill.bench.runner import LoadSpec, run_load
+from tokenmill.bench.structured import (
+    GrammarCounters,
+    format_compile_report,
+    format_tpot_ratios,
+    load_schema,
+    structured_targets,
+)
 from tokenmill.bench.tokens import TokenCounter, load_token_counter
 from tokenmill.bench.workloads import KINDS, WorkloadSpec, build_workload
 
@@ -150,6 +161,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "lengths and client-side token counts")
     w.add_argument("--count-tokens", choices=("auto", "tokenizer", "usage"), default="auto",
                    help="source of token counts; auto = tokenizer if given, else usage")
+    w.add_argument("--structured-schema", default=None,
+                   help="structured workload: JSON schema file (default: records longer than "
+                        "the output length, so both runs generate max_tokens tokens)")
     w.add_argument("--prompt-salt", default=None,
                    help="salt of the prompt text (default: fresh each run so prompt caches "
                         "cannot hit across runs; give the salt of a past run to replay it)")
@@ -210,6 +224,12 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
                       api_key=api_key, label=_label(args.base_url, args.label),
                       extra_body=args.extra_body, ignore_eos=args.ignore_eos,
                       temperature=args.temperature, timeout_s=args.request_timeout)]
+    if args.workload == "structured":
+        if args.compare_base_url:
+            raise ValueError("the structured workload compares a server with itself (JSON "
+                             "schema vs unconstrained); --compare-base-url does not apply")
+        schema = load_schema(args.structured_schema, args.prompt_salt or "")
+        return structured_targets(targets[0], schema)
     if args.compare_base_url:
         key = args.compare_api_key if args.compare_api_key is not None else api_key
         extra = args.compare_extra_body if args.compare_extra_body is not None \
@@ -245,6 +265,8 @@ def run_benchmark(args: argparse.Namespace) -> list[RunResult]:
     tokens = load_token_counter(args.tokenizer) if args.tokenizer else None
     targets = build_targets(args)
     spec = workload_spec(args)
+    if args.workload == "structured":
+        args.grammar_before = GrammarCounters.scrape(targets[0].base_url, targets[0].api_key)
     slo = SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms, e2e_ms=args.slo_e2e_ms)
     if args.num_warmups > 0:
         for target in targets:
@@ -254,7 +276,10 @@ def run_benchmark(args: argparse.Namespace) -> list[RunResult]:
         # Fresh text per load point (same lengths): later points get no cache hits from
         # earlier ones. Targets at the same point see the same prompts.
         requests = build_workload(spec, args.seed, f"{args.prompt_salt}:{point}", tokens)
-        for target in targets:
+        order = targets
+        if args.workload == "structured" and point % 2:
+            order = targets[::-1]  # alternate who goes first: drift on a busy machine cancels
+        for target in order:
             outcome = run_load(target, requests, load, seed=args.seed, tokens=tokens,
                                count_tokens=args.count_tokens, progress=not args.disable_tqdm,
                                description=f"{target.name} {load.describe()}")
@@ -289,7 +314,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def run_metadata(args: argparse.Namespace) -> dict[str, Any]:
-    settings = {k: v for k, v in vars(args).items() if k != "func" and "api_key" not in k}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("func", "grammar_before") and "api_key" not in k}
     return {
         "tool": "tokenmill bench serve",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -316,6 +342,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(format_sweep(results))
     for a, b in pairs:
         print(format_comparison(a, b))
+    if args.workload == "structured" and results:
+        target = results[0].target
+        after = GrammarCounters.scrape(target.base_url, target.api_key)
+        print(format_tpot_ratios(pairs))
+        print(format_compile_report(args.grammar_before, after))
     if args.result_json:
         write_json(args.result_json, results, run_metadata(args), pairs)
         print(f"results written to {args.result_json}")

@@ -76,7 +76,7 @@ class BenchRequest:
 class WorkloadSpec:
     """Everything that decides a workload, as given on the command line."""
 
-    kind: str = "random"  # random | prefix | chat | jsonl
+    kind: str = "random"  # random | prefix | chat | jsonl | structured
     num_prompts: int = 100
     input_len: int = 128
     output_len: int = 128
@@ -90,7 +90,7 @@ class WorkloadSpec:
     def describe(self) -> str:
         """A one-line human description for tables."""
         spread = f" ±{self.range_ratio:.0%}" if self.range_ratio else ""
-        if self.kind == "random":
+        if self.kind in ("random", "structured"):
             shape = f"in {self.input_len}, out {self.output_len}{spread}"
         elif self.kind in ("prefix", "tenants"):
             shape = (
@@ -104,7 +104,7 @@ class WorkloadSpec:
         return f"{self.kind} ({shape}), {self.num_prompts} requests"
 
 
-KINDS = ("random", "prefix", "tenants", "chat", "jsonl")
+KINDS = ("random", "prefix", "tenants", "chat", "jsonl", "structured")
 
 
 def sample_lengths(rng: np.random.Generator, n: int, mean: int, range_ratio: float,
@@ -147,7 +147,8 @@ def build_workload(spec: WorkloadSpec, seed: int, salt: str = "",
     """Generate the requests of ``spec``; see the module docstring for seeding."""
     if spec.num_prompts <= 0:
         raise ValueError("the number of prompts must be positive")
-    if spec.kind == "random":
+    if spec.kind in ("random", "structured"):
+        # structured: random prompts, sent with and without a JSON schema (bench/structured.py)
         return random_workload(spec, seed, salt, tokens)
     if spec.kind == "prefix":
         return prefix_workload(spec, seed, salt, tokens)

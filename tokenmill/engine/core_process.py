@@ -45,6 +45,8 @@ logger = logging.getLogger("tokenmill.engine.core")
 
 # How long an idle core blocks on its input before checking that its parent lives.
 IDLE_POLL_MS = 500
+# How long a core with nothing to run but grammars compiling waits between checks.
+GRAMMAR_POLL_MS = 5
 
 
 def run_engine_core(
@@ -141,6 +143,15 @@ class CoreLoop:
             started = core.pop_started()
             if started:
                 self._send(EngineCoreOutputs([], core.stats(), started))
+            if sched.is_empty and core.num_awaiting_grammar:
+                # Only grammars compiling (in the background): report failures, else wait
+                # a moment for a grammar or a new message instead of spinning.
+                failed = core.execute(sched)
+                if failed:
+                    self._send(EngineCoreOutputs(failed, core.stats()))
+                else:
+                    self._poller.poll(GRAMMAR_POLL_MS)
+                continue
             try:
                 step_outputs = core.execute(sched)
             except WorkerFailure as exc:  # a rank is gone: no further step can run

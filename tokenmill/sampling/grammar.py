@@ -24,6 +24,7 @@ never loads it.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -36,6 +37,8 @@ from typing import Any
 import torch
 
 from tokenmill.sampling.params import InvalidParameterError, StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
 
 # Whitespace characters the model may put between JSON tokens (per gap) unless the
 # request asks for compact JSON: enough for pretty-printed nesting, and a weak model
@@ -153,8 +156,6 @@ def _grammar_for(kind: str, value: Any, compact: bool) -> Any:
     if kind == "json":
         schema = json.loads(value)
         _check_schema(schema)
-        if _bound_string_lengths(schema):
-            value = json.dumps(schema, ensure_ascii=False)
         return _json_grammar(xgr, value, compact)
     try:
         if kind == "regex":
@@ -191,13 +192,35 @@ def _check_schema(schema: Any) -> None:
                     f"{listed}")
 
 
+# xgrammar (0.2.x) spells the characters of a length-bounded string (minLength /
+# maxLength) as this class, which admits raw control characters (a tab, U+000B) and so
+# makes invalid JSON; the fix excludes U+0000-U+001F as its unbounded strings do.
+_BOUNDED_STRING_CHAR = '[^\\"\\\\\\r\\n]'
+_JSON_STRING_CHAR = '[^\\0-\\x1f\\"\\\\]'
+
+
+def _fix_bounded_strings(xgr: Any, grammar: Any, schema_text: str, compact: bool,
+                         strict: bool) -> Any:
+    """``grammar`` with valid JSON characters in its length-bounded strings."""
+    text = str(grammar)
+    if _BOUNDED_STRING_CHAR not in text:
+        return grammar
+    try:
+        return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
+    except RuntimeError:
+        # The printed grammar did not parse back: express the bounds as patterns
+        # instead (correct too, but about ten times slower to compile).
+        schema = json.loads(schema_text)
+        _bound_string_lengths(schema)
+        return xgr.Grammar.from_json_schema(json.dumps(schema, ensure_ascii=False),
+                                            strict_mode=strict, **_json_format_kwargs(compact))
+
+
 def _bound_string_lengths(schema: Any) -> bool:
     """Rewrite length-bounded strings as patterns, in place; True if anything changed.
 
-    xgrammar (0.2.x) lets a string with minLength/maxLength hold raw control
-    characters (a tab, U+000B), which makes the output invalid JSON. The same
-    bounds as a pattern over characters other than controls, quote and backslash
-    keep the output valid (such strings cannot hold escapes, as before).
+    Such strings then hold characters other than controls, quote and backslash
+    (no escapes, as xgrammar's own bounded strings).
     """
     changed = False
     if not isinstance(schema, dict):
@@ -214,7 +237,8 @@ def _bound_string_lengths(schema: Any) -> bool:
     for keyword in _SUBSCHEMA:
         changed |= _bound_string_lengths(schema.get(keyword))
     for keyword in _SUBSCHEMA_LISTS:
-        for sub in schema.get(keyword) or [] if isinstance(schema.get(keyword), list) else []:
+        subs = schema.get(keyword)
+        for sub in subs if isinstance(subs, list) else []:
             changed |= _bound_string_lengths(sub)
     for keyword in _SUBSCHEMA_MAPS:
         if isinstance(schema.get(keyword), dict):
@@ -229,15 +253,18 @@ def _json_grammar(xgr: Any, schema_text: str, compact: bool) -> Any:
     # outputs stay valid. A few schemas have no strict reading (minItems with no items):
     # those fall back to the plain one.
     kwargs = _json_format_kwargs(compact)
+    strict = True
     try:
-        return xgr.Grammar.from_json_schema(schema_text, strict_mode=True, **kwargs)
+        grammar = xgr.Grammar.from_json_schema(schema_text, strict_mode=True, **kwargs)
     except RuntimeError as strict_error:
+        strict = False
         try:
-            return xgr.Grammar.from_json_schema(schema_text, strict_mode=False, **kwargs)
+            grammar = xgr.Grammar.from_json_schema(schema_text, strict_mode=False, **kwargs)
         except RuntimeError:
             raise InvalidParameterError(
                 "json", f"cannot be turned into a grammar: {_xgr_message(strict_error)}"
             ) from None
+    return _fix_bounded_strings(xgr, grammar, schema_text, compact, strict)
 
 
 def _json_format_kwargs(compact: bool) -> dict[str, Any]:
@@ -359,9 +386,17 @@ class GrammarCompiler:
         return self.submit(spec).result()
 
     def _compile(self, spec: StructuredOutputsParams, future: Future[Any]) -> None:
+        try:
+            compiler = self._ensure_compiler()  # once: not counted as compile time
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+            with self._lock:
+                self.stats.errors += 1
+                if self._cache.get(spec.key) is future:
+                    del self._cache[spec.key]
+            future.set_exception(exc)
+            return
         start = time.perf_counter()
         try:
-            compiler = self._ensure_compiler()
             grammar = _grammar_for(*spec.key)
             compiled = compiler.compile_grammar(grammar)
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
@@ -379,11 +414,14 @@ class GrammarCompiler:
 
     def _ensure_compiler(self) -> Any:
         if self._compiler is None:
+            start = time.perf_counter()
             xgr = _xgr()
             self._info = self._info_factory()
             # Our own LRU sits in front; xgrammar's cache would keep evicted grammars alive.
             self._compiler = xgr.GrammarCompiler(self._info, max_threads=2,
                                                  cache_enabled=False)
+            logger.info("structured outputs: vocabulary of %d tokens prepared for grammars "
+                        "in %.2fs", self._info.vocab_size, time.perf_counter() - start)
         return self._compiler
 
     def shutdown(self) -> None:
