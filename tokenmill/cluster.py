@@ -224,11 +224,28 @@ class Cluster:
                 return 1
         return 0
 
+    def _router_call(self, path: str, replica: Replica) -> None:
+        """Add or remove a worker in the running router (its worker-management API)."""
+        url = f"http://{self.config.host}:{self.config.port}{path}"
+        try:
+            resp = httpx.post(url, params={"url": replica.url}, timeout=10)
+            if resp.status_code >= 400:
+                logger.warning("router %s %s: %s %s", path, replica.url, resp.status_code,
+                               resp.text[:200])
+        except httpx.HTTPError as exc:
+            logger.warning("router %s %s failed: %s", path, replica.url, exc)
+
     def rolling_restart(self) -> None:
-        """Drain, restart and re-ready each replica in turn (SIGHUP)."""
+        """Drain, restart and re-ready each replica in turn (SIGHUP).
+
+        The replica leaves the router first, so no new request is sent to it while it
+        drains or restarts (the health checks alone would notice only seconds later),
+        and rejoins once it is ready.
+        """
         for replica in self.replicas:
             if self._stopping.is_set():
                 return
+            self._router_call("/remove_worker", replica)
             with self._lock:
                 old = replica.proc
                 replica.expected_exit = True
@@ -238,6 +255,7 @@ class Cluster:
             while not self._stopping.is_set() and replica.proc is old:
                 time.sleep(0.2)  # the supervisor restarts it once it has exited
             self._wait_ready(replica)
+            self._router_call("/add_worker", replica)
             logger.info("rolling restart: replica %d ready again", replica.index)
 
     def shutdown(self) -> None:
