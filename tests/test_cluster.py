@@ -36,7 +36,8 @@ def cluster(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenmill", "cluster", "--replicas", "2", "--port", str(port),
          "--log-dir", str(logs), "--max-model-len", "1024", "--kv-cache-memory", "64MiB"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(logs / "cluster.err", "w"))  # noqa: SIM115
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(logs / "cluster.err", "w"),  # noqa: SIM115
+        start_new_session=True)  # its own process group: cleanup reaches the replicas too
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
     while True:
@@ -50,7 +51,11 @@ def cluster(tmp_path_factory):
         time.sleep(1)
     yield proc, url, logs
     if proc.poll() is None:
-        proc.kill()
+        proc.send_signal(signal.SIGTERM)  # drains the replicas, stops the router
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def complete(url: str, prompt: str, stream: bool = False, **extra) -> httpx.Response:
