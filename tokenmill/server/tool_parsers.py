@@ -371,6 +371,19 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
+def _split_at(buf: str, marker: str, final: bool) -> tuple[str, str, bool]:
+    """Split ``buf`` at ``marker``: (text before it, text after it, found).
+
+    When the marker is absent, a tail that could be its start is held back (unless
+    ``final``) and returned as the remainder, so a marker split across feeds is found.
+    """
+    i = buf.find(marker)
+    if i >= 0:
+        return buf[:i], buf[i + len(marker):], True
+    keep = 0 if final else _partial_suffix(buf, marker)
+    return buf[: len(buf) - keep], buf[len(buf) - keep:], False
+
+
 class _TaggedCalls(ToolCallStream):
     """Content with calls between an opening and an optional closing tag (Hermes)."""
 
@@ -403,14 +416,10 @@ class _TaggedCalls(ToolCallStream):
         out = ParsedPiece()
         while self._buf:
             if self._state == "text":
-                i = self._buf.find(self.open_tag)
-                if i < 0:
-                    keep = 0 if final else _partial_suffix(self._buf, self.open_tag)
-                    out.content += self._buf[: len(self._buf) - keep]
-                    self._buf = self._buf[len(self._buf) - keep:]
+                before, self._buf, found = _split_at(self._buf, self.open_tag, final)
+                out.content += before
+                if not found:
                     break
-                out.content += self._buf[:i]
-                self._buf = self._buf[i + len(self.open_tag):]
                 self._begin_call()
             elif self._state == "call":
                 assert self._scanner is not None
@@ -518,14 +527,11 @@ class MistralToolCalls(ToolCallStream):
         out = ParsedPiece()
         while self._buf:
             if self._state == "text":
-                i = self._buf.find(self.tag)
-                if i < 0:
-                    keep = 0 if final else _partial_suffix(self._buf, self.tag)
-                    out.content += self._buf[: len(self._buf) - keep]
-                    self._buf = self._buf[len(self._buf) - keep:]
+                before, self._buf, found = _split_at(self._buf, self.tag, final)
+                out.content += before
+                if not found:
                     break
-                out.content += self._buf[:i]
-                self._buf = self._buf[i + len(self.tag):].lstrip()
+                self._buf = self._buf.lstrip()
                 self._state = "which"
             elif self._state == "which":
                 self._buf = self._buf.lstrip()
@@ -548,14 +554,10 @@ class MistralToolCalls(ToolCallStream):
                 else:
                     break
             elif self._state == "name":
-                i = self._buf.find(self.args_tag)
-                if i < 0:
-                    keep = _partial_suffix(self._buf, self.args_tag)
-                    self._name += self._buf[: len(self._buf) - keep]
-                    self._buf = self._buf[len(self._buf) - keep:]
+                before, self._buf, found = _split_at(self._buf, self.args_tag, False)
+                self._name += before
+                if not found:
                     break
-                self._name += self._buf[:i]
-                self._buf = self._buf[i + len(self.args_tag):]
                 self._state = "args"
                 # The whole object is the arguments: stream it as it comes.
                 self._scanner = _ObjectScanner()
