@@ -9,11 +9,13 @@ hit rate. Prints, per policy, the token-level prefix hit rate, TTFT mean and p90
 throughput, each replica's share of the requests, and the ratios cache-aware /
 round-robin next to the goals (hit rate >= 0.8; TTFT <= 0.5x; throughput >= 1.3x).
 
-Router overhead: the same requests straight to one replica vs through the router
-(p50 TTFT difference, goal <= 5 ms) with ``--overhead``.
+Router overhead (``--overhead``): one replica behind the router; the same one-token
+completion sent alternately straight to the replica and through the router, p50 latency
+of each and the difference (goal <= 5 ms).
 
     python benchmarks/cluster_routing.py                    # 4 replicas, ~15 min on 2 cores
     python benchmarks/cluster_routing.py --replicas 2 --tenants 6 --num-prompts 60
+    python benchmarks/cluster_routing.py --overhead         # ~1 min
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,28 +45,55 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_policy(policy: str, args: argparse.Namespace, flags: list[str]) -> dict:
-    port = free_port()
-    log_dir = tempfile.mkdtemp(prefix=f"tokenmill-cluster-{policy}-")
-    cmd = [sys.executable, "-m", "tokenmill", "cluster", "--replicas", str(args.replicas),
-           "--port", str(port), "--router-policy", policy, "--log-dir", log_dir,
-           "--router-balance-abs-threshold", str(args.balance_abs_threshold),
-           "--router-balance-rel-threshold", str(args.balance_rel_threshold),
-           "--max-model-len", "2048", "--kv-cache-memory", args.kv_cache_memory, *flags]
-    cluster = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=open(Path(log_dir) / "cluster.log", "w"))  # noqa: SIM115
-    url = f"http://127.0.0.1:{port}"
-    try:
+class Cluster:
+    """``tokenmill cluster`` in a subprocess, for the length of a ``with`` block."""
+
+    def __init__(self, policy: str, replicas: int, args: argparse.Namespace,
+                 flags: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_dir = Path(tempfile.mkdtemp(prefix=f"tokenmill-cluster-{policy}-"))
+        self.cmd = [
+            sys.executable, "-m", "tokenmill", "cluster", "--replicas", str(replicas),
+            "--port", str(self.port), "--router-policy", policy, "--log-dir", str(self.log_dir),
+            "--router-balance-abs-threshold", str(args.balance_abs_threshold),
+            "--router-balance-rel-threshold", str(args.balance_rel_threshold),
+            "--max-model-len", "2048", "--kv-cache-memory", args.kv_cache_memory, *flags]
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Cluster:
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+            stderr=open(self.log_dir / "cluster.log", "w"))  # noqa: SIM115
         deadline = time.monotonic() + 900
         while True:
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
             except httpx.HTTPError:
                 pass
-            if cluster.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"cluster did not start; see {log_dir}")
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"cluster did not start; see {self.log_dir}")
             time.sleep(1)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(300)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def replica_urls(self) -> list[str]:
+        """The replicas' URLs, from the launcher's log ("replica i: pid N on URL ...")."""
+        log = (self.log_dir / "cluster.log").read_text()
+        return re.findall(r"replica \d+: pid \d+ on (http://\S+)", log)
+
+
+def run_policy(policy: str, args: argparse.Namespace, flags: list[str]) -> dict:
+    with Cluster(policy, args.replicas, args, flags) as cluster:
+        url = cluster.url
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
             subprocess.run(
@@ -75,12 +106,31 @@ def run_policy(policy: str, args: argparse.Namespace, flags: list[str]) -> dict:
                  "--num-warmups", "0", "--disable-tqdm", "--result-json", str(out)],
                 cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
             return json.loads(out.read_text())["runs"][0]["summary"]
-    finally:
-        cluster.send_signal(signal.SIGTERM)
-        try:
-            cluster.wait(300)
-        except subprocess.TimeoutExpired:
-            cluster.kill()
+
+
+def measure_overhead(args: argparse.Namespace, flags: list[str]) -> int:
+    """p50 latency of a one-token completion, straight to a replica vs through the router."""
+    with Cluster("round_robin", 1, args, flags) as cluster:
+        (replica,) = cluster.replica_urls()
+        model = httpx.get(replica + "/v1/models", timeout=10).json()["data"][0]["id"]
+        body = {"model": model, "prompt": "The router adds how much latency?",
+                "max_tokens": 1, "temperature": 0}
+        times: dict[str, list[float]] = {"direct": [], "routed": []}
+        with httpx.Client(timeout=60) as client:
+            for i in range(args.overhead_requests + 10):
+                # Alternate the order so drift on a shared machine hits both alike.
+                pair = [("direct", replica), ("routed", cluster.url)]
+                for name, base in pair if i % 2 else pair[::-1]:
+                    start = time.perf_counter()
+                    client.post(base + "/v1/completions", json=body).raise_for_status()
+                    if i >= 10:  # warm-up: connections, the prefix cache
+                        times[name].append((time.perf_counter() - start) * 1000)
+    direct, routed = (statistics.median(times[k]) for k in ("direct", "routed"))
+    print(f"{args.overhead_requests} one-token completions each, alternating")
+    print(f"{'p50 direct (ms)':24} {direct:8.2f}")
+    print(f"{'p50 via router (ms)':24} {routed:8.2f}")
+    print(f"{'router overhead (ms)':24} {routed - direct:8.2f}   goal <= 5 ms")
+    return 0
 
 
 def main() -> int:
@@ -97,7 +147,12 @@ def main() -> int:
     parser.add_argument("--balance-rel-threshold", type=float, default=2.0)
     parser.add_argument("--kv-cache-memory", default="80MiB",
                         help="per replica; SmolLM2 float32 KV is 45 KiB per token")
+    parser.add_argument("--overhead", action="store_true",
+                        help="measure the router's added latency instead")
+    parser.add_argument("--overhead-requests", type=int, default=200)
     args, flags = parser.parse_known_args()
+    if args.overhead:
+        return measure_overhead(args, flags)
     print(f"{args.replicas} replicas on {os.cpu_count()} cores; {args.tenants} tenants x "
           f"{args.prefix_len}-token prefixes; {args.num_prompts} requests at concurrency "
           f"{args.concurrency}; KV per replica {args.kv_cache_memory}", flush=True)

@@ -84,4 +84,7 @@ def test_sampler_returns_a_legal_token(case: tuple[torch.Tensor, SamplingBatch, 
             assert entry is None
         else:
             assert entry is not None and entry.token_id == token and entry.rank >= 1
-            assert len(entry.top) == min(batch.params[row].logprobs, vocab)
+            # Alternatives are the tokens with a finite logit (masked ones are not).
+            finite = int(torch.isfinite(raw[row]).sum())
+            assert len(entry.top) == min(batch.params[row].logprobs, finite)
+            assert all(value != float("-inf") for _, value in entry.top)
