@@ -149,7 +149,7 @@ def main() -> int:
                         help="per replica; SmolLM2 float32 KV is 45 KiB per token")
     parser.add_argument("--overhead", action="store_true",
                         help="measure the router's added latency instead")
-    parser.add_argument("--overhead-requests", type=int, default=200)
+    parser.add_argument("--overhead-requests", type=int, default=100)
     args, flags = parser.parse_known_args()
     if args.overhead:
         return measure_overhead(args, flags)
