@@ -215,8 +215,9 @@ def paged_attention(
     ``[num_blocks, block_size, KVH, D]`` in ``q``'s dtype, or quantized
     (``int8``/``uint8`` = fp8 rows of ``D`` codes + a float32 scale, see
     :mod:`tokenmill.kernels.kv_quant`; float32 ``q`` only), read in place and
-    dequantized in registers; metadata tensors are int32 on the CPU. Rows of longer sequences are left untouched. Returns False (doing
-    nothing) when the kernel cannot run these inputs, so the caller falls back.
+    dequantized in registers; metadata tensors are int32 on the CPU. Rows of
+    longer sequences are left untouched. Returns False (doing nothing) when the
+    kernel cannot run these inputs, so the caller falls back.
     """
     lib = cpu_kernels()
     dtype = q.dtype
