@@ -559,11 +559,16 @@ def _arch_from_model_type(model_type: str | None) -> str:
     return by_type.get(model_type or "", f"<unknown model_type {model_type!r}>")
 
 
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # auto = the model's dtype; fp8 = e4m3
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV-cache settings."""
 
     block_size: int = 16
+    # Storage of K/V: the model's dtype, or 8-bit codes with a scale per token and head.
+    kv_cache_dtype: str = "auto"
     # CPU: bytes for the KV cache. GPU: used only if set, else the fraction below.
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -574,6 +579,9 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 

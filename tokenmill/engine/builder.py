@@ -111,10 +111,10 @@ def build_rank_model(
 
         # The draft's cache mirrors the target's block for block: share the budget.
         num_blocks = split_kv_blocks(num_blocks, model_config, draft.config,
-                                     cache_cfg.block_size, dtype)
+                                     cache_cfg.block_size, dtype, cache_cfg.kv_cache_dtype)
     num_blocks = tp.min_int(num_blocks)  # every rank holds the same blocks
     kv = allocate_kv_cache(model_config, num_blocks, cache_cfg.block_size, dtype, device,
-                           kv_heads)
+                           kv_heads, cache_cfg.kv_cache_dtype)
     graph_cfg = None
     if device.type == "cuda" and not args.enforce_eager and not tp.sharded:
         # Decode graphs are captured on single-rank engines only (collectives run eagerly).
@@ -218,7 +218,7 @@ def _assemble(args: EngineArgs, rank: RankModel, device: torch.device,
 
         draft = None if rank.draft is None else build_draft_proposer(
             rank.draft, num_blocks, cache_cfg.block_size, dtype, device, rank.backend,
-            eos_token_ids, generator,
+            eos_token_ids, generator, cache_cfg.kv_cache_dtype,
         )
         draft_runner = draft.runner if draft is not None else None
         speculator = Speculator(spec_cfg, scheduler, sched_cfg.max_model_len, eos_token_ids,
@@ -243,13 +243,14 @@ def _assemble(args: EngineArgs, rank: RankModel, device: torch.device,
     capacity = num_blocks * cache_cfg.block_size
     kv_heads = loaded.model.shard.num_kv_heads
     kv_mib = num_blocks * bytes_per_block(model_config, cache_cfg.block_size, dtype,
-                                          kv_heads) / 2**20
+                                          kv_heads, cache_cfg.kv_cache_dtype) / 2**20
     tp = config.parallel.tensor_parallel_size
     logger.info(
-        "loaded %s (%s, %s) in %.1fs on %s%s; KV cache: %d blocks x %d tokens = %d tokens "
+        "loaded %s (%s, %s) in %.1fs on %s%s; KV cache (%s): %d blocks x %d tokens = %d tokens "
         "(%.0f MiB%s); max concurrency at full context (%d tokens): %.2f",
         model_config.architecture, resolved.format, str(dtype).replace("torch.", ""),
-        rank.load_s, device, f" (tensor parallel {tp})" if tp > 1 else "", num_blocks,
+        rank.load_s, device, f" (tensor parallel {tp})" if tp > 1 else "",
+        cache_cfg.kv_cache_dtype, num_blocks,
         cache_cfg.block_size, capacity, kv_mib, " per rank" if tp > 1 else "",
         sched_cfg.max_model_len, capacity / sched_cfg.max_model_len,
     )

@@ -30,7 +30,11 @@ from __future__ import annotations
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+from tokenmill.config import KV_CACHE_DTYPES
+
+__all__ = ["KV_CACHE_DTYPES", "SCALE_BYTES", "cache_format", "check_kv_cache_dtype",
+           "dequantize", "is_quantized", "quantize", "row_bytes", "row_width",
+           "storage_dtype", "to_cache_rows", "to_model_rows"]
 SCALE_BYTES = 4  # float32 scale after each row of codes
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
