@@ -106,3 +106,17 @@ def test_quantized_tokens_track_model_dtype(tiny, reference):
 def test_bad_kv_cache_dtype(tiny):
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         LLM(tiny, kv_cache_dtype="int4", num_threads=1)
+
+
+def test_capacity_gauge_counts_quantized_tokens(tiny):
+    """Same --kv-cache-memory: 8-bit KV holds >= 3.5x the tokens of float32 KV (the stats
+    behind tokenmill_kv_cache_capacity_tokens)."""
+    caps = {}
+    for fmt in ("auto", "int8", "fp8"):
+        llm = LLM(tiny, kv_cache_dtype=fmt, kv_cache_memory="4MiB", num_threads=1)
+        stats = llm.engine.stats()
+        assert stats.kv_cache_capacity_tokens == stats.num_total_blocks * 16
+        caps[fmt] = stats.kv_cache_capacity_tokens
+    # head_dim 16: 64 B float32 rows vs 16 + 4 B quantized rows (3.2x); at head_dim 64
+    # (SmolLM2) the ratio is 256 / 68 = 3.76x.
+    assert caps["int8"] == caps["fp8"] >= 3.1 * caps["auto"]

@@ -135,6 +135,9 @@ class EngineStats:
     grammar_cache_hits_total: int = 0
     grammar_compile_errors_total: int = 0
     grammar_compile_seconds_total: float = 0.0
+    # The device pool's size in tokens (blocks x block size): what --kv-cache-memory and
+    # --kv-cache-dtype buy.
+    kv_cache_capacity_tokens: int = 0
 
     @property
     def spec_acceptance_rate(self) -> float:

@@ -434,6 +434,7 @@ class EngineCore:
             kv_cache_usage=bm.usage,
             num_total_blocks=bm.num_blocks,
             num_free_blocks=bm.num_free_blocks,
+            kv_cache_capacity_tokens=bm.num_blocks * bm.block_size,
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,

@@ -51,6 +51,9 @@ class _EngineStatsCollector:
                 "Requests waiting in the engine's queue.", stats.num_waiting if stats else 0),
             "tokenmill_kv_cache_usage_ratio": (
                 "Fraction of KV-cache blocks in use, 0..1.", stats.kv_cache_usage if stats else 0),
+            "tokenmill_kv_cache_capacity_tokens": (
+                "Tokens the KV-cache pool holds (blocks x block size).",
+                stats.kv_cache_capacity_tokens if stats else 0),
             "tokenmill_kv_cache_blocks": (
                 "Total number of KV-cache blocks.", stats.num_total_blocks if stats else 0),
             "tokenmill_kv_cache_free_blocks": (
