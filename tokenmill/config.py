@@ -575,6 +575,11 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # Explicit block count (tests); overrides the memory budget when set.
     num_gpu_blocks_override: int | None = None
+    # Offload tiers of the prefix cache: host memory (bytes; 0 = off) and a disk
+    # directory (None = off) holding at most offload_dir_bytes.
+    offload_memory_bytes: int = 0
+    offload_dir: str | None = None
+    offload_dir_bytes: int = 16 << 30
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -584,6 +589,16 @@ class CacheConfig:
                              f"got {self.kv_cache_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.offload_memory_bytes < 0 or self.offload_dir_bytes <= 0:
+            raise ValueError("KV offload sizes must be positive")
+        if self.offload_enabled and not self.enable_prefix_caching:
+            raise ValueError("KV offload tiers extend the prefix cache: they need prefix "
+                             "caching on")
+
+    @property
+    def offload_enabled(self) -> bool:
+        """Whether any offload tier is configured."""
+        return self.offload_memory_bytes > 0 or self.offload_dir is not None
 
 
 @dataclass(frozen=True)
