@@ -120,7 +120,7 @@ needs_kernels = pytest.mark.skipif(cpu.cpu_kernels() is None, reason="no C compi
 
 @needs_kernels
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dim", [32, 12])  # the AVX2 path (D % 8 == 0) and the scalar loop
+@pytest.mark.parametrize("dim", [32, 12, 128])  # AVX2 (D % 8 == 0; 128: two V passes), scalar
 @pytest.mark.parametrize("window", [0, 20])
 def test_native_kernel_matches_reference(fmt, dim, window):
     q, kq, vq, qsl, lens, tables = _case([1, 3, 1, 16, 20], [70, 50, 9, 64, 40], fmt, dim,

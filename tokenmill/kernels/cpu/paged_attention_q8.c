@@ -75,6 +75,24 @@ static inline float hsum8(__m256 v) {
 }
 #endif
 
+#ifdef TM_Q8_AVX2
+/* Eight keys at once (rows c, c + row, ..., D % 8 == 0): lane j = sum_d q[d] * decode(c_j[d]). */
+static inline __m256 dot8_codes(const float *q, const uint8_t *c, int64_t row, int D, int kind) {
+    __m256 a[8];
+    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, widen8(c + j * row + d, kind), a[j]);
+    }
+    const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+    const __m256 lo = _mm256_permute2f128_ps(h0123, h4567, 0x20);
+    const __m256 hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
+    return _mm256_add_ps(lo, hi);
+}
+#endif
+
 /* sum_d q[d] * decode(c[d]) (the row's scale is applied by the caller) */
 static inline float dot_codes(const float *q, const uint8_t *c, int D, int kind) {
 #ifdef TM_Q8_AVX2
@@ -140,7 +158,21 @@ void paged_attention_q8_f32(const float *q, int64_t q_stride, float *out, int64_
                                 + (int64_t)table[start / block_size] * block_size * row
                                 + (int64_t)hk * width;
                             const int n = visible - start < block_size ? visible - start : block_size;
-                            for (int j = start < lo ? lo - start : 0; j < n; j++) {
+                            int j = start < lo ? lo - start : 0;
+#ifdef TM_Q8_AVX2
+                            if (D % 8 == 0) {
+                                for (; j + 8 <= n; j += 8) {
+                                    float d8[8];
+                                    _mm256_storeu_ps(d8, dot8_codes(qs, kb + j * row, row, D, kind));
+                                    for (int t = 0; t < 8; t++) {
+                                        const float s = d8[t] * row_scale(kb + (j + t) * row, D);
+                                        sc[start + j + t] = s;
+                                        mx = s > mx ? s : mx;
+                                    }
+                                }
+                            }
+#endif
+                            for (; j < n; j++) {
                                 const uint8_t *kr = kb + j * row;
                                 const float s = dot_codes(qs, kr, D, kind) * row_scale(kr, D);
                                 sc[start + j] = s;
@@ -153,6 +185,34 @@ void paged_attention_q8_f32(const float *q, int64_t q_stride, float *out, int64_
                             sum += sc[t];
                         }
                         for (int d = 0; d < D; d++) acc[d] = 0.0f;
+#ifdef TM_Q8_AVX2
+                        if (D % 8 == 0) {
+                            /* weighted sum of V with the accumulator in registers, 64 dims a pass */
+                            for (int d0 = 0; d0 < D; d0 += 64) {
+                                const int w8 = (D - d0 < 64 ? D - d0 : 64) / 8;
+                                __m256 a[8];
+                                for (int c = 0; c < 8; c++) a[c] = _mm256_setzero_ps();
+                                for (int start = first; start < visible; start += block_size) {
+                                    const uint8_t *vb = v_cache
+                                        + (int64_t)table[start / block_size] * block_size * row
+                                        + (int64_t)hk * width;
+                                    const int n = visible - start < block_size ? visible - start
+                                                                               : block_size;
+                                    for (int j = start < lo ? lo - start : 0; j < n; j++) {
+                                        const uint8_t *vr = vb + j * row;
+                                        const __m256 p = _mm256_set1_ps(sc[start + j] * row_scale(vr, D));
+                                        for (int c = 0; c < w8; c++)
+                                            a[c] = _mm256_fmadd_ps(p, widen8(vr + d0 + 8 * c, kind), a[c]);
+                                    }
+                                }
+                                for (int c = 0; c < w8; c++) _mm256_storeu_ps(acc + d0 + 8 * c, a[c]);
+                            }
+                            float *op = out + (int64_t)(q0 + i) * out_stride + (int64_t)head * D;
+                            const float inv = 1.0f / sum;
+                            for (int d = 0; d < D; d++) op[d] = acc[d] * inv;
+                            continue;
+                        }
+#endif
                         for (int start = first; start < visible; start += block_size) {
                             const uint8_t *vb = v_cache
                                 + (int64_t)table[start / block_size] * block_size * row
