@@ -81,12 +81,13 @@ def _decode_step_times(llm: LLM, batch: int, context: int, steps: int) -> list[f
     core = llm.engine.core
     vocab = llm.engine.model_config.vocab_size
     g = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    # Long enough that every sequence is still decoding once the last prompt is in.
+    params = SamplingParams(max_tokens=context, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         prompt = torch.randint(3, vocab, (context,), generator=g).tolist()
         llm.engine.add_request(f"d{i}", prompt, params)
     times = []
-    while core.has_unfinished_requests():
+    while core.has_unfinished_requests() and len(times) <= steps:
         sched = core.schedule()
         t0 = time.perf_counter()
         core.execute(sched)
@@ -94,6 +95,8 @@ def _decode_step_times(llm: LLM, batch: int, context: int, steps: int) -> list[f
         if len(sched.seqs) == batch and all(len(s.token_ids) == 1 for s in sched.seqs):
             times.append(dt)
         core.pop_started()
+    for i in range(batch):
+        llm.engine.abort_request(f"d{i}")
     return times[1:]  # the first decode step warms caches
 
 

@@ -279,3 +279,21 @@ def test_offload_needs_prefix_caching(tiny, tmp_path):
 
     with pytest.raises(ValueError, match="prefix caching"):
         LLM(tiny, num_threads=1, enable_prefix_caching=False, kv_offload_dir=str(tmp_path))
+
+
+def test_cli_flags_reach_the_cache_config(tmp_path):
+    import argparse
+
+    from tokenmill.engine.args import EngineArgs
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    ns = parser.parse_args(["--kv-cache-dtype", "fp8", "--kv-offload-memory", "1GiB",
+                            "--kv-offload-dir", str(tmp_path), "--kv-offload-dir-size", "2GiB"])
+    cache = EngineArgs.from_cli(ns).cache_config()
+    assert cache.kv_cache_dtype == "fp8"
+    assert cache.offload_memory_bytes == 1 << 30 and cache.offload_dir_bytes == 2 << 30
+    assert cache.offload_dir == str(tmp_path) and cache.offload_enabled
+    assert not EngineArgs().cache_config().offload_enabled
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-dtype", "int4"])

@@ -17,7 +17,8 @@
  *
  * Per query and head: all scores first into a per-thread buffer (two-pass
  * softmax), then the weighted sum of V rows. The AVX2 path widens 8 codes at a
- * time (int8: sign-extend + convert; fp8: a gather from a 256-entry table);
+ * time (int8: sign-extend + convert; fp8: rebuilt as fp16 bits and converted with
+ * F16C, or a gather from a 256-entry table without F16C);
  * the portable path does the same one code at a time.
  */
 #include <math.h>
@@ -64,7 +65,17 @@ static inline float row_scale(const uint8_t *row, int D) {
 static inline __m256 widen8(const uint8_t *c, int kind) {
     const __m128i raw = _mm_loadl_epi64((const __m128i *)c);
     if (kind == 0) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+#ifdef __F16C__
+    /* e4m3 -> fp16 bits (sign to bit 15, exponent and mantissa shifted up by 7), then the
+       hardware half -> float conversion (exact, subnormals included); fp16's exponent
+       bias exceeds e4m3's by 8, hence the factor 2^8. */
+    const __m128i u = _mm_cvtepu8_epi16(raw);
+    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x7F)), 7),
+                                   _mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x80)), 8));
+    return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
+#else
     return _mm256_i32gather_ps(fp8_table, _mm256_cvtepu8_epi32(raw), 4);
+#endif
 }
 
 static inline float hsum8(__m256 v) {
