@@ -297,3 +297,34 @@ def test_cli_flags_reach_the_cache_config(tmp_path):
     assert not EngineArgs().cache_config().offload_enabled
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-cache-dtype", "int4"])
+
+
+def test_blocks_stay_staged_while_the_request_waits_for_room():
+    """A request whose tier hits were read but which did not fit keeps them staged; when
+    it is admitted later the restore needs no second read."""
+    tier = HostKVStore(1 << 20)
+    ns = bytes(32)
+    manager = KVOffloadManager([tier], ns, 4)
+    prompt = list(range(200, 213))  # 3 full blocks before the last token
+    keys = chain_keys(ns, prompt, 4, 3)
+    for i in range(3):
+        tier.put(keys[i], prompt[4 * i:4 * i + 4], bytes([i]) * 8)
+    bm = BlockManager(4, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_model_len=64), bm,
+                      kv_tiers=manager)
+    blocker = _seq("x-0", list(range(500, 508)), max_tokens=50)  # holds 2 of 4 blocks
+    sched.add(blocker)
+    first = sched.schedule()
+    manager.restore(first.kv_restores, _FakeIO())
+    sched.add(_seq("a-0", prompt))
+    second = sched.schedule()  # a-0 needs 4 blocks: does not fit
+    assert not second.kv_restores and not bm.has_seq("a-0")
+    manager.restore(second.kv_restores, _FakeIO())
+    tier._entries.clear()  # the tier forgets: only the staged copies remain
+    sched.abort(blocker)
+    third = sched.schedule()
+    assert [k for _, k in third.kv_restores] == keys
+    io = _FakeIO()
+    manager.restore(third.kv_restores, io)
+    assert sorted(io.blocks.values()) == [bytes([i]) * 8 for i in range(3)]
+    manager.close()

@@ -29,6 +29,7 @@ import queue
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -42,6 +43,9 @@ logger = logging.getLogger(__name__)
 # in full at every start-up).
 _FULL_HASH_LIMIT = 2 << 30
 _SAMPLES, _SAMPLE_BYTES = 64, 1 << 20
+# Verified blocks kept between a look-up and their restore (a request at the head of
+# the queue may wait a few steps for room); the oldest are dropped beyond this.
+_STAGED_MAX_BYTES = 256 << 20
 
 
 def file_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -119,7 +123,11 @@ class KVOffloadManager:
         self.namespace = namespace
         self.block_size = block_size
         self.stats = OffloadStats()
-        self._staged: dict[bytes, bytes] = {}
+        # Verified payloads waiting for restore(); a request that could not be admitted
+        # this step keeps its blocks staged for the next try, within _STAGED_MAX_BYTES.
+        self._staged: OrderedDict[bytes, bytes] = OrderedDict()
+        self._staged_bytes = 0
+        self._pinned: set[bytes] = set()  # looked up this step: kept until restore()
         self._queue: queue.Queue[tuple[bytes, tuple[int, ...], bytes] | None] = queue.Queue(
             maxsize=queue_size)
         self._writer = threading.Thread(target=self._write_loop, name="kv-offload-writer",
@@ -136,7 +144,8 @@ class KVOffloadManager:
         """Keys of the blocks ``first, first + 1, ...`` (< ``max_blocks``) the tiers hold.
 
         Stops at the first block no tier holds intact. Found payloads were read
-        and verified here and are staged for :meth:`restore` (this step only).
+        and verified here and are staged for :meth:`restore` (kept a few steps if the
+        request cannot be admitted yet, within a byte budget).
         """
         if first >= max_blocks:
             return []
@@ -152,7 +161,8 @@ class KVOffloadManager:
                 if payload is None:
                     self.stats.misses += 1
                     break
-                self._staged[key] = payload
+                self._stage(key, payload)
+            self._pinned.add(key)
             found.append(key)
         self.stats.restore_seconds += time.perf_counter() - t0
         return found
@@ -177,8 +187,21 @@ class KVOffloadManager:
             io.write_block(block_id, payload)
             self.stats.hits += 1
             self.stats.hit_bytes += len(payload)
-        self._staged.clear()  # staged but not restored (admission stopped): drop
+        for _, key in restores:  # restored: the pool has them now
+            payload = self._staged.pop(key, None)
+            if payload is not None:
+                self._staged_bytes -= len(payload)
+        self._pinned.clear()
         self.stats.restore_seconds += time.perf_counter() - t0
+
+    def _stage(self, key: bytes, payload: bytes) -> None:
+        self._staged[key] = payload
+        self._staged_bytes += len(payload)
+        for old_key in list(self._staged):
+            if self._staged_bytes <= _STAGED_MAX_BYTES:
+                break
+            if old_key not in self._pinned and old_key != key:
+                self._staged_bytes -= len(self._staged.pop(old_key))
 
     def store(self, blocks: Sequence[tuple[int, bytes, Sequence[int]]], io: BlockIO) -> None:
         """Offer newly registered blocks ``(block_id, key, token ids)`` to the tiers.
