@@ -148,10 +148,15 @@ def test_torch_decode_paths_agree(fmt):
 
 
 @needs_kernels
-def test_native_kernel_declines_bf16_queries_on_quantized_cache():
-    q, kq, vq, qsl, lens, tables = _case([1], [8], "int8")
-    out = torch.zeros_like(q, dtype=torch.bfloat16)
-    assert not cpu.paged_attention(q.bfloat16(), out, kq, vq, qsl, lens, tables, 1.0, 16)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_native_kernel_bfloat16_queries(fmt):
+    """A bf16 model: bf16 q/out, quantized cache, float32 arithmetic inside."""
+    q, kq, vq, qsl, lens, tables = _case([1, 2], [20, 45], fmt, seed=6)
+    qb = q.bfloat16()
+    out = torch.zeros_like(qb)
+    assert cpu.paged_attention(qb, out, kq, vq, qsl, lens, tables, 32**-0.5, 16)
+    ref = _reference(qb.float(), kq, vq, qsl, lens, tables, 32**-0.5)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
 
 
 @needs_kernels

@@ -49,7 +49,8 @@ _ATTENTION_ARGTYPES = [
     _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
     _i32, _i32, _i32, _i32, _i32, _i32, _f32, _i32, _i32,
 ]
-_Q8_ATTENTION_ARGTYPES = [*_ATTENTION_ARGTYPES, _i32]  # + kind: 0 int8, 1 fp8 e4m3
+# + kind (0 int8, 1 fp8 e4m3) and whether q/out are bfloat16
+_Q8_ATTENTION_ARGTYPES = [*_ATTENTION_ARGTYPES, _i32, _i32]
 _INT8_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 _Q4_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 
@@ -126,8 +127,8 @@ def cpu_kernels() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = _ATTENTION_ARGTYPES
         fn.restype = None
-    lib.paged_attention_q8_f32.argtypes = _Q8_ATTENTION_ARGTYPES
-    lib.paged_attention_q8_f32.restype = None
+    lib.paged_attention_q8.argtypes = _Q8_ATTENTION_ARGTYPES
+    lib.paged_attention_q8.restype = None
     lib.int8_matmul_f32.argtypes = _INT8_MATMUL_ARGTYPES
     lib.int8_matmul_f32.restype = ctypes.c_int
     lib.q4_matmul_f32.argtypes = _Q4_MATMUL_ARGTYPES
@@ -214,7 +215,7 @@ def paged_attention(
     ``q``/``out`` are ``[T, H, D]`` with contiguous heads; caches are
     ``[num_blocks, block_size, KVH, D]`` in ``q``'s dtype, or quantized
     (``int8``/``uint8`` = fp8 rows of ``D`` codes + a float32 scale, see
-    :mod:`tokenmill.kernels.kv_quant`; float32 ``q`` only), read in place and
+    :mod:`tokenmill.kernels.kv_quant`), read in place and
     dequantized in registers; metadata tensors are int32 on the CPU. Rows of
     longer sequences are left untouched. Returns False (doing nothing) when the
     kernel cannot run these inputs, so the caller falls back.
@@ -223,7 +224,7 @@ def paged_attention(
     dtype = q.dtype
     quant = _Q8_KINDS.get(k_cache.dtype)
     cache_ok = (k_cache.dtype == v_cache.dtype == dtype if quant is None
-                else v_cache.dtype == k_cache.dtype and dtype == torch.float32)
+                else v_cache.dtype == k_cache.dtype)
     if (
         lib is None
         or q.device.type != "cpu"
@@ -250,7 +251,7 @@ def paged_attention(
     if quant is not None:
         if k_cache.shape[3] != head_dim + 4:
             return False
-        lib.paged_attention_q8_f32(*args, quant)
+        lib.paged_attention_q8(*args, quant, int(dtype == torch.bfloat16))
     elif dtype == torch.float32:
         lib.paged_attention_f32(*args)
     else:

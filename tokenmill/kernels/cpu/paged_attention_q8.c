@@ -1,6 +1,6 @@
 /*
- * Paged attention over a quantized KV cache (--kv-cache-dtype int8|fp8), float32
- * queries, for short queries (decodes, speculative verification, short chunks).
+ * Paged attention over a quantized KV cache (--kv-cache-dtype int8|fp8), float32 or
+ * bfloat16 queries (computed in float32), for short queries (decodes, speculative verification, short chunks).
  *
  * Cache row layout (one token, one KV head): head_dim one-byte codes, then the
  * 4 bytes of a float32 scale; x = decode(code) * scale, where decode is the
@@ -9,7 +9,7 @@
  * multiplies the finished dot product (K) or the softmax weight (V), so no
  * dequantized row is ever written to memory.
  *
- * Layouts: q, out [T, H, D] floats (token stride given, heads contiguous);
+ * Layouts: q, out [T, H, D] float32 or bf16 (token stride given, heads contiguous);
  * k/v_cache bytes [num_blocks, block_size, KVH, D + 4]; query_start [B + 1];
  * seq_lens [B]; block_tables [B, max_blocks]. Same masking rules (causal,
  * bottom-right aligned, optional sliding window) as paged_attention.c.
@@ -131,12 +131,32 @@ static inline void axpy_codes(float *acc, float w, const uint8_t *c, int D, int 
     for (int d = 0; d < D; d++) acc[d] += w * code_value(c, d, kind);
 }
 
-void paged_attention_q8_f32(const float *q, int64_t q_stride, float *out, int64_t out_stride,
-                            const uint8_t *k_cache, const uint8_t *v_cache,
-                            const int32_t *query_start, const int32_t *seq_lens,
-                            const int32_t *block_tables, int num_seqs, int max_blocks,
-                            int num_heads, int num_kv_heads, int D, int block_size, float scale,
-                            int max_q_len, int window, int kind) {
+static inline float load_q(const void *base, int64_t i, int bf16) {
+    if (!bf16) return ((const float *)base)[i];
+    const uint32_t u = (uint32_t)((const uint16_t *)base)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline void store_out(void *base, int64_t i, float x, int bf16) {
+    if (!bf16) {
+        ((float *)base)[i] = x;
+        return;
+    }
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest even */
+    ((uint16_t *)base)[i] = (uint16_t)(u >> 16);
+}
+
+/* q/out are float32 (io_bf16 = 0) or bfloat16 (io_bf16 = 1); strides in elements. */
+void paged_attention_q8(const void *q, int64_t q_stride, void *out, int64_t out_stride,
+                        const uint8_t *k_cache, const uint8_t *v_cache,
+                        const int32_t *query_start, const int32_t *seq_lens,
+                        const int32_t *block_tables, int num_seqs, int max_blocks,
+                        int num_heads, int num_kv_heads, int D, int block_size, float scale,
+                        int max_q_len, int window, int kind, int io_bf16) {
     if (kind == 1) fp8_table_init();
     const int group = num_heads / num_kv_heads;
     const int64_t width = (int64_t)D + 4;                 /* bytes per (token, head) row */
@@ -161,8 +181,8 @@ void paged_attention_q8_f32(const float *q, int64_t q_stride, float *out, int64_
                     const int first = lo - lo % block_size;
                     for (int g = 0; g < group; g++) {
                         const int head = hk * group + g;
-                        const float *qp = q + (int64_t)(q0 + i) * q_stride + (int64_t)head * D;
-                        for (int d = 0; d < D; d++) qs[d] = qp[d] * scale;
+                        const int64_t qoff = (int64_t)(q0 + i) * q_stride + (int64_t)head * D;
+                        for (int d = 0; d < D; d++) qs[d] = load_q(q, qoff + d, io_bf16) * scale;
                         float mx = -INFINITY;
                         for (int start = first; start < visible; start += block_size) {
                             const uint8_t *kb = k_cache
@@ -218,9 +238,9 @@ void paged_attention_q8_f32(const float *q, int64_t q_stride, float *out, int64_
                                 }
                                 for (int c = 0; c < w8; c++) _mm256_storeu_ps(acc + d0 + 8 * c, a[c]);
                             }
-                            float *op = out + (int64_t)(q0 + i) * out_stride + (int64_t)head * D;
+                            const int64_t ooff = (int64_t)(q0 + i) * out_stride + (int64_t)head * D;
                             const float inv = 1.0f / sum;
-                            for (int d = 0; d < D; d++) op[d] = acc[d] * inv;
+                            for (int d = 0; d < D; d++) store_out(out, ooff + d, acc[d] * inv, io_bf16);
                             continue;
                         }
 #endif
@@ -234,9 +254,9 @@ void paged_attention_q8_f32(const float *q, int64_t q_stride, float *out, int64_
                                 axpy_codes(acc, sc[start + j] * row_scale(vr, D), vr, D, kind);
                             }
                         }
-                        float *op = out + (int64_t)(q0 + i) * out_stride + (int64_t)head * D;
+                        const int64_t ooff = (int64_t)(q0 + i) * out_stride + (int64_t)head * D;
                         const float inv = 1.0f / sum;
-                        for (int d = 0; d < D; d++) op[d] = acc[d] * inv;
+                        for (int d = 0; d < D; d++) store_out(out, ooff + d, acc[d] * inv, io_bf16);
                     }
                 }
             }
