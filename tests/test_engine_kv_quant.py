@@ -120,3 +120,15 @@ def test_capacity_gauge_counts_quantized_tokens(tiny):
     # head_dim 16: 64 B float32 rows vs 16 + 4 B quantized rows (3.2x); at head_dim 64
     # (SmolLM2) the ratio is 256 / 68 = 3.76x.
     assert caps["int8"] == caps["fp8"] >= 3.1 * caps["auto"]
+
+
+def test_bfloat16_model_with_int8_kv_is_invariant(tiny):
+    """bf16 activations + int8 KV (the native kernel's bf16-query path): chunking and
+    batching do not change greedy tokens."""
+    prompts = _prompts(6, seed=4)
+    want, _ = _run(tiny, prompts, dtype="bfloat16", kv_cache_dtype="int8")
+    got, _ = _run(tiny, prompts, dtype="bfloat16", kv_cache_dtype="int8",
+                  max_num_batched_tokens=7)
+    assert got == want
+    alone, _ = _run(tiny, prompts, dtype="bfloat16", kv_cache_dtype="int8", max_num_seqs=1)
+    assert alone == want

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from tokenmill.attention.base import AttentionMetadata, window_start
 from tokenmill.kernels import cpu as cpu_kernels
-from tokenmill.kernels.kv_quant import to_cache_rows, to_model_rows
+from tokenmill.kernels.kv_quant import is_quantized, to_cache_rows, to_model_rows
 
 # Longest query the native CPU kernel takes; longer prefill chunks use SDPA.
 SHORT_QUERY_LEN = 16
@@ -137,6 +137,11 @@ class TorchAttentionBackend:
         window: int | None = None,
     ) -> torch.Tensor:
         q_len = q.shape[0]
+        out_dtype = q.dtype
+        if is_quantized(k_cache):
+            # 8-bit KV is dequantized to float32 and attended in float32 (as the native
+            # kernel does), not rounded again to a 16-bit model dtype.
+            q = q.float()
         # Only blocks holding a key some query of the chunk can see (all, without a window).
         first_block = window_start(seq_len - q_len, window) // k_cache.shape[1]
         keys = to_model_rows(gather_kv(k_cache, block_table, seq_len, first_block), q.dtype)
@@ -157,7 +162,7 @@ class TorchAttentionBackend:
             o = F.scaled_dot_product_attention(
                 qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
             )
-        return o.transpose(0, 1)
+        return o.transpose(0, 1).to(out_dtype)
 
     @staticmethod
     def _decode(
@@ -169,6 +174,9 @@ class TorchAttentionBackend:
         window: int | None = None,
     ) -> torch.Tensor:
         b, num_heads, head_dim = q.shape
+        out_dtype = q.dtype
+        if is_quantized(k_cache):
+            q = q.float()  # attend dequantized 8-bit KV in float32 (see _prefill_one)
         block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
         nblocks = (meta.max_seq_len + block_size - 1) // block_size
@@ -190,4 +198,4 @@ class TorchAttentionBackend:
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out = torch.einsum("bhgl,blhd->bhgd", probs, values)
-        return out.reshape(b, num_heads, head_dim)
+        return out.reshape(b, num_heads, head_dim).to(out_dtype)
