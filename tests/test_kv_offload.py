@@ -119,7 +119,7 @@ class _SlowTier(HostKVStore):
 
 def test_writer_drops_on_overload_and_never_blocks():
     tier = _SlowTier()
-    manager = KVOffloadManager([tier], bytes(32), 4, queue_size=2)
+    manager = KVOffloadManager([tier], bytes(32), 4, queue_bytes=16)  # two 8-byte blocks
     blocks = [(i, bytes([i]) * 32, TOKENS) for i in range(6)]
     manager.store(blocks, _FakeIO())  # returns at once although the tier is stuck
     assert manager.stats.dropped >= 3

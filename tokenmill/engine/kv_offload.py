@@ -4,7 +4,7 @@ Every full, computed block the scheduler registers in the pool's prefix cache is
 also offered to the tiers (host memory, disk): its bytes are copied out of the
 KV caches on the engine thread (a block is small, and it may be reused as soon
 as the next step), then a background thread writes them. The writer's queue is
-bounded; when it is full the block is dropped (counted), so a slow disk never
+bounded in bytes; when it is full the block is dropped (counted), so a slow disk never
 stalls decoding. Blocks already in the tiers are not written again.
 
 On a prefix miss in the pool, the scheduler asks :meth:`KVOffloadManager.lookup`
@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 # in full at every start-up).
 _FULL_HASH_LIMIT = 2 << 30
 _SAMPLES, _SAMPLE_BYTES = 64, 1 << 20
+# Bytes of block copies waiting for the background writer; beyond this, new blocks are
+# dropped (counted) rather than stalling the engine.
+DEFAULT_QUEUE_BYTES = 256 << 20
 # Verified blocks kept between a look-up and their restore (a request at the head of
 # the queue may wait a few steps for room); the oldest are dropped beyond this.
 _STAGED_MAX_BYTES = 256 << 20
@@ -116,7 +119,7 @@ class KVOffloadManager:
     """
 
     def __init__(self, tiers: Sequence[KVTier], namespace: bytes, block_size: int,
-                 queue_size: int = 64) -> None:
+                 queue_bytes: int = DEFAULT_QUEUE_BYTES) -> None:
         if not tiers:
             raise ValueError("KV offload needs at least one tier")
         self.tiers = list(tiers)
@@ -128,8 +131,12 @@ class KVOffloadManager:
         self._staged: OrderedDict[bytes, bytes] = OrderedDict()
         self._staged_bytes = 0
         self._pinned: set[bytes] = set()  # looked up this step: kept until restore()
-        self._queue: queue.Queue[tuple[bytes, tuple[int, ...], bytes] | None] = queue.Queue(
-            maxsize=queue_size)
+        # Unbounded in items, bounded in bytes: a long prompt registers many blocks at once.
+        self._queue: queue.Queue[tuple[bytes, tuple[int, ...], bytes] | None] = queue.Queue()
+        self.queue_bytes = queue_bytes
+        self._block_bytes = 0  # size of the last block read (all blocks are the same size)
+        self._queued_bytes = 0
+        self._queued_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="kv-offload-writer",
                                         daemon=True)
         self._writer.start()
@@ -207,15 +214,19 @@ class KVOffloadManager:
         """Offer newly registered blocks ``(block_id, key, token ids)`` to the tiers.
 
         Blocks some tier already holds are skipped; the rest are copied out now and
-        queued for the writer, or dropped when its queue is full.
+        queued for the writer, or dropped when its queue holds ``queue_bytes`` already.
         """
         for block_id, key, tokens in blocks:
             if all(tier.contains(key) for tier in self.tiers):
                 continue
-            if self._queue.full():
+            if self._queued_bytes + self._block_bytes > self.queue_bytes:
                 self.stats.dropped += 1
                 continue
-            self._queue.put_nowait((key, tuple(tokens), io.read_block(block_id)))
+            payload = io.read_block(block_id)
+            self._block_bytes = len(payload)
+            with self._queued_lock:
+                self._queued_bytes += len(payload)
+            self._queue.put_nowait((key, tuple(tokens), payload))
 
     def _write_loop(self) -> None:
         while True:
@@ -233,6 +244,8 @@ class KVOffloadManager:
                 if stored:
                     self.stats.stores += 1
                     self.stats.store_bytes += len(payload)
+                with self._queued_lock:
+                    self._queued_bytes -= len(payload)
             finally:
                 self._queue.task_done()
 
@@ -253,8 +266,5 @@ class KVOffloadManager:
         if not self._writer.is_alive():
             return
         self.flush(timeout)
-        try:
-            self._queue.put(None, timeout=1.0)
-        except queue.Full:
-            return
+        self._queue.put(None)
         self._writer.join(timeout=1.0)
