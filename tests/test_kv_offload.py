@@ -328,3 +328,23 @@ def test_blocks_stay_staged_while_the_request_waits_for_room():
     manager.restore(third.kv_restores, io)
     assert sorted(io.blocks.values()) == [bytes([i]) * 8 for i in range(3)]
     manager.close()
+
+
+def test_restored_blocks_carry_the_draft_models_kv(tiny, tmp_path):
+    """Draft-model speculation: the tiers keep the draft's block beside the target's, so
+    after a restart a self-draft still proposes what the target computes (a stale draft
+    cache would drag the acceptance rate down)."""
+    from tokenmill.llm import LLM
+
+    prompts = _prompts()
+    args = dict(num_threads=1, block_size=4, kv_offload_dir=str(tmp_path / "kv"),
+                speculative_method="draft", speculative_model=tiny, num_speculative_tokens=3)
+    first = LLM(tiny, **args)
+    want = _tokens(first.generate(prompts, GREEDY, use_tqdm=False))
+    first.engine.shutdown()
+    second = LLM(tiny, **args)
+    assert _tokens(second.generate(prompts, GREEDY, use_tqdm=False)) == want
+    stats = second.engine.stats()
+    assert stats.kv_offload_hits_total > 0
+    assert stats.spec_acceptance_rate > 0.9
+    second.engine.shutdown()

@@ -292,10 +292,13 @@ class EngineCore:
         sampled, logprobs, forks = self._sample_and_verify(sched, model_out, outputs)
         work = [(self._seqs[item.seq_id], item) for item in sched.seqs]
         update = self.scheduler.update(sched, sampled, forks)
-        if self.kv_offload is not None and update.offload:
-            self.kv_offload.store(update.offload, self.executor)
         if self.speculator is not None:
             self.speculator.propose(work)
+        if self.kv_offload is not None and update.offload:
+            # After propose: a draft model's catch-up pass writes its KV for this step's
+            # tokens there, and the tiers keep the draft's block beside the target's.
+            # Nothing reuses a freed block before the next schedule().
+            self.kv_offload.store(update.offload, self.executor)
         return failed + self._collect(outputs, update.num_appended, logprobs, now)
 
     def _sample_and_verify(
