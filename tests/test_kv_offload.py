@@ -348,3 +348,89 @@ def test_restored_blocks_carry_the_draft_models_kv(tiny, tmp_path):
     assert stats.kv_offload_hits_total > 0
     assert stats.spec_acceptance_rate > 0.9
     second.engine.shutdown()
+
+
+# ------------------------------------------------------------- property test
+class _SimulatedKV:
+    """Stands in for the KV caches: slot (block, offset) holds what a forward pass would
+    write there, a function of the whole prefix up to that position."""
+
+    def __init__(self, block_size):
+        self.bs = block_size
+        self.blocks: dict[int, list] = {}
+
+    @staticmethod
+    def value(tokens, pos):
+        return hash(tuple(tokens[:pos + 1]))
+
+    def compute(self, table, tokens, start, end):
+        for pos in range(start, end):
+            self.blocks.setdefault(table[pos // self.bs], [None] * self.bs)[pos % self.bs] = (
+                self.value(tokens, pos))
+
+    def holds_prefix(self, table, tokens, end):
+        return all(self.blocks.get(table[p // self.bs], [None] * self.bs)[p % self.bs]
+                   == self.value(tokens, p) for p in range(end))
+
+    def read_block(self, block_id):
+        import pickle
+
+        return pickle.dumps(self.blocks.get(block_id, [None] * self.bs))
+
+    def write_block(self, block_id, payload):
+        import pickle
+
+        self.blocks[block_id] = pickle.loads(payload)
+
+
+from hypothesis import event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 14), st.integers(1, 6)),
+                min_size=1, max_size=6),
+       st.integers(3, 16), st.integers(8, 20))
+def test_restored_blocks_always_hold_their_prefix(reqs, budget, num_blocks):
+    """Random prompts sharing prefixes, a pool small enough to evict and preempt, the same
+    requests twice: whatever a step reads (positions before its first new token) holds
+    exactly what computing that prefix would have written, whether it came from the
+    pool, the tier, or this sequence's own earlier steps; nothing leaks."""
+    from tokenmill.step_types import SampledTokens
+
+    bs = 4
+    prefixes = [[11, 12, 13, 14, 15, 16, 17, 18, 19], [21, 22, 23, 24, 25], []]
+    manager = KVOffloadManager([HostKVStore(1 << 24)], bytes(32), bs)
+    bm = BlockManager(num_blocks, bs)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=3,
+                                      max_model_len=256), bm, kv_tiers=manager)
+    kv = _SimulatedKV(bs)
+    for rnd in range(2):
+        for i, (which, own, out_len) in enumerate(reqs):
+            prompt = prefixes[which] + [100 + 7 * i + j for j in range(own)]
+            if -(-(len(prompt) + out_len) // bs) > num_blocks:
+                continue
+            sched.add(_seq(f"r{rnd}-{i}", prompt, max_tokens=out_len))
+        for _ in range(500):
+            if not sched.has_work():
+                break
+            out = sched.schedule()
+            manager.restore(out.kv_restores, kv)
+            for item in out.seqs:
+                seq = sched.get(item.seq_id)
+                table = bm.block_table(item.seq_id)
+                assert kv.holds_prefix(table, seq.token_ids, item.start_pos)
+                kv.compute(table, seq.token_ids, item.start_pos,
+                           item.start_pos + len(item.token_ids))
+            sampled = {}
+            for item in out.seqs:  # play the sampler, as tests/test_scheduler.py does
+                if item.start_pos + len(item.token_ids) == sched.get(item.seq_id).num_tokens:
+                    sampled[item.seq_id] = SampledTokens([7])
+            update = sched.update(out, sampled)
+            manager.store(update.offload, kv)
+            manager.flush()
+            bm.check_invariants()
+        assert not sched.has_work()
+        assert bm.num_free_blocks == num_blocks
+    event(f"blocks restored from the tier: {min(manager.stats.hits, 5)}+")
+    manager.close()
