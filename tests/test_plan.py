@@ -211,7 +211,24 @@ def test_kv_dtype_defaults_follow_weight_dtype():
     assert build_inputs("llama-3.1-8b", "H100-SXM", dtype="int4").kv_dtype == "fp16"
     assert build_inputs("llama-3.1-8b", "H100-SXM", dtype="fp32").kv_dtype == "fp32"
     inputs = build_inputs("llama-3.1-8b", "H100-SXM", dtype="bf16", kv_dtype="fp8")
-    assert plan_memory(inputs).kv_bytes_per_token == 65_536
+    # 128 one-byte codes + a 4-byte float32 scale per token and KV head
+    assert plan_memory(inputs).kv_bytes_per_token == 2 * 32 * 8 * (128 + 4)
+
+
+@pytest.mark.parametrize("kv_dtype, engine_kv, torch_dtype", [
+    ("int8", "int8", "float32"), ("fp8", "fp8", "bfloat16"), ("fp32", "auto", "float32"),
+    ("bf16", "auto", "bfloat16"),
+])
+def test_planner_counts_the_engines_kv_bytes(kv_dtype, engine_kv, torch_dtype):
+    """`tokenmill plan --kv-dtype X` and the engine's --kv-cache-dtype size the same bytes."""
+    import torch
+
+    from tokenmill.runner.kv_cache import bytes_per_block
+
+    cfg = config_of("smollm2-135m")
+    inputs = build_inputs("smollm2-135m", "H100-SXM", kv_dtype=kv_dtype)
+    engine = bytes_per_block(cfg, 16, getattr(torch, torch_dtype), kv_cache_dtype=engine_kv)
+    assert plan_memory(inputs).kv_bytes_per_token * 16 == engine
 
 
 # ---------------------------------------------------------------- tensor parallelism
@@ -516,7 +533,7 @@ def test_add_cli_registers_the_plan_subcommand(capsys):
                               "--kv-dtype", "fp8", "--max-model-len", "32768"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    # 2 x 24 layers x 2 KV heads x 64 x 1 B = 6144 B per token.
-    assert "6,144 B = 2 x 24 layers x 2 KV heads x 64 x 1 B" in out
+    # 2 x 24 layers x 2 KV heads x (64 x 1 B codes + a 4 B scale) = 6528 B per token.
+    assert "6,528 B = 2 x 24 layers x 2 KV heads x (64 x 1 B + 4 B scale)" in out
     assert main(["--list"]) == 0
     assert "A100-80G" in capsys.readouterr().out

@@ -296,6 +296,7 @@ def test_metrics_registry_renders_engine_and_request_metrics():
         num_running=2, num_waiting=1, kv_cache_usage=0.25, num_total_blocks=100,
         num_free_blocks=75, prefix_cache_queries=40, prefix_cache_hits=16, num_preemptions=3,
         prompt_tokens_total=500, generation_tokens_total=200, steps_total=50,
+        kv_cache_capacity_tokens=1600,
     )
     holder = {"stats": None}
     metrics = ServerMetrics(lambda: holder["stats"])
@@ -314,6 +315,7 @@ def test_metrics_registry_renders_engine_and_request_metrics():
         "tokenmill_num_requests_running 2.0",
         "tokenmill_num_requests_waiting 1.0",
         "tokenmill_kv_cache_usage_ratio 0.25",
+        "tokenmill_kv_cache_capacity_tokens 1600.0",
         "tokenmill_prefix_cache_queries_total 40.0",
         "tokenmill_prefix_cache_hits_total 16.0",
         "tokenmill_preemptions_total 3.0",

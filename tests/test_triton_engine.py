@@ -66,8 +66,8 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
-def make_llm(path: str, backend: str) -> LLM:
-    llm = LLM(path, attention_backend=backend, **ENGINE_ARGS)
+def make_llm(path: str, backend: str, **overrides) -> LLM:
+    llm = LLM(path, attention_backend=backend, **{**ENGINE_ARGS, **overrides})
     # Larger random weights than the loader's default: sharp logits, no near-ties.
     init_dummy_weights(llm.engine.core.runner.model, std=0.2, seed=7)
     return llm
@@ -121,6 +121,22 @@ def test_engine_greedy_tokens_match_torch_backend(tiny_model_dir):
     assert results["triton"] == results["torch"]
     assert all(len(tokens) == 8 for tokens in results["torch"])
     assert len({tuple(t) for t in results["torch"]}) == len(results["torch"])
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_quantized_kv_engine_matches_torch_backend(tiny_model_dir, kv_cache_dtype):
+    """--kv-cache-dtype int8|fp8 through the whole engine (prefix hits, chunks, decodes):
+    the Triton KV write and kernels give the PyTorch backend's greedy tokens."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    results = {}
+    for backend in ("torch", "triton"):
+        llm = make_llm(tiny_model_dir, backend, kv_cache_dtype=kv_cache_dtype)
+        assert llm.engine.core.runner.kv_cache.shape[-1] == TINY_CONFIG["hidden_size"] // (
+            TINY_CONFIG["num_attention_heads"]) + 4
+        outs = llm.generate(prompts(), params, use_tqdm=False)
+        assert llm.engine.stats().prefix_cache_hits > 0
+        results[backend] = [o.outputs[0].token_ids for o in outs]
+    assert results["triton"] == results["torch"]
 
 
 def test_model_layers_fused_path_matches_eager():

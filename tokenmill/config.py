@@ -559,23 +559,46 @@ def _arch_from_model_type(model_type: str | None) -> str:
     return by_type.get(model_type or "", f"<unknown model_type {model_type!r}>")
 
 
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # auto = the model's dtype; fp8 = e4m3
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV-cache settings."""
 
     block_size: int = 16
+    # Storage of K/V: the model's dtype, or 8-bit codes with a scale per token and head.
+    kv_cache_dtype: str = "auto"
     # CPU: bytes for the KV cache. GPU: used only if set, else the fraction below.
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     # Explicit block count (tests); overrides the memory budget when set.
     num_gpu_blocks_override: int | None = None
+    # Offload tiers of the prefix cache: host memory (bytes; 0 = off) and a disk
+    # directory (None = off) holding at most offload_dir_bytes.
+    offload_memory_bytes: int = 0
+    offload_dir: str | None = None
+    offload_dir_bytes: int = 16 << 30
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.offload_memory_bytes < 0 or self.offload_dir_bytes <= 0:
+            raise ValueError("KV offload sizes must be positive")
+        if self.offload_enabled and not self.enable_prefix_caching:
+            raise ValueError("KV offload tiers extend the prefix cache: they need prefix "
+                             "caching on")
+
+    @property
+    def offload_enabled(self) -> bool:
+        """Whether any offload tier is configured."""
+        return self.offload_memory_bytes > 0 or self.offload_dir is not None
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,21 @@ class EngineStats:
     grammar_cache_hits_total: int = 0
     grammar_compile_errors_total: int = 0
     grammar_compile_seconds_total: float = 0.0
+    # The device pool's size in tokens (blocks x block size): what --kv-cache-memory and
+    # --kv-cache-dtype buy.
+    kv_cache_capacity_tokens: int = 0
+    # Prefix-cache offload tiers (zero without --kv-offload-*): blocks written, their
+    # bytes, blocks dropped (writer queue full), blocks restored and their bytes, look-ups
+    # that missed, seconds spent reading/verifying/copying restored blocks, prompt tokens
+    # restored.
+    kv_offload_stores_total: int = 0
+    kv_offload_store_bytes_total: int = 0
+    kv_offload_dropped_total: int = 0
+    kv_offload_hits_total: int = 0
+    kv_offload_hit_bytes_total: int = 0
+    kv_offload_misses_total: int = 0
+    kv_offload_restore_seconds_total: float = 0.0
+    kv_offload_restored_tokens_total: int = 0
 
     @property
     def spec_acceptance_rate(self) -> float:

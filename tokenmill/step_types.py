@@ -39,6 +39,9 @@ class SchedulerOutput:
     num_batched_tokens: int
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks
     preempted_ids: list[str] = field(default_factory=list)
+    # (block id, content key): blocks to fill from the prefix cache's offload tiers
+    # before the forward pass (staged by the engine's KV offload manager).
+    kv_restores: list[tuple[int, bytes]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

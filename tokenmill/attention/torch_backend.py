@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from tokenmill.attention.base import AttentionMetadata, window_start
 from tokenmill.kernels import cpu as cpu_kernels
+from tokenmill.kernels.kv_quant import is_quantized, to_cache_rows, to_model_rows
 
 # Longest query the native CPU kernel takes; longer prefill chunks use SDPA.
 SHORT_QUERY_LEN = 16
@@ -40,6 +41,8 @@ def write_kv_cache(
 ) -> None:
     """Scatter new K/V rows into their cache slots; slots < 0 are padding.
 
+    A quantized cache (``--kv-cache-dtype int8|fp8``) gets the rows quantized,
+    each with its scale (:mod:`tokenmill.kernels.kv_quant`).
     ``has_padding`` is the host's answer to "is any slot < 0" (None: check here,
     which syncs with the device).
     """
@@ -52,14 +55,14 @@ def write_kv_cache(
         slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    flat_k.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    flat_v.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    flat_k.index_copy_(0, slot_mapping, to_cache_rows(k, k_cache))
+    flat_v.index_copy_(0, slot_mapping, to_cache_rows(v, v_cache))
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int,
               first_block: int = 0) -> torch.Tensor:
-    """Contiguous copy of one sequence's cached K or V for positions
-    ``first_block * block_size .. length - 1`` ([n, kv_heads, head_dim])."""
+    """Contiguous copy of one sequence's cached K or V rows (as stored) for positions
+    ``first_block * block_size .. length - 1`` ([n, kv_heads, row])"""
     block_size = cache.shape[1]
     nblocks = (length + block_size - 1) // block_size
     blocks = cache.index_select(0, block_table[first_block:nblocks].long())
@@ -134,10 +137,15 @@ class TorchAttentionBackend:
         window: int | None = None,
     ) -> torch.Tensor:
         q_len = q.shape[0]
+        out_dtype = q.dtype
+        if is_quantized(k_cache):
+            # 8-bit KV is dequantized to float32 and attended in float32 (as the native
+            # kernel does), not rounded again to a 16-bit model dtype.
+            q = q.float()
         # Only blocks holding a key some query of the chunk can see (all, without a window).
         first_block = window_start(seq_len - q_len, window) // k_cache.shape[1]
-        keys = gather_kv(k_cache, block_table, seq_len, first_block).to(q.dtype)
-        values = gather_kv(v_cache, block_table, seq_len, first_block).to(q.dtype)
+        keys = to_model_rows(gather_kv(k_cache, block_table, seq_len, first_block), q.dtype)
+        values = to_model_rows(gather_kv(v_cache, block_table, seq_len, first_block), q.dtype)
         # [heads, tokens, dim] layout for SDPA; GQA handled by enable_gqa.
         qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
         if q_len == seq_len and (window is None or window >= seq_len):
@@ -154,7 +162,7 @@ class TorchAttentionBackend:
             o = F.scaled_dot_product_attention(
                 qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
             )
-        return o.transpose(0, 1)
+        return o.transpose(0, 1).to(out_dtype)
 
     @staticmethod
     def _decode(
@@ -166,13 +174,17 @@ class TorchAttentionBackend:
         window: int | None = None,
     ) -> torch.Tensor:
         b, num_heads, head_dim = q.shape
+        out_dtype = q.dtype
+        if is_quantized(k_cache):
+            q = q.float()  # attend dequantized 8-bit KV in float32 (see _prefill_one)
         block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
         nblocks = (meta.max_seq_len + block_size - 1) // block_size
         table = meta.block_tables[:b, :nblocks].long()
         # [B, L, kv_heads, D] with L = nblocks * block_size, masked past seq_len.
-        keys = k_cache[table].reshape(b, -1, num_kv_heads, head_dim).to(q.dtype)
-        values = v_cache[table].reshape(b, -1, num_kv_heads, head_dim).to(q.dtype)
+        rows = k_cache.shape[-1]
+        keys = to_model_rows(k_cache[table].reshape(b, -1, num_kv_heads, rows), q.dtype)
+        values = to_model_rows(v_cache[table].reshape(b, -1, num_kv_heads, rows), q.dtype)
         qg = q.view(b, num_kv_heads, group, head_dim)
         scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale
         length = keys.shape[1]
@@ -186,4 +198,4 @@ class TorchAttentionBackend:
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out = torch.einsum("bhgl,blhd->bhgd", probs, values)
-        return out.reshape(b, num_heads, head_dim)
+        return out.reshape(b, num_heads, head_dim).to(out_dtype)

@@ -156,11 +156,18 @@ class BlockManager:
         seq.block_ids.extend(new)
         return new
 
-    def cache_full_blocks(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
-        """Register the sequence's blocks that are now full of computed tokens."""
+    def cache_full_blocks(self, seq_id: str, token_ids: Sequence[int],
+                          num_computed: int) -> list[tuple[int, int]]:
+        """Register the sequence's blocks that are now full of computed tokens.
+
+        Returns ``(index in the table, block id)`` of the blocks newly registered
+        (for the offload tiers; a block already holding the same content elsewhere
+        is included).
+        """
         if not self.enable_prefix_caching:
-            return
+            return []
         seq = self._seqs[seq_id]
+        registered: list[tuple[int, int]] = []
         bs = self.block_size
         num_full = min(num_computed // bs, len(seq.block_ids))
         for i in range(seq.num_hashed, num_full):
@@ -177,6 +184,9 @@ class BlockManager:
                 block.hash = block_hash
             seq.last_hash = block_hash
             seq.num_hashed = i + 1
+            if seq.block_ids[i] != NULL_BLOCK:
+                registered.append((i, seq.block_ids[i]))
+        return registered
 
     def fork(self, parent_id: str, child_id: str, num_tokens: int) -> list[tuple[int, int]] | None:
         """Give ``child_id`` the parent's blocks for its first ``num_tokens`` tokens.

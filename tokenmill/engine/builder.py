@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -111,10 +112,10 @@ def build_rank_model(
 
         # The draft's cache mirrors the target's block for block: share the budget.
         num_blocks = split_kv_blocks(num_blocks, model_config, draft.config,
-                                     cache_cfg.block_size, dtype)
+                                     cache_cfg.block_size, dtype, cache_cfg.kv_cache_dtype)
     num_blocks = tp.min_int(num_blocks)  # every rank holds the same blocks
     kv = allocate_kv_cache(model_config, num_blocks, cache_cfg.block_size, dtype, device,
-                           kv_heads)
+                           kv_heads, cache_cfg.kv_cache_dtype)
     graph_cfg = None
     if device.type == "cuda" and not args.enforce_eager and not tp.sharded:
         # Decode graphs are captured on single-rank engines only (collectives run eagerly).
@@ -204,9 +205,15 @@ def _assemble(args: EngineArgs, rank: RankModel, device: torch.device,
         # The draft reads the same blocks: release them only if it never needs them either.
         draft_window = rank.draft.config.kv_window
         window = None if window is None or draft_window is None else max(window, draft_window)
+    kv_offload = None
+    if cache_cfg.offload_enabled:
+        if launch is not None:
+            raise ValueError("--kv-offload-memory/--kv-offload-dir are not supported with "
+                             "tensor parallelism yet")
+        kv_offload = _kv_offload(args, rank, cache_cfg)
     scheduler = Scheduler(
         sched_cfg, BlockManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching),
-        eos_token_ids, sliding_window=window,
+        eos_token_ids, sliding_window=window, kv_tiers=kv_offload,
     )
     generator = torch.Generator(device=device).manual_seed(args.seed)
     spec_cfg = args.speculative_config()
@@ -218,7 +225,7 @@ def _assemble(args: EngineArgs, rank: RankModel, device: torch.device,
 
         draft = None if rank.draft is None else build_draft_proposer(
             rank.draft, num_blocks, cache_cfg.block_size, dtype, device, rank.backend,
-            eos_token_ids, generator,
+            eos_token_ids, generator, cache_cfg.kv_cache_dtype,
         )
         draft_runner = draft.runner if draft is not None else None
         speculator = Speculator(spec_cfg, scheduler, sched_cfg.max_model_len, eos_token_ids,
@@ -234,7 +241,8 @@ def _assemble(args: EngineArgs, rank: RankModel, device: torch.device,
         num_kv_blocks=num_blocks, block_size=cache_cfg.block_size,
     )
     structured = _structured_outputs(args, tokenizer, model_config.vocab_size, eos_token_ids)
-    core = EngineCore(scheduler, executor, Sampler(generator), limits, speculator, structured)
+    core = EngineCore(scheduler, executor, Sampler(generator), limits, speculator, structured,
+                      kv_offload)
     info = EngineInfo(
         model_name=model_name(resolved.path, resolved.gguf_file), limits=limits,
         eos_token_ids=list(eos_token_ids), architecture=model_config.architecture,
@@ -243,18 +251,71 @@ def _assemble(args: EngineArgs, rank: RankModel, device: torch.device,
     capacity = num_blocks * cache_cfg.block_size
     kv_heads = loaded.model.shard.num_kv_heads
     kv_mib = num_blocks * bytes_per_block(model_config, cache_cfg.block_size, dtype,
-                                          kv_heads) / 2**20
+                                          kv_heads, cache_cfg.kv_cache_dtype) / 2**20
     tp = config.parallel.tensor_parallel_size
     logger.info(
-        "loaded %s (%s, %s) in %.1fs on %s%s; KV cache: %d blocks x %d tokens = %d tokens "
+        "loaded %s (%s, %s) in %.1fs on %s%s; KV cache (%s): %d blocks x %d tokens = %d tokens "
         "(%.0f MiB%s); max concurrency at full context (%d tokens): %.2f",
         model_config.architecture, resolved.format, str(dtype).replace("torch.", ""),
-        rank.load_s, device, f" (tensor parallel {tp})" if tp > 1 else "", num_blocks,
+        rank.load_s, device, f" (tensor parallel {tp})" if tp > 1 else "",
+        cache_cfg.kv_cache_dtype, num_blocks,
         cache_cfg.block_size, capacity, kv_mib, " per rank" if tp > 1 else "",
         sched_cfg.max_model_len, capacity / sched_cfg.max_model_len,
     )
     return BuiltEngine(core, info, config, model_config, tokenizer, resolved.path,
                        resolved.gguf_file)
+
+
+def _weights_identity(resolved: Any, seed: int) -> dict[str, str]:
+    """Fingerprints of the files a model's weights (and config) come from."""
+    from tokenmill.engine.kv_offload import file_fingerprint
+
+    if resolved.format == "gguf":
+        return {"gguf": file_fingerprint(resolved.gguf_file)}
+    root = Path(resolved.path)
+    files = sorted(p for p in root.iterdir() if p.is_file() and (
+        p.suffix in (".safetensors", ".bin", ".pt") or p.name == "config.json"))
+    out = {p.name: file_fingerprint(p) for p in files}
+    if resolved.format == "dummy":
+        out["dummy_seed"] = str(seed)  # random weights drawn from this seed
+    return out
+
+
+def _kv_offload(args: EngineArgs, rank: RankModel, cache_cfg: CacheConfig) -> Any:
+    """The prefix cache's offload tiers, keyed by this model's identity and KV settings."""
+    from tokenmill.engine.kv_offload import KVOffloadManager, namespace_digest
+    from tokenmill.engine.kv_store import DiskKVStore, HostKVStore
+    from tokenmill.model.loader import resolve_model
+
+    identity: dict[str, Any] = {
+        "format": 1,
+        "weights": _weights_identity(rank.resolved, args.seed),
+        "config": repr(rank.loaded.config),
+        "dtype": str(rank.dtype),
+        "kv_cache_dtype": cache_cfg.kv_cache_dtype,
+        "block_size": cache_cfg.block_size,
+        "quantization": args.quantization,
+        "kv_layout": list(rank.runner.kv_cache.shape[:2] + rank.runner.kv_cache.shape[3:]),
+    }
+    if rank.draft is not None:
+        identity["draft"] = {
+            "weights": _weights_identity(resolve_model(args.speculative_model or "", "auto"),
+                                         args.seed),
+            "config": repr(rank.draft.config),
+            "quantization": args.speculative_quantization,
+        }
+    tiers: list[Any] = []
+    if cache_cfg.offload_memory_bytes:
+        tiers.append(HostKVStore(cache_cfg.offload_memory_bytes))
+    if cache_cfg.offload_dir is not None:
+        tiers.append(DiskKVStore(cache_cfg.offload_dir, cache_cfg.offload_dir_bytes))
+    manager = KVOffloadManager(tiers, namespace_digest(identity), cache_cfg.block_size)
+    logger.info("KV offload tiers: %s", ", ".join(
+        f"memory {cache_cfg.offload_memory_bytes / 2**30:.2f} GiB" if t.name == "memory"
+        else f"disk {cache_cfg.offload_dir} ({t.num_blocks} blocks, "
+             f"{t.num_bytes / 2**20:.0f} MiB of {cache_cfg.offload_dir_bytes / 2**30:.1f} GiB)"
+        for t in tiers))
+    return manager
 
 
 def _structured_outputs(args: EngineArgs, tokenizer: Any, vocab_size: int,

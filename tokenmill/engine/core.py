@@ -31,6 +31,7 @@ import torch
 
 from tokenmill.engine.errors import RequestRejected
 from tokenmill.engine.executor import Executor
+from tokenmill.engine.kv_offload import KVOffloadManager
 from tokenmill.engine.messages import EngineCoreOutput, EngineCoreRequest, SeqDelta
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence
@@ -79,8 +80,10 @@ class EngineCore:
         limits: EngineLimits,
         speculator: Speculator | None = None,
         structured: StructuredOutputManager | None = None,
+        kv_offload: KVOffloadManager | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.kv_offload = kv_offload  # the prefix cache's offload tiers, if any
         self.executor = executor
         self.sampler = sampler
         self.limits = limits
@@ -230,6 +233,14 @@ class EngineCore:
             outputs.append(EngineCoreOutput(req.request_id, finished=True, error=error))
         return outputs
 
+    def shutdown(self) -> None:
+        """Finish the offload tiers' queued writes, stop what the executor started."""
+        try:
+            if self.kv_offload is not None:
+                self.kv_offload.close()
+        finally:
+            self.executor.shutdown()
+
     # ------------------------------------------------------------------ step
     def step(self) -> list[EngineCoreOutput]:
         """Schedule and run one step; return the deltas of the requests it touched.
@@ -262,6 +273,8 @@ class EngineCore:
     def execute(self, sched: SchedulerOutput) -> list[EngineCoreOutput]:
         """Run a planned step: forward, sample/verify, update, propose drafts."""
         failed, self._failed = self._failed, []
+        if self.kv_offload is not None:
+            self.kv_offload.restore(sched.kv_restores, self.executor)
         model_out = self.executor.execute(sched)
         if sched.is_empty:
             return failed
@@ -281,6 +294,11 @@ class EngineCore:
         update = self.scheduler.update(sched, sampled, forks)
         if self.speculator is not None:
             self.speculator.propose(work)
+        if self.kv_offload is not None and update.offload:
+            # After propose: a draft model's catch-up pass writes its KV for this step's
+            # tokens there, and the tiers keep the draft's block beside the target's.
+            # Nothing reuses a freed block before the next schedule().
+            self.kv_offload.store(update.offload, self.executor)
         return failed + self._collect(outputs, update.num_appended, logprobs, now)
 
     def _sample_and_verify(
@@ -424,6 +442,18 @@ class EngineCore:
         return list(outputs.values())
 
     # ----------------------------------------------------------------- stats
+    def _offload_stats(self) -> dict[str, Any]:
+        if self.kv_offload is None:
+            return {}
+        st = self.kv_offload.stats
+        return dict(
+            kv_offload_stores_total=st.stores, kv_offload_store_bytes_total=st.store_bytes,
+            kv_offload_dropped_total=st.dropped, kv_offload_hits_total=st.hits,
+            kv_offload_hit_bytes_total=st.hit_bytes, kv_offload_misses_total=st.misses,
+            kv_offload_restore_seconds_total=st.restore_seconds,
+            kv_offload_restored_tokens_total=self.scheduler.num_restored_tokens,
+        )
+
     def stats(self) -> EngineStats:
         bm = self.scheduler.block_manager
         spec = self.speculator
@@ -434,6 +464,8 @@ class EngineCore:
             kv_cache_usage=bm.usage,
             num_total_blocks=bm.num_blocks,
             num_free_blocks=bm.num_free_blocks,
+            kv_cache_capacity_tokens=bm.num_blocks * bm.block_size,
+            **self._offload_stats(),
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,

@@ -84,7 +84,7 @@ def run_engine_core(
         logger.info("engine core stopping (signal)")
     finally:
         if core is not None:
-            core.executor.shutdown()
+            core.shutdown()
         inputs.close(linger=0)
         outputs.close()
         context.term()

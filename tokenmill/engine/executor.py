@@ -32,6 +32,20 @@ class Executor:
                 runner.copy_blocks(out.block_copies)
         return self.runner.execute(out)
 
+    def read_block(self, block_id: int) -> bytes:
+        """A KV block's bytes from every cache (target, then draft) for the offload tiers."""
+        return b"".join(r.read_block(block_id) for r in self.runners)
+
+    def write_block(self, block_id: int, payload: bytes) -> None:
+        """Fill a KV block of every cache from :meth:`read_block`'s bytes."""
+        offset = 0
+        for r in self.runners:
+            size = r.block_bytes
+            r.write_block(block_id, memoryview(payload)[offset:offset + size])
+            offset += size
+        if offset != len(payload):
+            raise ValueError(f"KV block payload of {len(payload)} bytes, expected {offset}")
+
     @property
     def device(self) -> torch.device:
         return self.runner.device

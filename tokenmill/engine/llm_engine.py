@@ -40,10 +40,11 @@ class LLMEngine:
         self.processor = OutputProcessor(self.tokenizer)
         # With tensor parallelism the executor owns worker processes: stop them when this
         # engine is collected or the interpreter exits.
-        self._finalizer = weakref.finalize(self, self.core.executor.shutdown)
+        self._finalizer = weakref.finalize(self, self.core.shutdown)
 
     def shutdown(self) -> None:
-        """Stop what the engine started (tensor-parallel worker processes). Idempotent."""
+        """Stop what the engine started (tensor-parallel worker processes, the KV offload
+        writer after its queued writes). Idempotent."""
         self._finalizer()
 
     @classmethod

@@ -25,7 +25,9 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Iterable, Mapping
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.engine.block_manager import BlockManager
@@ -35,12 +37,25 @@ from tokenmill.step_types import SampledTokens, ScheduledSeq, SchedulerOutput
 logger = logging.getLogger(__name__)
 
 
+class KVTierLookup(Protocol):
+    """The scheduler's view of the prefix cache's offload tiers
+    (:class:`~tokenmill.engine.kv_offload.KVOffloadManager`)."""
+
+    def block_keys(self, token_ids: Seq[int], num_blocks: int,
+                   start: Seq[bytes] = ()) -> list[bytes]: ...
+
+    def lookup(self, token_ids: Seq[int], first: int, max_blocks: int) -> list[bytes]: ...
+
+
 @dataclass
 class StepUpdate:
-    """What ``Scheduler.update`` did: tokens appended per sequence, sequences finished."""
+    """What ``Scheduler.update`` did: tokens appended per sequence, sequences finished,
+    and (with offload tiers) the newly registered full blocks to offer to them."""
 
     num_appended: dict[str, int] = field(default_factory=dict)  # seq_id -> new tokens
     finished: list[Sequence] = field(default_factory=list)
+    # (block id, content key, the block's token ids)
+    offload: list[tuple[int, bytes, list[int]]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -59,9 +74,15 @@ class Scheduler:
         block_manager: BlockManager,
         eos_token_ids: Iterable[int] = (),
         sliding_window: int | None = None,
+        kv_tiers: KVTierLookup | None = None,
     ):
         self.config = config
         self.block_manager = block_manager
+        # Offload tiers of the prefix cache (host memory, disk): looked up on a pool
+        # miss at admission; full blocks are offered to them in update().
+        self.kv_tiers = kv_tiers
+        self._tier_keys: dict[str, list[bytes]] = {}  # seq_id -> content keys so far
+        self.num_restored_tokens = 0  # prompt tokens restored from the tiers
         # Set when every layer (of the target and any draft model) attends through a
         # window of at most this many tokens: blocks behind it are released in update().
         self.sliding_window = sliding_window
@@ -123,6 +144,7 @@ class Scheduler:
         """Drop a sequence wherever it is and free its blocks."""
         found = self._remove(seq)
         self._seqs.pop(seq.seq_id, None)
+        self._tier_keys.pop(seq.seq_id, None)
         seq.status = SequenceStatus.FINISHED
         if seq.finish_reason is None:
             seq.finish_reason = "abort"
@@ -136,6 +158,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._remove(seq)
         self.block_manager.free(seq.seq_id)
+        self._tier_keys.pop(seq.seq_id, None)
         seq.num_computed_tokens = 0
         seq.spec_token_ids, seq.spec_probs = [], None  # proposed for the old state
         seq.num_preemptions += 1
@@ -192,6 +215,7 @@ class Scheduler:
 
         # 2) Waiting sequences, in queue order; stop at the first that does not
         # fit so that nothing behind it can overtake it (no starvation).
+        restores: list[tuple[int, bytes]] = []
         while (
             not preempted
             and self.waiting
@@ -203,16 +227,27 @@ class Scheduler:
             wants_prompt_logprobs = getattr(seq.params, "prompt_logprobs", None) is not None
             cached = [] if wants_prompt_logprobs else bm.computed_prefix(seq.token_ids)
             num_cached = len(cached) * bm.block_size
-            remaining = seq.num_tokens - num_cached
+            # A pool miss before the last full block: the tiers may hold what follows.
+            tier_keys: list[bytes] = []
+            if self.kv_tiers is not None and not wants_prompt_logprobs:
+                max_blocks = (seq.num_tokens - 1) // bm.block_size  # never the last token
+                tier_keys = self.kv_tiers.lookup(seq.token_ids, len(cached), max_blocks)
+            num_restored = len(tier_keys) * bm.block_size
+            remaining = seq.num_tokens - num_cached - num_restored
             num_new = min(remaining, budget)
             if num_new < remaining and not self.config.enable_chunked_prefill:
                 break
-            if bm.allocate(seq.seq_id, num_cached + num_new, cached) is None:
+            table = bm.allocate(seq.seq_id, num_cached + num_restored + num_new, cached)
+            if table is None:
                 break
+            # The blocks after the pool's hits receive the tiers' bytes before the step runs.
+            restores.extend(zip(table[len(cached):len(cached) + len(tier_keys)], tier_keys,
+                                strict=True))
+            self.num_restored_tokens += num_restored
             if seq.num_preemptions == 0:
                 bm.record_prefix_query(seq.num_prompt_tokens, num_cached)
-                seq.num_cached_tokens = num_cached
-            seq.num_computed_tokens = num_cached
+                seq.num_cached_tokens = num_cached + num_restored
+            seq.num_computed_tokens = num_cached + num_restored
             del self.waiting[0]
             del self._keys_waiting[0]
             self._add_running(seq)
@@ -225,6 +260,7 @@ class Scheduler:
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
             block_copies=copies,
             preempted_ids=preempted,
+            kv_restores=restores,
         )
 
     def _fit_drafts(self, seq: Sequence, num_new: int, budget: int) -> int:
@@ -315,8 +351,10 @@ class Scheduler:
             result.num_appended[seq.seq_id] = appended
         for seq in touched:
             if self.block_manager.has_seq(seq.seq_id):
-                self.block_manager.cache_full_blocks(seq.seq_id, seq.token_ids,
-                                                     seq.num_computed_tokens)
+                registered = self.block_manager.cache_full_blocks(
+                    seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+                if registered and self.kv_tiers is not None:
+                    result.offload.extend(self._offload_entries(seq, registered))
                 if self.sliding_window is not None and seq.finish_reason is None:
                     # Later queries sit at >= num_computed_tokens, but a draft model's
                     # catch-up pass still runs this step's tokens (from start_pos on)
@@ -329,6 +367,17 @@ class Scheduler:
                 self.finish(seq)
                 result.finished.append(seq)
         return result
+
+    def _offload_entries(self, seq: Sequence, registered: list[tuple[int, int]]
+                         ) -> list[tuple[int, bytes, list[int]]]:
+        """(block id, content key, token ids) of blocks just registered (index, block id)."""
+        assert self.kv_tiers is not None
+        bs = self.block_manager.block_size
+        keys = self.kv_tiers.block_keys(seq.token_ids, registered[-1][0] + 1,
+                                        self._tier_keys.get(seq.seq_id, ()))
+        self._tier_keys[seq.seq_id] = keys
+        return [(block_id, keys[i], seq.token_ids[i * bs:(i + 1) * bs])
+                for i, block_id in registered]
 
     def _fork(self, parent: Sequence, child: Sequence) -> None:
         """Start ``child`` on ``parent``'s computed blocks (copy-on-write of a partial one)."""

@@ -15,7 +15,7 @@ import argparse
 import inspect
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Opt-in shared memory per block on H100 (227 KiB).
 HOPPER_SHARED_LIMIT = 232448
@@ -53,6 +53,7 @@ class _Config:
     constexprs: dict
     floats: tuple[str, ...] = ()
     num_warps: int = 4
+    pointers: dict = field(default_factory=dict)  # per-pointer dtype overrides
 
 
 INDEX_POINTERS = {
@@ -85,7 +86,7 @@ def _configs() -> list[_Config]:
             const = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
                          BLOCK_G=max(16, 1 << (group - 1).bit_length()), BLOCK_D=block_d,
                          BLOCK_N=decode_block_n(head_dim), NUM_SEGMENTS=segments,
-                         UPCAST=False, PRECISION=precision)
+                         UPCAST=False, PRECISION=precision, KV_QUANT=0)
             out.append(_Config(f"decode {dtype} d{head_dim} g{group} seg{segments}",
                                paged_decode._paged_decode_kernel, f"*{dtype}", const,
                                ("scale_log2",)))
@@ -93,14 +94,34 @@ def _configs() -> list[_Config]:
         block_m, block_n = prefill_tile_sizes(head_dim, group)
         const = dict(GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
                      BLOCK_Q=block_m // group_p2, BLOCK_D=block_d, BLOCK_N=block_n,
-                     UPCAST=False, PRECISION=precision)
+                     UPCAST=False, PRECISION=precision, KV_QUANT=0)
         out.append(_Config(f"prefill {dtype} d{head_dim} g{group}",
                            prefill_attention._prefill_attention_kernel, f"*{dtype}", const,
                            ("scale_log2",)))
+        if dtype == "bf16" and group == 4:
+            # 8-bit KV: codes through int8/uint8 pointers, scales through a float32 view.
+            for quant, code_ptr in ((1, "*i8"), (2, "*u8")):
+                ptrs = {"k_cache_ptr": code_ptr, "v_cache_ptr": code_ptr,
+                        "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+                name = "int8" if quant == 1 else "fp8"
+                out.append(_Config(f"prefill {dtype} kv-{name} d{head_dim}",
+                                   prefill_attention._prefill_attention_kernel, f"*{dtype}",
+                                   {**const, "KV_QUANT": quant}, ("scale_log2",),
+                                   pointers=ptrs))
+                dconst = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+                              BLOCK_G=16, BLOCK_D=block_d, BLOCK_N=decode_block_n(head_dim),
+                              NUM_SEGMENTS=1, UPCAST=False, PRECISION=precision,
+                              KV_QUANT=quant)
+                out.append(_Config(f"decode {dtype} kv-{name} d{head_dim}",
+                                   paged_decode._paged_decode_kernel, f"*{dtype}", dconst,
+                                   ("scale_log2",), pointers=ptrs))
+                out.append(_Config(f"kv write kv-{name}", kv_write._kv_write_kernel, "*bf16",
+                                   dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128,
+                                        KV_QUANT=quant), pointers=ptrs))
     out.append(_Config("merge segments", paged_decode._merge_segments_kernel, "*bf16",
                        dict(HEAD_DIM=128, BLOCK_D=128, NUM_SEGMENTS=16)))
     out.append(_Config("kv write bf16", kv_write._kv_write_kernel, "*bf16",
-                       dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128)))
+                       dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128, KV_QUANT=0)))
     for hidden in (896, 4096, 8192):
         block = 1 << (hidden - 1).bit_length()
         out.append(_Config(f"rmsnorm+residual h{hidden}", rmsnorm._rms_norm_kernel, "*bf16",
@@ -128,7 +149,8 @@ def compile_all(arch: int = 90, only: Sequence[str] = ()) -> list[CompiledKernel
     for cfg in _configs():
         if only and not any(part in cfg.name for part in only):
             continue
-        sig = _signature(cfg.kernel, cfg.ptr_dtype, cfg.constexprs, cfg.floats, INDEX_POINTERS)
+        sig = _signature(cfg.kernel, cfg.ptr_dtype, cfg.constexprs, cfg.floats,
+                         {**INDEX_POINTERS, **cfg.pointers})
         src = ASTSource(fn=cfg.kernel, signature=sig, constexprs=cfg.constexprs)
         compiled = triton.compile(src, target=target, options={"num_warps": cfg.num_warps})
         results.append(

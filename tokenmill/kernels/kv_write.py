@@ -6,16 +6,22 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.kernels.kv_quant_triton import (
+    check_quantized_cache,
+    kv_quant_code,
+    quantize_rows,
+    scale_view,
+)
 from tokenmill.kernels.triton_utils import launcher, next_power_of_2
 
 
 @triton.jit
 def _kv_write_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_mapping_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kc_slot, stride_kc_head, stride_vc_slot, stride_vc_head,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_QUANT: tl.constexpr,
 ):
     # One program per new token: copy its [kv_heads, head_dim] K and V rows.
     token = tl.program_id(0)
@@ -32,10 +38,21 @@ def _kv_write_kernel(
                 mask=mask, other=0.0)
     v = tl.load(v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :],
                 mask=mask, other=0.0)
-    k_dst = k_cache_ptr + safe_slot * stride_kc_slot + offs_h[:, None] * stride_kc_head
-    v_dst = v_cache_ptr + safe_slot * stride_vc_slot + offs_h[:, None] * stride_vc_head
-    tl.store(k_dst + offs_d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst + offs_d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    k_row = safe_slot * stride_kc_slot + offs_h * stride_kc_head
+    v_row = safe_slot * stride_vc_slot + offs_h * stride_vc_head
+    if KV_QUANT == 0:
+        k_out = k.to(k_cache_ptr.dtype.element_ty)
+        v_out = v.to(v_cache_ptr.dtype.element_ty)
+    else:
+        # Quantize each (token, head) row; its scale goes after its codes (byte offset
+        # row + HEAD_DIM = float32 offset (row + HEAD_DIM) / 4 in the scale view).
+        k_out, k_scale = quantize_rows(k.to(tl.float32), KV_QUANT)
+        v_out, v_scale = quantize_rows(v.to(tl.float32), KV_QUANT)
+        h_mask = offs_h < heads_in_range
+        tl.store(k_scale_ptr + (k_row + HEAD_DIM) // 4, k_scale, mask=h_mask)
+        tl.store(v_scale_ptr + (v_row + HEAD_DIM) // 4, v_scale, mask=h_mask)
+    tl.store(k_cache_ptr + k_row[:, None] + offs_d[None, :], k_out, mask=mask)
+    tl.store(v_cache_ptr + v_row[:, None] + offs_d[None, :], v_out, mask=mask)
 
 
 def write_kv_cache(
@@ -49,12 +66,15 @@ def write_kv_cache(
 
     A slot is ``block_id * block_size + offset`` in the caches
     [num_blocks, block_size, kv_heads, head_dim]; slots < 0 are padding and are
-    skipped. Rows of ``k``/``v`` past ``len(slot_mapping)`` are ignored.
+    skipped. Rows of ``k``/``v`` past ``len(slot_mapping)`` are ignored. A
+    quantized cache (int8, or uint8 = fp8) gets each row quantized with its scale
+    (rows of ``head_dim + 4`` bytes; :mod:`tokenmill.kernels.kv_quant`).
     """
     num_tokens = slot_mapping.shape[0]
     if num_tokens == 0:
         return
-    _, _, num_kv_heads, head_dim = k_cache.shape
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    check_quantized_cache(k_cache, head_dim)
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
@@ -65,9 +85,10 @@ def write_kv_cache(
         raise ValueError("KV cache blocks must be laid out slot after slot")
     kernel = launcher(_kv_write_kernel, k.device)
     kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, scale_view(k_cache), scale_view(v_cache), slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=next_power_of_2(num_kv_heads), BLOCK_D=next_power_of_2(head_dim),
+        KV_QUANT=kv_quant_code(k_cache),
     )

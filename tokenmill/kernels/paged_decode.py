@@ -19,6 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.kernels.kv_quant_triton import (
+    check_quantized_cache,
+    decode_codes,
+    kv_quant_code,
+    scale_view,
+)
 from tokenmill.kernels.triton_utils import (
     device_parallelism,
     dot_precision,
@@ -38,7 +44,7 @@ MAX_SEGMENTS = 32
 @triton.jit
 def _paged_decode_kernel(
     out_ptr, part_out_ptr, part_ml_ptr,
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
     scale_log2, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -46,6 +52,7 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    KV_QUANT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -87,18 +94,29 @@ def _paged_decode_kernel(
         block = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         in_block = pos % BLOCK_SIZE
         kv_mask = n_mask[None, :] & d_mask[:, None]
-        k = tl.load(k_cache_ptr + block[None, :] * stride_kb + in_block[None, :] * stride_ks
-                    + kv_head * stride_kh + offs_d[:, None], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + in_block[:, None] * stride_vs
-                    + kv_head * stride_vh + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        k_row = block * stride_kb + in_block * stride_ks + kv_head * stride_kh
+        v_row = block * stride_vb + in_block * stride_vs + kv_head * stride_vh
+        k = tl.load(k_cache_ptr + k_row[None, :] + offs_d[:, None], mask=kv_mask, other=0)
+        v = tl.load(v_cache_ptr + v_row[:, None] + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0)
         # Scores in log2 units: exp2 is the fast hardware path.
-        s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION, out_dtype=tl.float32)
+        if KV_QUANT == 0:
+            s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION, out_dtype=tl.float32)
+        else:
+            # 8-bit codes widen exactly to q's dtype; the row scales multiply the scores
+            # (K) and the softmax weights (V) in float32: nothing dequantized is stored.
+            k_scale = tl.load(k_scale_ptr + (k_row + HEAD_DIM) // 4, mask=n_mask, other=0.0)
+            v_scale = tl.load(v_scale_ptr + (v_row + HEAD_DIM) // 4, mask=n_mask, other=0.0)
+            s = tl.dot(q, decode_codes(k, KV_QUANT).to(q.dtype), input_precision=PRECISION,
+                       out_dtype=tl.float32) * k_scale[None, :]
+            v = decode_codes(v, KV_QUANT)
         s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if KV_QUANT != 0:
+            p = p * v_scale[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
                                             input_precision=PRECISION, out_dtype=tl.float32)
         m_i = m_new
@@ -177,7 +195,8 @@ def paged_decode_attention(
     (and read).
 
     ``q``/``out``: [B, num_heads, head_dim] (rows past ``len(seq_lens)`` are not
-    touched); caches [num_blocks, block_size, kv_heads, head_dim];
+    touched); caches [num_blocks, block_size, kv_heads, head_dim] (or quantized rows of
+    ``head_dim`` codes + a float32 scale, dequantized in registers);
     ``block_tables`` [B, max_blocks] int32; ``seq_lens`` [B] int32 (tokens
     including the new one). ``num_segments`` > 1 selects split-K (power of two).
     """
@@ -192,6 +211,7 @@ def paged_decode_attention(
         raise ValueError(f"num_segments must be a power of two, got {num_segments}")
     if q.stride(-1) != 1:
         q = q.contiguous()
+    check_quantized_cache(k_cache, head_dim)
     group = num_heads // num_kv_heads
     block_d = next_power_of_2(head_dim)
     device = q.device
@@ -200,6 +220,7 @@ def paged_decode_attention(
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_D=block_d,
         BLOCK_N=decode_block_n(head_dim), NUM_SEGMENTS=num_segments,
         UPCAST=needs_fp32_compute(device), PRECISION=dot_precision(q.dtype),
+        KV_QUANT=kv_quant_code(k_cache),
     )
     if num_segments == 1:
         part_out = part_ml = out  # unused placeholders
@@ -210,7 +231,7 @@ def paged_decode_attention(
                               dtype=torch.float32, device=device)
     launcher(_paged_decode_kernel, device)[(num_seqs, num_kv_heads, num_segments)](
         out, part_out, part_ml,
-        q, k_cache, v_cache, block_tables, seq_lens,
+        q, k_cache, v_cache, scale_view(k_cache), scale_view(v_cache), block_tables, seq_lens,
         scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -31,6 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.kernels.kv_quant_triton import (
+    check_quantized_cache,
+    decode_codes,
+    kv_quant_code,
+    scale_view,
+)
 from tokenmill.kernels.triton_utils import (
     dot_precision,
     launcher,
@@ -43,7 +49,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _prefill_attention_kernel(
-    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     scale_log2, num_seqs, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -52,6 +58,7 @@ def _prefill_attention_kernel(
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    KV_QUANT: tl.constexpr,
 ):
     # Request i owns query tiles starting at query_start_loc[i] // BLOCK_Q + i; those
     # ranges never overlap, and the grid covers num_tokens // BLOCK_Q + num_seqs tiles
@@ -113,13 +120,21 @@ def _prefill_attention_kernel(
         n_mask = (pos < kv_end) & (pos >= kv_lo)
         block = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         in_block = pos % BLOCK_SIZE
-        k = tl.load(k_cache_ptr + block[None, :] * stride_kb + in_block[None, :] * stride_ks
-                    + kv_head * stride_kh + offs_d[:, None],
-                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + in_block[:, None] * stride_vs
-                    + kv_head * stride_vh + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION, out_dtype=tl.float32)
+        k_row = block * stride_kb + in_block * stride_ks + kv_head * stride_kh
+        v_row = block * stride_vb + in_block * stride_vs + kv_head * stride_vh
+        k = tl.load(k_cache_ptr + k_row[None, :] + offs_d[:, None],
+                    mask=n_mask[None, :] & d_mask[:, None], other=0)
+        v = tl.load(v_cache_ptr + v_row[:, None] + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0)
+        if KV_QUANT == 0:
+            s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION, out_dtype=tl.float32)
+        else:
+            # Codes widen exactly; row scales multiply scores (K) and weights (V).
+            k_scale = tl.load(k_scale_ptr + (k_row + HEAD_DIM) // 4, mask=n_mask, other=0.0)
+            v_scale = tl.load(v_scale_ptr + (v_row + HEAD_DIM) // 4, mask=n_mask, other=0.0)
+            s = tl.dot(q, decode_codes(k, KV_QUANT).to(q.dtype), input_precision=PRECISION,
+                       out_dtype=tl.float32) * k_scale[None, :]
+            v = decode_codes(v, KV_QUANT)
         s = s * scale_log2
         if (tile_start >= unmasked_end) | (tile_start < window_all):
             visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
@@ -132,6 +147,8 @@ def _prefill_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if KV_QUANT != 0:
+            p = p * v_scale[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
                                             input_precision=PRECISION, out_dtype=tl.float32)
         m_i = m_new
@@ -166,7 +183,9 @@ def prefill_attention(
 
     ``q``/``out``: [T, num_heads, head_dim], request ``i`` owning rows
     ``query_start_loc[i]:query_start_loc[i+1]``; caches
-    [num_blocks, block_size, kv_heads, head_dim] already holding the new K/V;
+    [num_blocks, block_size, kv_heads, head_dim] already holding the new K/V
+    (or quantized rows of ``head_dim`` codes + a float32 scale, dequantized in
+    registers);
     ``seq_lens`` [B] int32 context length after this step; ``block_tables``
     [B, max_blocks] int32. Rows outside every request are not touched. The
     launch needs no host copy of the lengths (grid from T and B only).
@@ -180,13 +199,15 @@ def prefill_attention(
         raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
     if q.stride(-1) != 1:
         q = q.contiguous()
+    check_quantized_cache(k_cache, head_dim)
     group = num_heads // num_kv_heads
     group_p2 = next_power_of_2(group)
     block_m, block_n = prefill_tile_sizes(head_dim, group)
     block_q = block_m // group_p2
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     launcher(_prefill_attention_kernel, q.device)[grid](
-        out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        out, q, k_cache, v_cache, scale_view(k_cache), scale_view(v_cache),
+        block_tables, seq_lens, query_start_loc,
         scale * LOG2E, num_seqs, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -195,5 +216,6 @@ def prefill_attention(
         GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_D=next_power_of_2(head_dim), BLOCK_N=block_n,
         UPCAST=needs_fp32_compute(q.device), PRECISION=dot_precision(q.dtype),
+        KV_QUANT=kv_quant_code(k_cache),
     )
     return out

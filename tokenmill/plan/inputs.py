@@ -9,6 +9,7 @@ from tokenmill.plan.hardware import GIB, GPUSpec, get_gpu
 from tokenmill.plan.sources import ModelSource, load_model_source
 from tokenmill.plan.weights import (
     KV_DTYPE_BYTES,
+    KV_SCALE_BYTES,
     WEIGHT_DTYPE_BYTES,
     WeightBytes,
     count_parameters,
@@ -63,7 +64,11 @@ class PlanInputs:
 
     @property
     def kv_dtype_bytes(self) -> float:
-        return KV_DTYPE_BYTES[self.kv_dtype]
+        """Bytes per cached K or V element, scales included: tokenmill's 8-bit KV
+        (``--kv-cache-dtype int8|fp8``) stores a float32 scale per token and KV head,
+        i.e. ``head_dim`` codes + 4 bytes per row."""
+        scale = KV_SCALE_BYTES.get(self.kv_dtype, 0) / self.config.head_dim
+        return KV_DTYPE_BYTES[self.kv_dtype] + scale
 
     @property
     def heads_per_gpu(self) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 from tokenmill.plan.inputs import PlanInputs
 from tokenmill.plan.memory import MemoryPlan, plan_memory, window_limited_kv_bytes
 from tokenmill.plan.roofline import RooflinePoint, roofline_decode, roofline_prefill
-from tokenmill.plan.weights import ParamCounts, count_parameters
+from tokenmill.plan.weights import KV_DTYPE_BYTES, KV_SCALE_BYTES, ParamCounts, count_parameters
 
 
 @dataclass(frozen=True)
@@ -200,8 +200,11 @@ def format_plan(plan: Plan) -> str:
     out.append(format_table(model_rows, align="ll"))
     out.append("")
 
+    row = f"{cfg.head_dim} x {KV_DTYPE_BYTES[inputs.kv_dtype]:g} B"
+    if inputs.kv_dtype in KV_SCALE_BYTES:
+        row = f"({row} + {KV_SCALE_BYTES[inputs.kv_dtype]} B scale)"
     kv_formula = (f"2 x {cfg.num_hidden_layers} layers x {inputs.kv_heads_per_gpu} KV heads "
-                  f"x {cfg.head_dim} x {inputs.kv_dtype_bytes:g} B")
+                  f"x {row}")
     seqs = ", ".join(f"{n:,} at {c:,} tokens" for c, n in plan.concurrency)
     out.append(f"Memory per GPU ({gpu.name}, utilization {inputs.gpu_memory_utilization:g})")
     out.append(format_table([

@@ -16,6 +16,8 @@ from tokenmill.config import ModelConfig
 
 WEIGHT_DTYPE_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}
 KV_DTYPE_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+# Per (token, KV head) row: tokenmill's 8-bit KV keeps a float32 scale after the codes.
+KV_SCALE_BYTES: dict[str, int] = {"fp8": 4, "int8": 4}
 _ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
             "half": "fp16", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8"}
 

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.kernels.kv_quant import row_bytes, row_width, storage_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -14,14 +15,16 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB when the user names no budget
 
 
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype,
-                    num_kv_heads: int | None = None) -> int:
+                    num_kv_heads: int | None = None, kv_cache_dtype: str = "auto") -> int:
     """Bytes of K and V for ``block_size`` tokens across all layers.
 
-    ``num_kv_heads``: the heads this tensor-parallel rank holds (default: all).
+    ``dtype`` is the model's; ``kv_cache_dtype`` (auto | int8 | fp8) how K/V
+    are stored (quantized rows carry their scales). ``num_kv_heads``: the heads
+    this tensor-parallel rank holds (default: all).
     """
-    elem = torch.empty((), dtype=dtype).element_size()
     heads = model.num_key_value_heads if num_kv_heads is None else num_kv_heads
-    return 2 * model.num_hidden_layers * heads * model.head_dim * elem * block_size
+    row = row_bytes(model.head_dim, kv_cache_dtype, dtype)
+    return 2 * model.num_hidden_layers * heads * row * block_size
 
 
 def gpu_kv_cache_budget(
@@ -56,7 +59,8 @@ def num_kv_blocks(
     """
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
-    per_block = bytes_per_block(model, cache.block_size, dtype, num_kv_heads)
+    per_block = bytes_per_block(model, cache.block_size, dtype, num_kv_heads,
+                                cache.kv_cache_dtype)
     if cache.kv_cache_memory is not None:
         budget = cache.kv_cache_memory
     elif device.type == "cuda":
@@ -84,11 +88,16 @@ def num_kv_blocks(
 
 def allocate_kv_cache(
     model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-    device: torch.device, num_kv_heads: int | None = None,
+    device: torch.device, num_kv_heads: int | None = None, kv_cache_dtype: str = "auto",
 ) -> torch.Tensor:
-    """One tensor [layers, 2 (K/V), num_blocks, block_size, kv_heads, head_dim]."""
+    """One tensor [layers, 2 (K/V), num_blocks, block_size, kv_heads, row].
+
+    ``row`` is ``head_dim`` in the model's ``dtype``, or with ``kv_cache_dtype``
+    int8/fp8 ``head_dim`` codes + a 4-byte scale (:mod:`tokenmill.kernels.kv_quant`).
+    """
     heads = model.num_key_value_heads if num_kv_heads is None else num_kv_heads
     return torch.zeros(
-        model.num_hidden_layers, 2, num_blocks, block_size, heads, model.head_dim,
-        dtype=dtype, device=device,
+        model.num_hidden_layers, 2, num_blocks, block_size, heads,
+        row_width(model.head_dim, kv_cache_dtype),
+        dtype=storage_dtype(kv_cache_dtype, dtype), device=device,
     )

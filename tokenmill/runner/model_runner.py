@@ -191,6 +191,23 @@ class ModelRunner:
         dst = torch.tensor([c[1] for c in copies], device=self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
+    def read_block(self, block_id: int) -> bytes:
+        """One block's bytes across every layer's K and V (scales included), on the host."""
+        block = self.kv_cache[:, :, block_id].contiguous()
+        return block.view(torch.uint8).reshape(-1).cpu().numpy().tobytes()
+
+    def write_block(self, block_id: int, payload: bytes | memoryview) -> None:
+        """Fill one block from bytes produced by :meth:`read_block` (same layout)."""
+        shape = self.kv_cache[:, :, block_id].shape
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        block = data.view(self.kv_cache.dtype).view(shape)
+        self.kv_cache[:, :, block_id] = block.to(self.device)
+
+    @property
+    def block_bytes(self) -> int:
+        """Size of :meth:`read_block`'s result."""
+        return self.kv_cache[:, :, 0].numel() * self.kv_cache.element_size()
+
     def forward_eager(self, step: StepInputs) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` of one step run without graphs."""
         input_ids, positions, meta = step_tensors(step, self.device)

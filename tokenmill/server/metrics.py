@@ -51,6 +51,9 @@ class _EngineStatsCollector:
                 "Requests waiting in the engine's queue.", stats.num_waiting if stats else 0),
             "tokenmill_kv_cache_usage_ratio": (
                 "Fraction of KV-cache blocks in use, 0..1.", stats.kv_cache_usage if stats else 0),
+            "tokenmill_kv_cache_capacity_tokens": (
+                "Tokens the KV-cache pool holds (blocks x block size).",
+                stats.kv_cache_capacity_tokens if stats else 0),
             "tokenmill_kv_cache_blocks": (
                 "Total number of KV-cache blocks.", stats.num_total_blocks if stats else 0),
             "tokenmill_kv_cache_free_blocks": (
@@ -75,6 +78,30 @@ class _EngineStatsCollector:
                 "Prompt tokens found in the prefix cache.",
                 stats.prefix_cache_hits if stats else 0),
             "tokenmill_engine_steps": ("Engine steps run.", stats.steps_total if stats else 0),
+            "tokenmill_kv_offload_stores": (
+                "KV blocks written to the prefix cache's offload tiers.",
+                stats.kv_offload_stores_total if stats else 0),
+            "tokenmill_kv_offload_store_bytes": (
+                "Bytes of KV blocks written to the offload tiers.",
+                stats.kv_offload_store_bytes_total if stats else 0),
+            "tokenmill_kv_offload_dropped": (
+                "KV blocks not offloaded because the writer's queue was full.",
+                stats.kv_offload_dropped_total if stats else 0),
+            "tokenmill_kv_offload_hits": (
+                "KV blocks restored from the offload tiers.",
+                stats.kv_offload_hits_total if stats else 0),
+            "tokenmill_kv_offload_hit_bytes": (
+                "Bytes of KV blocks restored from the offload tiers.",
+                stats.kv_offload_hit_bytes_total if stats else 0),
+            "tokenmill_kv_offload_misses": (
+                "Offload-tier look-ups that found no valid block.",
+                stats.kv_offload_misses_total if stats else 0),
+            "tokenmill_kv_offload_restore_seconds": (
+                "Seconds spent reading, verifying and copying restored KV blocks.",
+                stats.kv_offload_restore_seconds_total if stats else 0),
+            "tokenmill_kv_offload_restored_tokens": (
+                "Prompt tokens restored from the offload tiers instead of computed.",
+                stats.kv_offload_restored_tokens_total if stats else 0),
             "tokenmill_spec_decode_draft_tokens": (
                 "Speculative draft tokens verified by the target model.",
                 stats.spec_draft_tokens_total if stats else 0),

@@ -180,11 +180,12 @@ def load_draft_model(
 def split_kv_blocks(
     num_blocks: int, target: ModelConfig, draft: ModelConfig, block_size: int,
     dtype: torch.dtype,
+    kv_cache_dtype: str = "auto",
 ) -> int:
     """Blocks per cache when one KV budget (sized for ``num_blocks`` target blocks)
     must hold the target's and the draft's caches, block for block."""
-    target_bytes = bytes_per_block(target, block_size, dtype)
-    draft_bytes = bytes_per_block(draft, block_size, dtype)
+    target_bytes = bytes_per_block(target, block_size, dtype, kv_cache_dtype=kv_cache_dtype)
+    draft_bytes = bytes_per_block(draft, block_size, dtype, kv_cache_dtype=kv_cache_dtype)
     return max(1, num_blocks * target_bytes // (target_bytes + draft_bytes))
 
 
@@ -197,8 +198,11 @@ def build_draft_proposer(
     attn_backend: AttentionBackend,
     eos_token_ids: tuple[int, ...] = (),
     default_generator: torch.Generator | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> DraftModelProposer:
-    """The draft's own KV tensor (same block count and size as the target's) and runner."""
-    kv = allocate_kv_cache(loaded.config, num_blocks, block_size, dtype, device)
+    """The draft's own KV tensor (same block count and size as the target's, same
+    ``kv_cache_dtype``) and runner."""
+    kv = allocate_kv_cache(loaded.config, num_blocks, block_size, dtype, device,
+                           kv_cache_dtype=kv_cache_dtype)
     runner = ModelRunner(loaded.model, kv, block_size, attn_backend=attn_backend)
     return DraftModelProposer(runner, eos_token_ids, default_generator)

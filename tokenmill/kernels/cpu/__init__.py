@@ -34,7 +34,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention.c", "int8_matmul.c", "q4_matmul.c")
+_SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c")
 _HEADERS = ("q8_input.h",)  # part of the cache key, not compiled on their own
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
@@ -49,8 +49,14 @@ _ATTENTION_ARGTYPES = [
     _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
     _i32, _i32, _i32, _i32, _i32, _i32, _f32, _i32, _i32,
 ]
+# + kind (0 int8, 1 fp8 e4m3) and whether q/out are bfloat16
+_Q8_ATTENTION_ARGTYPES = [*_ATTENTION_ARGTYPES, _i32, _i32]
 _INT8_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 _Q4_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
+
+
+# Quantized KV caches the native kernel reads: storage dtype -> kind argument.
+_Q8_KINDS = {torch.int8: 0, torch.uint8: 1}
 
 
 def _compiler() -> str | None:
@@ -121,6 +127,8 @@ def cpu_kernels() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = _ATTENTION_ARGTYPES
         fn.restype = None
+    lib.paged_attention_q8.argtypes = _Q8_ATTENTION_ARGTYPES
+    lib.paged_attention_q8.restype = None
     lib.int8_matmul_f32.argtypes = _INT8_MATMUL_ARGTYPES
     lib.int8_matmul_f32.restype = ctypes.c_int
     lib.q4_matmul_f32.argtypes = _Q4_MATMUL_ARGTYPES
@@ -205,17 +213,23 @@ def paged_attention(
     positions (blocks before them are not read).
 
     ``q``/``out`` are ``[T, H, D]`` with contiguous heads; caches are
-    ``[num_blocks, block_size, KVH, D]``; metadata tensors are int32 on the
-    CPU. Rows of longer sequences are left untouched. Returns False (doing
-    nothing) when the kernel cannot run these inputs, so the caller falls back.
+    ``[num_blocks, block_size, KVH, D]`` in ``q``'s dtype, or quantized
+    (``int8``/``uint8`` = fp8 rows of ``D`` codes + a float32 scale, see
+    :mod:`tokenmill.kernels.kv_quant`), read in place and
+    dequantized in registers; metadata tensors are int32 on the CPU. Rows of
+    longer sequences are left untouched. Returns False (doing nothing) when the
+    kernel cannot run these inputs, so the caller falls back.
     """
     lib = cpu_kernels()
     dtype = q.dtype
+    quant = _Q8_KINDS.get(k_cache.dtype)
+    cache_ok = (k_cache.dtype == v_cache.dtype == dtype if quant is None
+                else v_cache.dtype == k_cache.dtype)
     if (
         lib is None
         or q.device.type != "cpu"
         or dtype not in (torch.float32, torch.bfloat16)
-        or not (out.dtype == k_cache.dtype == v_cache.dtype == dtype)
+        or out.dtype != dtype or not cache_ok
         or q.stride(2) != 1 or q.stride(1) != q.shape[2]
         or out.stride(2) != 1 or out.stride(1) != out.shape[2]
         or not (k_cache.is_contiguous() and v_cache.is_contiguous())
@@ -224,15 +238,22 @@ def paged_attention(
                 and block_tables.is_contiguous())
     ):
         return False
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    num_heads = q.shape[1]
-    fn = lib.paged_attention_f32 if dtype == torch.float32 else lib.paged_attention_bf16
-    fn(
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    args = [
         q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0),
         k_cache.data_ptr(), v_cache.data_ptr(),
         query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
         seq_lens.shape[0], block_tables.shape[1] if block_tables.dim() == 2 else 0,
         num_heads, num_kv_heads, head_dim, block_size, float(scale), int(max_q_len),
         int(sliding_window),
-    )
+    ]
+    if quant is not None:
+        if k_cache.shape[3] != head_dim + 4:
+            return False
+        lib.paged_attention_q8(*args, quant, int(dtype == torch.bfloat16))
+    elif dtype == torch.float32:
+        lib.paged_attention_f32(*args)
+    else:
+        lib.paged_attention_bf16(*args)
     return True
