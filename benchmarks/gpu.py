@@ -132,6 +132,18 @@ class Deadline:
 
 
 # ------------------------------------------------------------------- utilities
+def resolve_device(name: str) -> torch.device:
+    """``name`` as a device with an index: ``cuda`` becomes the current CUDA device.
+
+    ``torch.cuda.set_device`` refuses a CUDA device without an index
+    (ValueError), and ``--device cuda`` is the default.
+    """
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -286,14 +298,21 @@ def run_hf_static(model: Any, name: str, prompts: list[list[int]], output_lens: 
     """HF ``generate`` in static left-padded batches until ``seconds_cap`` runs out.
 
     Each batch runs to its longest requested output (that is what static
-    batching costs); only the requested tokens count. Returns None if not even
-    one batch could run.
+    batching costs); only the requested tokens count. A batch cannot be
+    interrupted from outside, so each ``generate`` gets the time left as its
+    ``max_time``: HF stops decoding once it is spent (after the step in
+    flight), and that batch counts the tokens it produced for each request
+    (only requests it finished count as requests). The phase therefore ends
+    within about one prefill plus one decode step of ``seconds_cap``.
+    Returns None if not even one token was produced.
     """
     done_requests = useful = prompt_tokens = 0
+    cut = False
     t0 = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(prompts), batch):
-            if done_requests and time.perf_counter() - t0 > seconds_cap:
+            left = seconds_cap - (time.perf_counter() - t0)
+            if left <= 0:
                 break
             chunk, outs = prompts[start:start + batch], output_lens[start:start + batch]
             width = max(map(len, chunk))
@@ -303,16 +322,23 @@ def run_hf_static(model: Any, name: str, prompts: list[list[int]], output_lens: 
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
             n = max(outs)
-            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            generated = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
+                min_new_tokens=n, do_sample=False, pad_token_id=0, max_time=left)
             sync(device)
-            done_requests += len(chunk)
-            useful += sum(outs)
+            steps = generated.shape[1] - width  # < n when max_time stopped the batch
+            done_requests += sum(1 for o in outs if o <= steps)
+            useful += sum(min(o, steps) for o in outs)
             prompt_tokens += sum(map(len, chunk))
+            if steps < n:
+                cut = True
+                break
     seconds = time.perf_counter() - t0
-    if not done_requests:
+    if not useful:
         return None
     note = "" if done_requests == len(prompts) else f"{done_requests}/{len(prompts)} requests"
+    if cut:
+        note += " (last batch cut by the time cap)"
     return ThroughputResult(name, f"hf generate, batch {batch}", seconds, done_requests,
                             prompt_tokens, useful, note)
 
@@ -535,12 +561,12 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py needs an NVIDIA GPU: torch.cuda.is_available() is False "
               f"(torch {torch.__version__}). Run it on a CUDA machine, or use --smoke to "
               "check the script on a CPU.", file=sys.stderr)
         return 2
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     deadline = Deadline(args.budget_seconds)
