@@ -542,6 +542,9 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
     print(f"[{name}] loading dummy weights", flush=True)
     llm = LLM(model=str(path), **engine_kwargs(args))
     for batch in args.decode_batches:
+        if deadline.left() < args.reserve_seconds:
+            report.notes.append(f"{name}: decode batch {batch} skipped (time budget)")
+            continue
         result = measure_decode(llm, name, cfg, batch, args, report.bandwidth, dtype_bytes,
                                 device)
         report.decode.append(result)
@@ -550,6 +553,11 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
     rng = random.Random(args.seed)
     prompts = random_prompts(rng, args.num_prompts, args.input_len, cfg.vocab_size)
     output_lens = [rng.randint(*args.output_len) for _ in prompts]
+    if deadline.left() < args.reserve_seconds:
+        report.notes.append(f"{name}: offline phase skipped (time budget)")
+        del llm
+        free_memory(device)
+        return
     print(f"[{name}] offline: {len(prompts)} requests", flush=True)
     report.offline.append(run_tokenmill_offline(llm, name, prompts, output_lens))
     print(f"[{name}] tokenmill: {report.offline[-1].output_tps:.0f} output tok/s", flush=True)
@@ -576,14 +584,20 @@ def main(argv: list[str] | None = None) -> int:
     report.bandwidth = measure_copy_bandwidth(device, (1 << 30) if device.type == "cuda"
                                               else (64 << 20))
     print(f"copy bandwidth: {report.bandwidth / 1e12:.2f} TB/s", flush=True)
-    with tempfile.TemporaryDirectory(prefix="tokenmill-gpu-bench-") as tmp_name:
-        tmp = Path(tmp_name)
-        if args.agreement_model:
-            config, _ = model_config_dict(args.agreement_model, tmp)
-            print(f"[{args.agreement_model}] greedy agreement check", flush=True)
-            report.agreement.append(check_agreement(args.agreement_model, config, args, device))
-        for name in [m for m in args.models.split(",") if m]:
-            bench_model(name, args, device, tmp, deadline, report)
+    interrupted = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="tokenmill-gpu-bench-") as tmp_name:
+            tmp = Path(tmp_name)
+            if args.agreement_model:
+                config, _ = model_config_dict(args.agreement_model, tmp)
+                print(f"[{args.agreement_model}] greedy agreement check", flush=True)
+                report.agreement.append(check_agreement(args.agreement_model, config, args,
+                                                        device))
+            for name in [m for m in args.models.split(",") if m]:
+                bench_model(name, args, device, tmp, deadline, report)
+    except KeyboardInterrupt:  # e.g. `timeout --signal=INT`: still report what was measured
+        interrupted = True
+        report.notes.append("interrupted (SIGINT): the tables hold the phases that finished")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "device": report.device, "bandwidth_bytes_per_s": report.bandwidth,
@@ -595,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
             "notes": report.notes,
         }, indent=2))
     print(format_report(report, args), flush=True)
+    if interrupted:
+        return 130
     return 0 if all(a.passed for a in report.agreement) else 1
 
 
