@@ -277,7 +277,8 @@ class EngineCore:
                     outputs[rid].prompt_logprobs = [None]  # the first prompt token has none
                     req.prompt_logprobs_sent = 1
         sampled, logprobs, forks = self._sample_and_verify(sched, model_out, outputs)
-        work = [(self._seqs[item.seq_id], item) for item in sched.seqs]
+        if self.speculator is not None:
+            work = [(self._seqs[item.seq_id], item) for item in sched.seqs]
         update = self.scheduler.update(sched, sampled, forks)
         if self.speculator is not None:
             self.speculator.propose(work)
