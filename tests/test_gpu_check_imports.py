@@ -80,7 +80,7 @@ def test_gpu_check_lists_existing_tests_and_bounds_its_phases():
     assert os.access(SCRIPT, os.X_OK)
     tests = gpu_check_tests()
     assert "tests/test_triton_engine.py" in tests and "tests/test_cuda_graph_replay.py" in tests
-    limits = [int(x) for x in re.findall(r"^LIMIT_\w+=(\d+)$", text, re.MULTILINE)]
+    limits = [int(x) for x in re.findall(r"^LIMIT_\w+=\$\{LIMIT_\w+:-(\d+)\}$", text, re.MULTILINE)]
     assert len(limits) == 4 and sum(limits) + 4 * 15 <= 8 * 60  # with each SIGKILL grace
     assert "--hf-seconds" in text and 'OUT=${OUT:-' in text
 

@@ -97,6 +97,9 @@ class EngineCore:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._steps = 0
+        # Live requests whose sampling reads token history (penalties, min_tokens): when
+        # there are none, a step builds no per-row history at all.
+        self._num_history_readers = 0
 
     # ------------------------------------------------------------- accessors
     @property
@@ -136,6 +139,8 @@ class EngineCore:
         )
         self._requests[rid] = req
         self._seqs[seq.seq_id] = seq
+        if _reads_history(params):
+            self._num_history_readers += 1
         if future is None:
             self.scheduler.add(seq)
         else:
@@ -218,7 +223,8 @@ class EngineCore:
         return True
 
     def _drop(self, req: _CoreRequest) -> None:
-        self._requests.pop(req.request_id, None)
+        if self._requests.pop(req.request_id, None) is not None and _reads_history(req.params):
+            self._num_history_readers -= 1
         for seq in req.seqs:
             self._seqs.pop(seq.seq_id, None)
 
@@ -328,13 +334,18 @@ class EngineCore:
         sampled: dict[str, SampledTokens] = {}
         logprobs: dict[str, list[TokenLogprob | None]] = {}
         if sample_seqs:
-            history = [_reads_history(s.params) for s in sample_seqs]
+            if self._num_history_readers:
+                history = [_reads_history(s.params) for s in sample_seqs]
+                prompts = [s.prompt_token_ids if h else _NO_HISTORY
+                           for s, h in zip(sample_seqs, history)]
+                outputs_so_far = [s.output_token_ids if h else _NO_HISTORY
+                                  for s, h in zip(sample_seqs, history)]
+            else:
+                prompts = outputs_so_far = [_NO_HISTORY] * len(sample_seqs)
             batch = SamplingBatch(
                 params=[s.params for s in sample_seqs],
-                prompt_token_ids=[s.prompt_token_ids if h else _NO_HISTORY
-                                  for s, h in zip(sample_seqs, history)],
-                output_token_ids=[s.output_token_ids if h else _NO_HISTORY
-                                  for s, h in zip(sample_seqs, history)],
+                prompt_token_ids=prompts,
+                output_token_ids=outputs_so_far,
                 generators=[s.generator for s in sample_seqs],
                 eos_token_ids=tuple(self.scheduler.eos_token_ids),
             )
