@@ -386,8 +386,11 @@ def check_agreement(name: str, config: dict, args: argparse.Namespace,
         hf.save_pretrained(tmp, safe_serialization=True)
         hf.to("cpu")  # make room for the engine; back on the GPU for scoring
         free_memory(device)
+        # A few short prompts: a small explicit KV budget (sizing from the card's free
+        # memory would build hundreds of thousands of block objects for nothing).
         kwargs = engine_kwargs(args, load_format="auto", max_num_seqs=len(prompts),
-                               gpu_memory_utilization=min(0.5, args.gpu_memory_utilization))
+                               gpu_memory_utilization=min(0.5, args.gpu_memory_utilization),
+                               kv_cache_memory=args.kv_cache_memory or "1GiB")
         llm = LLM(model=tmp, **kwargs)
         params = SamplingParams(max_tokens=args.agreement_tokens, temperature=0.0,
                                 ignore_eos=True)
