@@ -176,6 +176,7 @@ def check(cfg: CheckConfig) -> dict:
 
 
 def format_result(result: dict) -> str:
+    """The verdict of :func:`check` as a small table."""
     cfg = result["config"]
     lines = [
         f"CUDA graph vs eager Triton vs eager torch, float32, device {cfg['device']}: "
@@ -226,6 +227,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[CheckConfig, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the check; exit status 0 when it passed (2: Triton cannot run here)."""
     cfg, out = parse_args(argv)
     if "triton" in {ENGINES[e][0] for e in cfg.engines} and not cfg.device.startswith("cuda") \
             and os.environ.get("TRITON_INTERPRET") != "1":

@@ -140,6 +140,7 @@ def measure(batch: int, steps: int, prompt_len: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure each batch size and print the table (before -> after with --baseline)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="1,64,256")
     p.add_argument("--steps", type=int, default=50, help="timed decode steps per batch")

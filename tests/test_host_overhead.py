@@ -66,10 +66,19 @@ def test_history_is_built_only_while_a_request_needs_it():
     mixed = run(core, {"a": ([7, 8], plain), "p": (prompt, penalised), "b": ([11], plain)})
     assert mixed["p"] == alone
     assert core._num_history_readers == 0  # finished requests were counted out
+    assert core._num_unstarted == 0 and sorted(core.pop_started()) == ["a", "b", "p"]
 
     core.add_request(EngineCoreRequest("x", prompt, penalised, time.time()))
-    assert core._num_history_readers == 1
+    assert core._num_history_readers == 1 and core._num_unstarted == 1
     core.step()
+    assert core._num_unstarted == 0 and core.pop_started() == ["x"]
     core.abort_request("x")
     core.abort_request("x")  # unknown by now: no double count
     assert core._num_history_readers == 0
+
+    core.add_request(EngineCoreRequest("y", prompt, plain, time.time()))
+    core.abort_request("y")  # before any step scheduled it
+    assert core._num_unstarted == 0
+    core.add_request(EngineCoreRequest("z", prompt, plain, time.time()))
+    core.step()
+    assert core.pop_started() == ["z"]  # still reported after an unscheduled abort

@@ -65,7 +65,10 @@ class _CoreRequest:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs) and (self.forked or self.params.n == 1)
+        seqs = self.seqs
+        if len(seqs) == 1:  # the common case, without a generator per call
+            return seqs[0].is_finished and (self.forked or self.params.n == 1)
+        return all(s.is_finished for s in seqs) and (self.forked or self.params.n == 1)
 
 
 class EngineCore:
@@ -100,6 +103,7 @@ class EngineCore:
         # Live requests whose sampling reads token history (penalties, min_tokens): when
         # there are none, a step builds no per-row history at all.
         self._num_history_readers = 0
+        self._num_unstarted = 0  # live requests no step has scheduled yet
 
     # ------------------------------------------------------------- accessors
     @property
@@ -141,6 +145,7 @@ class EngineCore:
         self._seqs[seq.seq_id] = seq
         if _reads_history(params):
             self._num_history_readers += 1
+        self._num_unstarted += 1
         if future is None:
             self.scheduler.add(seq)
         else:
@@ -223,8 +228,11 @@ class EngineCore:
         return True
 
     def _drop(self, req: _CoreRequest) -> None:
-        if self._requests.pop(req.request_id, None) is not None and _reads_history(req.params):
-            self._num_history_readers -= 1
+        if self._requests.pop(req.request_id, None) is not None:
+            if _reads_history(req.params):
+                self._num_history_readers -= 1
+            if req.scheduled_time is None:
+                self._num_unstarted -= 1
         for seq in req.seqs:
             self._seqs.pop(seq.seq_id, None)
 
@@ -253,11 +261,13 @@ class EngineCore:
         if self._awaiting_grammar:
             self._admit_compiled()
         sched = self.scheduler.schedule()
-        for item in sched.seqs:
-            req = self._requests[self._seqs[item.seq_id].request_id]
-            if req.scheduled_time is None:
-                req.scheduled_time = time.time()
-                self._started.append(req.request_id)
+        if self._num_unstarted:  # else every scheduled request has started before
+            for item in sched.seqs:
+                req = self._requests[self._seqs[item.seq_id].request_id]
+                if req.scheduled_time is None:
+                    req.scheduled_time = time.time()
+                    self._started.append(req.request_id)
+                    self._num_unstarted -= 1
         return sched
 
     def pop_started(self) -> list[str]:
