@@ -67,14 +67,16 @@ def test_history_is_built_only_while_a_request_needs_it():
     assert mixed["p"] == alone
     assert core._num_history_readers == 0  # finished requests were counted out
     assert core._num_unstarted == 0 and sorted(core.pop_started()) == ["a", "b", "p"]
+    assert core._num_not_plain == 0
 
     core.add_request(EngineCoreRequest("x", prompt, penalised, time.time()))
     assert core._num_history_readers == 1 and core._num_unstarted == 1
+    assert core._num_not_plain == 1
     core.step()
     assert core._num_unstarted == 0 and core.pop_started() == ["x"]
     core.abort_request("x")
     core.abort_request("x")  # unknown by now: no double count
-    assert core._num_history_readers == 0
+    assert core._num_history_readers == 0 and core._num_not_plain == 0
 
     core.add_request(EngineCoreRequest("y", prompt, plain, time.time()))
     core.abort_request("y")  # before any step scheduled it
@@ -82,3 +84,28 @@ def test_history_is_built_only_while_a_request_needs_it():
     core.add_request(EngineCoreRequest("z", prompt, plain, time.time()))
     core.step()
     assert core.pop_started() == ["z"]  # still reported after an unscheduled abort
+
+
+def test_plain_greedy_shortcut_equals_the_full_sampler():
+    import torch
+
+    from tokenmill.sampling import Sampler, SamplingBatch
+
+    logits = torch.randn(9, 300, generator=torch.Generator().manual_seed(3))
+    logits[4, 7] = logits[4, 8] = logits[4].max() + 1  # a tie: the same index either way
+    params = [SamplingParams(temperature=0.0)] * 9
+    full = Sampler()(logits, SamplingBatch(params, [[]] * 9, [[]] * 9, [None] * 9))
+    assert Sampler().greedy(logits) == full.token_ids
+    assert full.logprobs == [None] * 9
+
+
+def test_plain_greedy_core_matches_with_and_without_other_kinds_of_request():
+    plain = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=20, temperature=0.8, seed=1, ignore_eos=True)
+    with_logprobs = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=2)
+    alone = run(bench.build_core(4, 64), {"g": ([9, 4, 1], plain)})["g"]
+    core = bench.build_core(4, 64)
+    mixed = run(core, {"s": ([3, 3], sampled), "g": ([9, 4, 1], plain),
+                       "l": ([9, 4, 1], with_logprobs)})
+    assert mixed["g"] == alone == mixed["l"]
+    assert core._num_not_plain == 0

@@ -104,6 +104,9 @@ class EngineCore:
         # there are none, a step builds no per-row history at all.
         self._num_history_readers = 0
         self._num_unstarted = 0  # live requests no step has scheduled yet
+        # Live requests that use any sampling option beyond a plain argmax: when there
+        # are none, a step's rows are sampled with one argmax and no per-row batch.
+        self._num_not_plain = 0
 
     # ------------------------------------------------------------- accessors
     @property
@@ -145,6 +148,8 @@ class EngineCore:
         self._seqs[seq.seq_id] = seq
         if _reads_history(params):
             self._num_history_readers += 1
+        if not _plain_greedy(params):
+            self._num_not_plain += 1
         self._num_unstarted += 1
         if future is None:
             self.scheduler.add(seq)
@@ -231,6 +236,8 @@ class EngineCore:
         if self._requests.pop(req.request_id, None) is not None:
             if _reads_history(req.params):
                 self._num_history_readers -= 1
+            if not _plain_greedy(req.params):
+                self._num_not_plain -= 1
             if req.scheduled_time is None:
                 self._num_unstarted -= 1
         for seq in req.seqs:
@@ -343,7 +350,12 @@ class EngineCore:
 
         sampled: dict[str, SampledTokens] = {}
         logprobs: dict[str, list[TokenLogprob | None]] = {}
-        if sample_seqs:
+        if sample_seqs and not self._num_not_plain:
+            tokens = self.sampler.greedy(logits[sample_rows])
+            for seq, token in zip(sample_seqs, tokens, strict=True):
+                sampled[seq.seq_id] = SampledTokens([token])
+                logprobs[seq.seq_id] = [None]
+        elif sample_seqs:
             if self._num_history_readers:
                 history = [_reads_history(s.params) for s in sample_seqs]
                 prompts = [s.prompt_token_ids if h else _NO_HISTORY
@@ -470,6 +482,12 @@ class EngineCore:
             grammar_compile_errors_total=grammar.errors if grammar else 0,
             grammar_compile_seconds_total=grammar.compile_seconds if grammar else 0.0,
         )
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    """Whether the sampler's answer for this row is just the argmax of its logits."""
+    return (p.is_greedy and not p.logit_bias and p.logprobs is None
+            and p.structured_outputs is None and not _reads_history(p))
 
 
 def _reads_history(p: SamplingParams) -> bool:
