@@ -32,10 +32,10 @@ def load_graph_agreement():
     return module
 
 
-@pytest.mark.parametrize("block_size", [16, 32])
-def test_padded_graph_replay_matches_eager_triton_and_torch(block_size):
+def test_padded_graph_replay_matches_eager_triton_and_torch():
+    # Block size 32 and another seed: the gpu_check "graphs" phase runs the defaults (16).
     ga = load_graph_agreement()
-    cfg, _ = ga.parse_args(["--block-size", str(block_size), "--seed", str(block_size)])
+    cfg, _ = ga.parse_args(["--block-size", "32", "--seed", "32"])
     result = ga.check(cfg)
     print(ga.format_result(result))
     graph = next(r for r in result["runs"] if r["name"] == "graph")
