@@ -132,6 +132,18 @@ class Deadline:
 
 
 # ------------------------------------------------------------------- utilities
+def resolve_device(name: str) -> torch.device:
+    """``name`` as a device with an index: ``cuda`` becomes the current CUDA device.
+
+    ``torch.cuda.set_device`` refuses a CUDA device without an index
+    (ValueError), and ``--device cuda`` is the default.
+    """
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -286,14 +298,21 @@ def run_hf_static(model: Any, name: str, prompts: list[list[int]], output_lens: 
     """HF ``generate`` in static left-padded batches until ``seconds_cap`` runs out.
 
     Each batch runs to its longest requested output (that is what static
-    batching costs); only the requested tokens count. Returns None if not even
-    one batch could run.
+    batching costs); only the requested tokens count. A batch cannot be
+    interrupted from outside, so each ``generate`` gets the time left as its
+    ``max_time``: HF stops decoding once it is spent (after the step in
+    flight), and that batch counts the tokens it produced for each request
+    (only requests it finished count as requests). The phase therefore ends
+    within about one prefill plus one decode step of ``seconds_cap``.
+    Returns None if not even one token was produced.
     """
     done_requests = useful = prompt_tokens = 0
+    cut = False
     t0 = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(prompts), batch):
-            if done_requests and time.perf_counter() - t0 > seconds_cap:
+            left = seconds_cap - (time.perf_counter() - t0)
+            if left <= 0:
                 break
             chunk, outs = prompts[start:start + batch], output_lens[start:start + batch]
             width = max(map(len, chunk))
@@ -303,16 +322,23 @@ def run_hf_static(model: Any, name: str, prompts: list[list[int]], output_lens: 
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
             n = max(outs)
-            model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            generated = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
+                min_new_tokens=n, do_sample=False, pad_token_id=0, max_time=left)
             sync(device)
-            done_requests += len(chunk)
-            useful += sum(outs)
+            steps = generated.shape[1] - width  # < n when max_time stopped the batch
+            done_requests += sum(1 for o in outs if o <= steps)
+            useful += sum(min(o, steps) for o in outs)
             prompt_tokens += sum(map(len, chunk))
+            if steps < n:
+                cut = True
+                break
     seconds = time.perf_counter() - t0
-    if not done_requests:
+    if not useful:
         return None
     note = "" if done_requests == len(prompts) else f"{done_requests}/{len(prompts)} requests"
+    if cut:
+        note += " (last batch cut by the time cap)"
     return ThroughputResult(name, f"hf generate, batch {batch}", seconds, done_requests,
                             prompt_tokens, useful, note)
 
@@ -360,8 +386,11 @@ def check_agreement(name: str, config: dict, args: argparse.Namespace,
         hf.save_pretrained(tmp, safe_serialization=True)
         hf.to("cpu")  # make room for the engine; back on the GPU for scoring
         free_memory(device)
+        # A few short prompts: a small explicit KV budget (sizing from the card's free
+        # memory would build hundreds of thousands of block objects for nothing).
         kwargs = engine_kwargs(args, load_format="auto", max_num_seqs=len(prompts),
-                               gpu_memory_utilization=min(0.5, args.gpu_memory_utilization))
+                               gpu_memory_utilization=min(0.5, args.gpu_memory_utilization),
+                               kv_cache_memory=args.kv_cache_memory or "1GiB")
         llm = LLM(model=tmp, **kwargs)
         params = SamplingParams(max_tokens=args.agreement_tokens, temperature=0.0,
                                 ignore_eos=True)
@@ -516,6 +545,9 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
     print(f"[{name}] loading dummy weights", flush=True)
     llm = LLM(model=str(path), **engine_kwargs(args))
     for batch in args.decode_batches:
+        if deadline.left() < args.reserve_seconds:
+            report.notes.append(f"{name}: decode batch {batch} skipped (time budget)")
+            continue
         result = measure_decode(llm, name, cfg, batch, args, report.bandwidth, dtype_bytes,
                                 device)
         report.decode.append(result)
@@ -524,6 +556,11 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
     rng = random.Random(args.seed)
     prompts = random_prompts(rng, args.num_prompts, args.input_len, cfg.vocab_size)
     output_lens = [rng.randint(*args.output_len) for _ in prompts]
+    if deadline.left() < args.reserve_seconds:
+        report.notes.append(f"{name}: offline phase skipped (time budget)")
+        del llm
+        free_memory(device)
+        return
     print(f"[{name}] offline: {len(prompts)} requests", flush=True)
     report.offline.append(run_tokenmill_offline(llm, name, prompts, output_lens))
     print(f"[{name}] tokenmill: {report.offline[-1].output_tps:.0f} output tok/s", flush=True)
@@ -535,12 +572,12 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py needs an NVIDIA GPU: torch.cuda.is_available() is False "
               f"(torch {torch.__version__}). Run it on a CUDA machine, or use --smoke to "
               "check the script on a CPU.", file=sys.stderr)
         return 2
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     deadline = Deadline(args.budget_seconds)
@@ -550,14 +587,20 @@ def main(argv: list[str] | None = None) -> int:
     report.bandwidth = measure_copy_bandwidth(device, (1 << 30) if device.type == "cuda"
                                               else (64 << 20))
     print(f"copy bandwidth: {report.bandwidth / 1e12:.2f} TB/s", flush=True)
-    with tempfile.TemporaryDirectory(prefix="tokenmill-gpu-bench-") as tmp_name:
-        tmp = Path(tmp_name)
-        if args.agreement_model:
-            config, _ = model_config_dict(args.agreement_model, tmp)
-            print(f"[{args.agreement_model}] greedy agreement check", flush=True)
-            report.agreement.append(check_agreement(args.agreement_model, config, args, device))
-        for name in [m for m in args.models.split(",") if m]:
-            bench_model(name, args, device, tmp, deadline, report)
+    interrupted = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="tokenmill-gpu-bench-") as tmp_name:
+            tmp = Path(tmp_name)
+            if args.agreement_model:
+                config, _ = model_config_dict(args.agreement_model, tmp)
+                print(f"[{args.agreement_model}] greedy agreement check", flush=True)
+                report.agreement.append(check_agreement(args.agreement_model, config, args,
+                                                        device))
+            for name in [m for m in args.models.split(",") if m]:
+                bench_model(name, args, device, tmp, deadline, report)
+    except KeyboardInterrupt:  # e.g. `timeout --signal=INT`: still report what was measured
+        interrupted = True
+        report.notes.append("interrupted (SIGINT): the tables hold the phases that finished")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "device": report.device, "bandwidth_bytes_per_s": report.bandwidth,
@@ -569,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
             "notes": report.notes,
         }, indent=2))
     print(format_report(report, args), flush=True)
+    if interrupted:
+        return 130
     return 0 if all(a.passed for a in report.agreement) else 1
 
 

@@ -53,9 +53,14 @@ TINY_CONFIG = {
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
     "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
 }
+# An explicit, small KV budget on every device. Without one, a GPU engine takes
+# gpu_memory_utilization of the whole card: tens of millions of Python block
+# objects for this tiny model, a negative budget for the test's second engine, and
+# a cache too large to clone. 4 MiB is ~4k blocks here: far more than any test uses.
+TEST_KV_CACHE_MEMORY = 4 << 20
 ENGINE_ARGS = dict(
     load_format="dummy", device=DEVICE, dtype="float32", block_size=4,
-    max_num_batched_tokens=12, max_num_seqs=3,
+    max_num_batched_tokens=12, max_num_seqs=3, kv_cache_memory=TEST_KV_CACHE_MEMORY,
 )  # on a GPU the triton engine also captures and replays decode CUDA graphs
 
 
@@ -68,6 +73,8 @@ def tiny_model_dir(tmp_path_factory):
 
 def make_llm(path: str, backend: str, **overrides) -> LLM:
     llm = LLM(path, attention_backend=backend, **{**ENGINE_ARGS, **overrides})
+    kv = llm.engine.core.runner.kv_cache
+    assert kv.numel() * kv.element_size() <= TEST_KV_CACHE_MEMORY
     # Larger random weights than the loader's default: sharp logits, no near-ties.
     init_dummy_weights(llm.engine.core.runner.model, std=0.2, seed=7)
     return llm

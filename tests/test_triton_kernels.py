@@ -110,13 +110,41 @@ def test_fused_add_rms_norm(dtype):
     assert torch.equal(x, x_before) and torch.equal(residual, r_before)  # inputs untouched
 
 
-def test_rms_norm_exact_in_fp16_and_rows_are_independent():
-    # float16 rounds identically in numpy and PyTorch, so the HF rounding order
-    # the kernel mimics must give bit-identical results.
+def fp16_ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance, in float16 units in the last place, between two fp16 tensors.
+
+    Finite fp16 values map to integers in the same order as the values (sign
+    and magnitude folded onto one line), so adjacent floats differ by 1.
+    """
+    def ordered(t: torch.Tensor) -> torch.Tensor:
+        bits = t.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+    return int((ordered(a) - ordered(b)).abs().max())
+
+
+def test_fp16_ulp_distance():
+    one = torch.tensor([1.0, -2.0, 0.0], dtype=torch.float16)
+    up = torch.nextafter(one, torch.full_like(one, 10))
+    assert fp16_ulp_distance(one, one) == 0
+    assert fp16_ulp_distance(one, up) == 1
+    assert fp16_ulp_distance(one, torch.nextafter(up, torch.full_like(one, 10))) == 2
+
+
+def test_rms_norm_fp16_within_one_ulp_and_rows_are_independent():
+    # The kernel follows HF's rounding order (normalise in float32, round, then
+    # scale in float16). In the interpreter the float32 sum of squares is taken
+    # in the same order as PyTorch's and the result is bit-identical; on a GPU
+    # the kernel's parallel reduction orders the sum differently, which may move
+    # a result by one float16 unit (seen on H100/H200). Rows never interact.
     x = randn(4, 256, dtype=torch.float16, seed=5)
     w = randn(256, dtype=torch.float16, seed=6)
     out = kernels.rms_norm(x, w, 1e-6, use_triton=True)
-    assert torch.equal(out, reference.rms_norm_ref(x, w, 1e-6))
+    want = reference.rms_norm_ref(x, w, 1e-6)
+    if ON_GPU:
+        assert fp16_ulp_distance(out, want) <= 1
+    else:
+        assert torch.equal(out, want)
     assert torch.equal(out[2:3], kernels.rms_norm(x[2:3], w, 1e-6, use_triton=True))
 
 

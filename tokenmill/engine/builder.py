@@ -26,6 +26,7 @@ from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.executor import Executor
 from tokenmill.engine.messages import EngineInfo
+from tokenmill.engine.placement import rank_device, rank_threads
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.structured import StructuredOutputManager
 from tokenmill.engine.validation import EngineLimits
@@ -139,8 +140,6 @@ def build_engine(args: EngineArgs, log_level: str = "info") -> BuiltEngine:
     publishes the scheduler's output to them; the scheduler, block manager,
     sampler and speculator run here only.
     """
-    from tokenmill.engine.tensor_parallel import rank_device, rank_threads
-
     pc = args.parallel_config()
     launch = None
     group = TPGroup()

@@ -66,7 +66,10 @@ class _CoreRequest:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs) and (self.forked or self.params.n == 1)
+        seqs = self.seqs
+        if len(seqs) == 1:  # the common case, without a generator per call
+            return seqs[0].is_finished and (self.forked or self.params.n == 1)
+        return all(s.is_finished for s in seqs) and (self.forked or self.params.n == 1)
 
 
 class EngineCore:
@@ -100,6 +103,13 @@ class EngineCore:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._steps = 0
+        # Live requests whose sampling reads token history (penalties, min_tokens): when
+        # there are none, a step builds no per-row history at all.
+        self._num_history_readers = 0
+        self._num_unstarted = 0  # live requests no step has scheduled yet
+        # Live requests that use any sampling option beyond a plain argmax: when there
+        # are none, a step's rows are sampled with one argmax and no per-row batch.
+        self._num_not_plain = 0
 
     # ------------------------------------------------------------- accessors
     @property
@@ -139,6 +149,11 @@ class EngineCore:
         )
         self._requests[rid] = req
         self._seqs[seq.seq_id] = seq
+        if _reads_history(params):
+            self._num_history_readers += 1
+        if not _plain_greedy(params):
+            self._num_not_plain += 1
+        self._num_unstarted += 1
         if future is None:
             self.scheduler.add(seq)
         else:
@@ -221,7 +236,13 @@ class EngineCore:
         return True
 
     def _drop(self, req: _CoreRequest) -> None:
-        self._requests.pop(req.request_id, None)
+        if self._requests.pop(req.request_id, None) is not None:
+            if _reads_history(req.params):
+                self._num_history_readers -= 1
+            if not _plain_greedy(req.params):
+                self._num_not_plain -= 1
+            if req.scheduled_time is None:
+                self._num_unstarted -= 1
         for seq in req.seqs:
             self._seqs.pop(seq.seq_id, None)
 
@@ -258,11 +279,13 @@ class EngineCore:
         if self._awaiting_grammar:
             self._admit_compiled()
         sched = self.scheduler.schedule()
-        for item in sched.seqs:
-            req = self._requests[self._seqs[item.seq_id].request_id]
-            if req.scheduled_time is None:
-                req.scheduled_time = time.time()
-                self._started.append(req.request_id)
+        if self._num_unstarted:  # else every scheduled request has started before
+            for item in sched.seqs:
+                req = self._requests[self._seqs[item.seq_id].request_id]
+                if req.scheduled_time is None:
+                    req.scheduled_time = time.time()
+                    self._started.append(req.request_id)
+                    self._num_unstarted -= 1
         return sched
 
     def pop_started(self) -> list[str]:
@@ -290,7 +313,8 @@ class EngineCore:
                     outputs[rid].prompt_logprobs = [None]  # the first prompt token has none
                     req.prompt_logprobs_sent = 1
         sampled, logprobs, forks = self._sample_and_verify(sched, model_out, outputs)
-        work = [(self._seqs[item.seq_id], item) for item in sched.seqs]
+        if self.speculator is not None:
+            work = [(self._seqs[item.seq_id], item) for item in sched.seqs]
         update = self.scheduler.update(sched, sampled, forks)
         if self.speculator is not None:
             self.speculator.propose(work)
@@ -344,14 +368,24 @@ class EngineCore:
 
         sampled: dict[str, SampledTokens] = {}
         logprobs: dict[str, list[TokenLogprob | None]] = {}
-        if sample_seqs:
-            history = [_reads_history(s.params) for s in sample_seqs]
+        if sample_seqs and not self._num_not_plain:
+            tokens = self.sampler.greedy(logits[sample_rows])
+            for seq, token in zip(sample_seqs, tokens, strict=True):
+                sampled[seq.seq_id] = SampledTokens([token])
+                logprobs[seq.seq_id] = [None]
+        elif sample_seqs:
+            if self._num_history_readers:
+                history = [_reads_history(s.params) for s in sample_seqs]
+                prompts = [s.prompt_token_ids if h else _NO_HISTORY
+                           for s, h in zip(sample_seqs, history)]
+                outputs_so_far = [s.output_token_ids if h else _NO_HISTORY
+                                  for s, h in zip(sample_seqs, history)]
+            else:
+                prompts = outputs_so_far = [_NO_HISTORY] * len(sample_seqs)
             batch = SamplingBatch(
                 params=[s.params for s in sample_seqs],
-                prompt_token_ids=[s.prompt_token_ids if h else _NO_HISTORY
-                                  for s, h in zip(sample_seqs, history)],
-                output_token_ids=[s.output_token_ids if h else _NO_HISTORY
-                                  for s, h in zip(sample_seqs, history)],
+                prompt_token_ids=prompts,
+                output_token_ids=outputs_so_far,
                 generators=[s.generator for s in sample_seqs],
                 eos_token_ids=tuple(self.scheduler.eos_token_ids),
             )
@@ -480,6 +514,12 @@ class EngineCore:
             grammar_compile_errors_total=grammar.errors if grammar else 0,
             grammar_compile_seconds_total=grammar.compile_seconds if grammar else 0.0,
         )
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    """Whether the sampler's answer for this row is just the argmax of its logits."""
+    return (p.is_greedy and not p.logit_bias and p.logprobs is None
+            and p.structured_outputs is None and not _reads_history(p))
 
 
 def _reads_history(p: SamplingParams) -> bool:

@@ -18,8 +18,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
 from tokenmill.engine.validation import EngineLimits
 from tokenmill.outputs import EngineStats, TokenLogprob
 from tokenmill.sampling.params import SamplingParams, StructuredOutputsParams
@@ -159,6 +157,13 @@ _CODES = {cls: code for code, cls in enumerate(_TYPES)}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES}
 
 
+def _msgpack() -> Any:
+    """The msgpack module, imported on first use: in-process engines never need it."""
+    import msgpack
+
+    return msgpack
+
+
 def _default(obj: Any) -> Any:
     code = _CODES.get(type(obj))
     if code is None:
@@ -166,22 +171,22 @@ def _default(obj: Any) -> Any:
             return list(obj)
         raise TypeError(f"cannot encode {type(obj).__name__} in an engine message")
     values = [getattr(obj, name) for name in _FIELDS[type(obj)]]
-    return msgpack.ExtType(code, msgpack.packb(values, default=_default, use_bin_type=True))
+    return _msgpack().ExtType(code, _msgpack().packb(values, default=_default, use_bin_type=True))
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
     if not 0 <= code < len(_TYPES):
-        return msgpack.ExtType(code, data)
+        return _msgpack().ExtType(code, data)
     cls = _TYPES[code]
-    values = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    values = _msgpack().unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
     return cls(**dict(zip(_FIELDS[cls], values)))
 
 
 def encode(message: Any) -> bytes:
     """One message (or a list of them) as bytes."""
-    return msgpack.packb(message, default=_default, use_bin_type=True)
+    return _msgpack().packb(message, default=_default, use_bin_type=True)
 
 
 def decode(data: bytes) -> Any:
     """The inverse of :func:`encode`."""
-    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    return _msgpack().unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)

@@ -45,7 +45,10 @@ class _RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
+        samples = self.samples
+        if len(samples) == 1:  # the common case, without a generator per call
+            return samples[0].finish_reason is not None
+        return all(s.finish_reason is not None for s in samples)
 
 
 @dataclass

@@ -209,7 +209,7 @@ class Scheduler:
 
         # 1b) Draft tokens of running sequences, from what the real tokens left.
         for seq, num_new in planned:
-            num_drafts = self._fit_drafts(seq, num_new, budget)
+            num_drafts = self._fit_drafts(seq, num_new, budget) if seq.spec_token_ids else 0
             scheduled.append(self._scheduled(seq, num_new, num_drafts))
             budget -= num_drafts
 

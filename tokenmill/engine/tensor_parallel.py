@@ -56,6 +56,7 @@ from tokenmill.engine.messages import (
     decode,
     encode,
 )
+from tokenmill.engine.placement import rank_device, rank_threads
 from tokenmill.runner.model_runner import ModelRunner
 from tokenmill.step_types import ModelOutput, SchedulerOutput
 
@@ -82,19 +83,6 @@ def resolve_init_addr(pc: ParallelConfig) -> tuple[str, int]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return "127.0.0.1", sock.getsockname()[1]
-
-
-def rank_device(args: EngineArgs, rank: int, pc: ParallelConfig) -> torch.device:
-    """The device of ``rank``: the CPU, or the GPU of its local index on its node."""
-    device = args.resolved_device()
-    if device.type == "cuda" and pc.tensor_parallel_size > 1:
-        return torch.device("cuda", rank % pc.ranks_per_node)
-    return device
-
-
-def rank_threads(args: EngineArgs, pc: ParallelConfig) -> int:
-    """CPU threads for one rank: the node's threads divided among its ranks."""
-    return max(1, (args.num_threads or os.cpu_count() or 1) // pc.ranks_per_node)
 
 
 def create_store(host: str, port: int, world_size: int, is_master: bool,

@@ -213,6 +213,8 @@ class DecodeGraphRunner:
         self.inputs = DecodeGraphInputs(config.max_batch_size, config.max_model_len,
                                         block_size, device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_replays = 0  # decode steps replayed from a graph
+        self.num_padded_replays = 0  # ... of which had fewer requests than their bucket
 
     @torch.inference_mode()
     def capture(self, model: torch.nn.Module, kv_caches: list[KVCache]) -> None:
@@ -255,4 +257,6 @@ class DecodeGraphRunner:
         self.inputs.load(pad_decode_step(step, size))
         graph, hidden = self._graphs[size]
         graph.replay()
+        self.num_replays += 1
+        self.num_padded_replays += size > step.num_seqs
         return hidden

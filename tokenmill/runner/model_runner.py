@@ -14,6 +14,7 @@ be tested on its own:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -21,8 +22,9 @@ import numpy as np
 import torch
 
 from tokenmill.attention.base import AttentionBackend, AttentionMetadata
+from tokenmill.runner.block_tables import PersistentBlockTables
 from tokenmill.runner.cuda_graphs import CudaGraphConfig, DecodeGraphRunner
-from tokenmill.step_types import ModelOutput, SchedulerOutput
+from tokenmill.step_types import ModelOutput, ScheduledSeq, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -59,41 +61,69 @@ class StepInputs:
         return self.num_seqs > 0 and self.num_tokens == self.num_seqs
 
 
-def build_step_inputs(out: SchedulerOutput, block_size: int) -> StepInputs:
-    """Flatten the scheduled sequences of one step into host arrays."""
+def build_step_inputs(
+    out: SchedulerOutput, block_size: int, tables: PersistentBlockTables | None = None
+) -> StepInputs:
+    """Flatten the scheduled sequences of one step into host arrays.
+
+    Per sequence this reads a few numbers and its token ids; everything else
+    is whole-array numpy work. The block tables come from ``tables`` (kept
+    from step to step, see :mod:`tokenmill.runner.block_tables`) when given,
+    else they are rebuilt from the scheduled lists.
+    """
     seqs = out.seqs
-    q_lens = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=len(seqs))
-    starts = np.fromiter((s.start_pos for s in seqs), dtype=np.int64, count=len(seqs))
-    qsl = np.zeros(len(seqs) + 1, dtype=np.int64)
+    n = len(seqs)
+    q_lens = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=n)
+    starts = np.fromiter((s.start_pos for s in seqs), dtype=np.int64, count=n)
+    num_logits = np.fromiter((s.num_logits for s in seqs), dtype=np.int64, count=n)
+    qsl = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(q_lens, out=qsl[1:])
     total = int(qsl[-1])
 
-    input_ids = np.empty(total, dtype=np.int64)
-    positions = np.empty(total, dtype=np.int64)
-    slots = np.empty(total, dtype=np.int64)
-    max_blocks = max((len(s.block_table) for s in seqs), default=0)
-    tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)
-    logits_idx: list[int] = []
-    for i, s in enumerate(seqs):
-        a, b = int(qsl[i]), int(qsl[i + 1])
-        input_ids[a:b] = s.token_ids
-        pos = np.arange(s.start_pos, s.start_pos + (b - a), dtype=np.int64)
-        positions[a:b] = pos
-        table = np.asarray(s.block_table, dtype=np.int64)
-        # Released slots (sliding window, -1) are never read; point them at block 0.
-        tables[i, : len(table)] = np.maximum(table, 0)
-        slots[a:b] = table[pos // block_size] * block_size + pos % block_size
-        if s.num_logits:
-            logits_idx.extend(range(b - s.num_logits, b))
+    if total == n:  # decode-only: one token each
+        input_ids = np.fromiter((s.token_ids[0] for s in seqs), dtype=np.int64, count=n)
+        owner = np.arange(n)
+        positions = starts.copy()
+    else:
+        input_ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs),
+                                dtype=np.int64, count=total)
+        owner = np.repeat(np.arange(n), q_lens)  # the sequence of each token
+        positions = np.arange(total, dtype=np.int64) + (starts - qsl[:-1])[owner]
+    if tables is not None:
+        block_tables = tables.gather([s.seq_id for s in seqs], [s.block_table for s in seqs])
+    else:
+        block_tables = _tables_from_lists(seqs)
+    # New tokens never sit in released (NULL) blocks, so the table's 0 there is never used.
+    slots = block_tables[owner, positions // block_size].astype(np.int64) * block_size
+    slots += positions % block_size
+
+    if (num_logits == 1).all():  # one logit row per sequence, at its last token
+        logits_idx = qsl[1:] - 1
+    else:
+        num_rows = int(num_logits.sum())
+        row_owner = np.repeat(np.arange(n), num_logits)
+        first = np.cumsum(num_logits) - num_logits  # each sequence's first row
+        logits_idx = (qsl[1:] - num_logits)[row_owner] + np.arange(num_rows) - first[row_owner]
     return StepInputs(
         input_ids=input_ids,
         positions=positions,
         slot_mapping=slots,
         query_start_loc=qsl,
         seq_lens=starts + q_lens,
-        block_tables=tables,
-        logits_indices=np.asarray(logits_idx, dtype=np.int64),
+        block_tables=block_tables,
+        logits_indices=logits_idx.astype(np.int64, copy=False),
     )
+
+
+def _tables_from_lists(seqs: list[ScheduledSeq]) -> np.ndarray:
+    """``[B, max_len]`` int32 block tables, padded with 0; released (-1) slots read 0."""
+    lens = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=len(seqs))
+    width = int(lens.max()) if len(seqs) else 0
+    flat = np.fromiter(itertools.chain.from_iterable(s.block_table for s in seqs),
+                       dtype=np.int64, count=int(lens.sum()))
+    tables = np.zeros((len(seqs), width), dtype=np.int32)
+    tables[np.arange(width) < lens[:, None]] = np.maximum(flat, 0)
+    return tables
 
 
 def _to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -154,6 +184,7 @@ class ModelRunner:
         self.attn_backend = attn_backend
         self.graph_config = graph_config
         self.graphs: DecodeGraphRunner | None = None
+        self.block_tables = PersistentBlockTables()  # host block tables, kept across steps
 
     # ----------------------------------------------------------- CUDA graphs
     def cuda_graphs_supported(self) -> str | None:
@@ -227,7 +258,7 @@ class ModelRunner:
             start += item.num_logits
         if not out.seqs:
             return ModelOutput(torch.empty(0, device=self.device), rows)
-        step = build_step_inputs(out, self.block_size)
+        step = build_step_inputs(out, self.block_size, self.block_tables)
         hidden = None
         if self.graphs is not None and step.is_decode_only:
             hidden = self.graphs.run(step)  # None when no bucket fits

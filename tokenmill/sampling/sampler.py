@@ -160,6 +160,15 @@ class Sampler:
                 logprobs[row] = entry
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
 
+    def greedy(self, logits: torch.Tensor) -> list[int]:
+        """The argmax of each row of ``logits`` ``[B, V]``.
+
+        What :meth:`__call__` returns for rows that use no option beyond greedy
+        decoding (no logit bias, grammar, penalties, ``min_tokens`` or logprobs),
+        without building a :class:`SamplingBatch`.
+        """
+        return logits.float().argmax(dim=-1).tolist()
+
     def _sample_random(
         self,
         logits: torch.Tensor,

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType
-from gguf.gguf_reader import ReaderField
+
+if TYPE_CHECKING:  # gguf is imported when a file is read: GGUF-free setups never need it
+    from gguf import GGUFReader, GGUFValueType
+    from gguf.gguf_reader import ReaderField
 
 
 class TokenType(enum.IntEnum):
@@ -67,6 +69,8 @@ def _field_value_type(reader_field: ReaderField) -> GGUFValueType:
 
 def _read_scalar(reader: GGUFReader, key: str) -> Any:
     """A scalar or string value, or None when the key is absent."""
+    from gguf import GGUFValueType
+
     reader_field = reader.get_field(key)
     if reader_field is None:
         return None
@@ -80,6 +84,8 @@ def _read_scalar(reader: GGUFReader, key: str) -> Any:
 
 
 def _read_string_array(reader: GGUFReader, key: str) -> list[str] | None:
+    from gguf import GGUFValueType
+
     reader_field = reader.get_field(key)
     if reader_field is None:
         return None
@@ -94,6 +100,8 @@ def _read_string_array(reader: GGUFReader, key: str) -> list[str] | None:
 
 
 def _read_numeric_array(reader: GGUFReader, key: str) -> np.ndarray | None:
+    from gguf import GGUFValueType
+
     reader_field = reader.get_field(key)
     if reader_field is None:
         return None
