@@ -13,7 +13,7 @@ Router overhead (``--overhead``): one replica behind the router; the same one-to
 completion sent alternately straight to the replica and through the router, p50 latency
 of each and the difference (goal <= 5 ms).
 
-    python benchmarks/cluster_routing.py                    # 4 replicas, ~15 min on 2 cores
+    python benchmarks/cluster_routing.py                    # 4 replicas, ~5 min on 2 cores
     python benchmarks/cluster_routing.py --replicas 2 --tenants 6 --num-prompts 60
     python benchmarks/cluster_routing.py --overhead         # ~1 min
 """
@@ -141,7 +141,7 @@ def main() -> int:
     parser.add_argument("--prefix-len", type=int, default=300)
     parser.add_argument("--suffix-len", type=int, default=20)
     parser.add_argument("--output-len", type=int, default=16)
-    parser.add_argument("--num-prompts", type=int, default=120)
+    parser.add_argument("--num-prompts", type=int, default=160)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--balance-abs-threshold", type=int, default=8)
     parser.add_argument("--balance-rel-threshold", type=float, default=2.0)
