@@ -13,6 +13,7 @@ from tokenmill.engine.kv_offload import KVOffloadManager, chain_keys, namespace_
 from tokenmill.engine.kv_store import DiskKVStore, HostKVStore
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence
+from tokenmill.runner.model_runner import BlockCopy
 from tokenmill.sampling import SamplingParams
 
 KEY = bytes(range(32))
@@ -101,7 +102,7 @@ class _FakeIO:
         self.blocks: dict[int, bytes] = {}
 
     def read_block(self, block_id):
-        return self.blocks.get(block_id, bytes([block_id]) * 8)
+        return BlockCopy.ready(self.blocks.get(block_id, bytes([block_id]) * 8))
 
     def write_block(self, block_id, payload):
         self.blocks[block_id] = payload
@@ -115,6 +116,29 @@ class _SlowTier(HostKVStore):
     def put(self, key, token_ids, payload):
         self.gate.wait(10)
         return super().put(key, token_ids, payload)
+
+
+def test_writer_survives_a_failed_copy():
+    """A block whose device-to-host copy fails is lost alone: the writer keeps going."""
+
+    def broken() -> bytes:
+        raise RuntimeError("copy failed")
+
+    class _BrokenOnce(_FakeIO):
+        calls = 0
+
+        def read_block(self, block_id):
+            self.calls += 1
+            return BlockCopy(8, broken) if self.calls == 1 else super().read_block(block_id)
+
+    tier = HostKVStore(1 << 20)
+    manager = KVOffloadManager([tier], bytes(32), 4)
+    manager.store([(0, bytes([0]) * 32, TOKENS), (1, bytes([1]) * 32, TOKENS)], _BrokenOnce())
+    assert manager.flush(10)
+    assert manager.stats.stores == 1
+    assert not tier.contains(bytes([0]) * 32) and tier.contains(bytes([1]) * 32)
+    assert manager._queued_bytes == 0
+    manager.close()
 
 
 def test_writer_drops_on_overload_and_never_blocks():
@@ -375,7 +399,7 @@ class _SimulatedKV:
     def read_block(self, block_id):
         import pickle
 
-        return pickle.dumps(self.blocks.get(block_id, [None] * self.bs))
+        return BlockCopy.ready(pickle.dumps(self.blocks.get(block_id, [None] * self.bs)))
 
     def write_block(self, block_id, payload):
         import pickle

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.runner.model_runner import ModelRunner
+from tokenmill.runner.model_runner import BlockCopy, ModelRunner
 from tokenmill.step_types import ModelOutput, SchedulerOutput
 
 
@@ -32,12 +32,14 @@ class Executor:
                 runner.copy_blocks(out.block_copies)
         return self.runner.execute(out)
 
-    def read_block(self, block_id: int) -> bytes:
-        """A KV block's bytes from every cache (target, then draft) for the offload tiers."""
-        return b"".join(r.read_block(block_id) for r in self.runners)
+    def read_block(self, block_id: int) -> BlockCopy:
+        """Start copying a KV block of every cache (target, then draft) to the host."""
+        copies = [r.read_block(block_id) for r in self.runners]
+        return BlockCopy(sum(c.nbytes for c in copies),
+                         lambda: b"".join(c.wait() for c in copies))
 
     def write_block(self, block_id: int, payload: bytes) -> None:
-        """Fill a KV block of every cache from :meth:`read_block`'s bytes."""
+        """Fill a KV block of every cache from the bytes of a :meth:`read_block` copy."""
         offset = 0
         for r in self.runners:
             size = r.block_bytes

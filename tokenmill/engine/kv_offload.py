@@ -1,9 +1,10 @@
 """The prefix cache's offload tiers: content keys, look-ups, restores and the background writer.
 
 Every full, computed block the scheduler registers in the pool's prefix cache is
-also offered to the tiers (host memory, disk): its bytes are copied out of the
-KV caches on the engine thread (a block is small, and it may be reused as soon
-as the next step), then a background thread writes them. The writer's queue is
+also offered to the tiers (host memory, disk): the engine thread starts copying its
+bytes out of the KV caches (on a GPU into pinned memory, asynchronously, ordered
+before any later step that could overwrite the block), and a background thread waits
+for the copy and writes it. The writer's queue is
 bounded in bytes; when it is full the block is dropped (counted), so a slow disk never
 stalls decoding. Blocks already in the tiers are not written again.
 
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tokenmill.engine.kv_store import KVTier
+from tokenmill.runner.model_runner import BlockCopy
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def chain_keys(namespace: bytes, token_ids: Sequence[int], block_size: int, num_
 class BlockIO(Protocol):
     """What the manager needs from the executor: a block's bytes out and in."""
 
-    def read_block(self, block_id: int) -> bytes: ...
+    def read_block(self, block_id: int) -> BlockCopy: ...
 
     def write_block(self, block_id: int, payload: bytes) -> None: ...
 
@@ -132,7 +134,7 @@ class KVOffloadManager:
         self._staged_bytes = 0
         self._pinned: set[bytes] = set()  # looked up this step: kept until restore()
         # Unbounded in items, bounded in bytes: a long prompt registers many blocks at once.
-        self._queue: queue.Queue[tuple[bytes, tuple[int, ...], bytes] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[bytes, tuple[int, ...], BlockCopy] | None] = queue.Queue()
         self.queue_bytes = queue_bytes
         self._block_bytes = 0  # size of the last block read (all blocks are the same size)
         self._queued_bytes = 0
@@ -222,11 +224,11 @@ class KVOffloadManager:
             if self._queued_bytes + self._block_bytes > self.queue_bytes:
                 self.stats.dropped += 1
                 continue
-            payload = io.read_block(block_id)
-            self._block_bytes = len(payload)
+            copy = io.read_block(block_id)
+            self._block_bytes = copy.nbytes
             with self._queued_lock:
-                self._queued_bytes += len(payload)
-            self._queue.put_nowait((key, tuple(tokens), payload))
+                self._queued_bytes += copy.nbytes
+            self._queue.put_nowait((key, tuple(tokens), copy))
 
     def _write_loop(self) -> None:
         while True:
@@ -234,18 +236,23 @@ class KVOffloadManager:
             try:
                 if item is None:
                     return
-                key, tokens, payload = item
+                key, tokens, copy = item
+                payload: bytes | None = None
+                try:
+                    payload = copy.wait()
+                except Exception:  # noqa: BLE001 - a failed copy loses one block, not the writer
+                    logger.exception("KV offload: copying a block to the host failed")
                 stored = False
-                for tier in self.tiers:
+                for tier in self.tiers if payload is not None else ():
                     try:
                         stored |= tier.put(key, tokens, payload)
                     except Exception:  # noqa: BLE001 - a failing tier must not kill the writer
                         logger.exception("KV offload: writing to the %s tier failed", tier.name)
-                if stored:
+                if stored and payload is not None:
                     self.stats.stores += 1
                     self.stats.store_bytes += len(payload)
                 with self._queued_lock:
-                    self._queued_bytes -= len(payload)
+                    self._queued_bytes -= copy.nbytes
             finally:
                 self._queue.task_done()
 

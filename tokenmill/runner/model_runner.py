@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,6 +158,19 @@ def step_tensors(
     )
 
 
+@dataclass(frozen=True)
+class BlockCopy:
+    """A KV block's bytes on their way to the host: the size now, the bytes from ``wait()``."""
+
+    nbytes: int
+    wait: Callable[[], bytes]
+
+    @staticmethod
+    def ready(payload: bytes) -> BlockCopy:
+        """A copy that is already complete."""
+        return BlockCopy(len(payload), lambda: payload)
+
+
 class ModelRunner:
     """Owns the model and the KV cache; knows nothing about requests.
 
@@ -222,13 +236,30 @@ class ModelRunner:
         dst = torch.tensor([c[1] for c in copies], device=self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    def read_block(self, block_id: int) -> bytes:
-        """One block's bytes across every layer's K and V (scales included), on the host."""
-        block = self.kv_cache[:, :, block_id].contiguous()
-        return block.view(torch.uint8).reshape(-1).cpu().numpy().tobytes()
+    def read_block(self, block_id: int) -> BlockCopy:
+        """Start copying one block (every layer's K and V, scales included) to the host.
+
+        On a GPU the copy goes into pinned memory, queued on the compute stream without
+        waiting: a later step that overwrites the block runs after it, and only the
+        caller of :meth:`BlockCopy.wait` (the offload writer thread) waits for it.
+        """
+        block = self.kv_cache[:, :, block_id]
+        if block.device.type != "cuda":
+            payload = block.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+            return BlockCopy.ready(payload)
+        host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
+        host.copy_(block, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def wait() -> bytes:
+            copied.synchronize()
+            return host.view(torch.uint8).reshape(-1).numpy().tobytes()
+
+        return BlockCopy(host.numel() * host.element_size(), wait)
 
     def write_block(self, block_id: int, payload: bytes | memoryview) -> None:
-        """Fill one block from bytes produced by :meth:`read_block` (same layout)."""
+        """Fill one block from the bytes of a :meth:`read_block` copy (same layout)."""
         shape = self.kv_cache[:, :, block_id].shape
         data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         block = data.view(self.kv_cache.dtype).view(shape)
