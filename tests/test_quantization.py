@@ -132,6 +132,7 @@ def test_int8_linear_matches_dense_dequantized(monkeypatch, native, rows):
     weight = torch.randn(80, 96, generator=torch.Generator().manual_seed(5))
     bias = torch.randn(80)
     layer = Int8Linear(weight, bias)
+    layer.dense_min_rows = 0  # the integer path (the dense one: test_dequant_matmul.py)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(6))
     expected = F.linear(round_to_q8(x), dequantize_int8(layer.codes, layer.scales), bias)
     got = layer(x)
