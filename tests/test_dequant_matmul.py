@@ -21,6 +21,12 @@ from tokenmill.model.quantization import (
 pytestmark = pytest.mark.skipif(cpu.cpu_kernels() is None, reason="no C compiler")
 
 
+@pytest.fixture(autouse=True)
+def float32_gemm(monkeypatch):
+    """Exact comparisons: the float32 GEMM (bfloat16 is picked on CPUs that have it)."""
+    monkeypatch.setattr(dequant_matmul, "DENSE_DTYPE", torch.float32)
+
+
 def _int4(n: int, k: int, seed: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     codes, scales, zeros = quantize_int4(torch.randn(n, k, generator=g))
@@ -109,3 +115,29 @@ def test_int8_linear_dense_path_matches_integer_kernel(rows):
     torch.testing.assert_close(integer, F.linear(round_to_q8(x), dequantize_int8(
         codes, scales), bias), rtol=1e-4, atol=1e-4)
     assert float((dense - integer).norm() / reference.norm()) < 0.02
+
+
+def test_bfloat16_gemm_is_close():
+    g = torch.Generator().manual_seed(4)
+    weight, x, bias = (torch.randn(40, 128, generator=g), torch.randn(9, 128, generator=g),
+                       torch.randn(40, generator=g))
+    for tile_bytes in (4 * 128 * 7, 1 << 20):
+        got = dequant_matmul.tiled_dense_matmul(
+            x, 40, lambda start, stop: weight[start:stop].clone(), bias,
+            tile_bytes=tile_bytes, dtype=torch.bfloat16)
+        assert got.dtype == torch.float32
+        # bfloat16 inputs, float32 accumulation; PyTorch's CPU GEMM hands back bfloat16,
+        # so the product is rounded once more (half a bfloat16 step: 2 ** -9 relative)
+        product = F.linear(x.bfloat16().float(), weight.bfloat16().float())
+        torch.testing.assert_close(got - bias, product, rtol=2 ** -8, atol=1e-3)
+
+
+def test_dense_dtype_selection(monkeypatch):
+    monkeypatch.delenv("TOKENMILL_DENSE_DTYPE", raising=False)
+    assert dequant_matmul.default_dense_dtype(native_bf16=True) == torch.bfloat16
+    assert dequant_matmul.default_dense_dtype(native_bf16=False) == torch.float32
+    monkeypatch.setenv("TOKENMILL_DENSE_DTYPE", "float32")
+    assert dequant_matmul.default_dense_dtype(native_bf16=True) == torch.float32
+    monkeypatch.setenv("TOKENMILL_DENSE_DTYPE", "half")
+    with pytest.raises(ValueError):
+        dequant_matmul.default_dense_dtype()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from test_engine_tiny import _save_tiny
 
 from tokenmill.llm import LLM
@@ -66,6 +67,8 @@ def test_dense_prefill_matches_integer_kernels(tiny_llama, quant, monkeypatch):
     close to the float32 model's as the integer kernels' (8-bit activations)."""
     prompt = _prompts(1)[0] * 4  # one step of >= 64 rows
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+
+    monkeypatch.setattr(dequant_matmul, "DENSE_DTYPE", torch.float32)
 
     def logprobs(min_rows: int, quantization: str | None = quant) -> list[float]:
         monkeypatch.setattr(dequant_matmul, "DENSE_MIN_ROWS", min_rows)

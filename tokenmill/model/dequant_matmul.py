@@ -18,8 +18,13 @@ rounding the input here as well would not make the two paths agree, because
 8-bit rounding turns the float summation-order differences of the layer
 before into whole rounding steps.
 
+On CPUs with bfloat16 dot products in hardware (AVX512_BF16, AMX-BF16; see
+:mod:`tokenmill.kernels.cpu_features`) the GEMM runs in bfloat16 - input and
+weight tile rounded to bfloat16, float32 accumulation and output - and in
+float32 elsewhere, where bfloat16 is emulated and slower.
+
 ``TOKENMILL_DENSE_MIN_ROWS`` overrides the threshold (0 turns the dense path
-off).
+off), ``TOKENMILL_DENSE_DTYPE`` (``float32``/``bfloat16``) the GEMM's type.
 """
 
 from __future__ import annotations
@@ -29,10 +34,29 @@ from collections.abc import Callable
 
 import torch
 
+from tokenmill.kernels.cpu_features import has_native_bf16
+
 # Rows from which the dense path pays (measured; see docs/performance.md).
 DENSE_MIN_ROWS = int(os.environ.get("TOKENMILL_DENSE_MIN_ROWS", "64"))
 # Largest dequantized tile: bounds the scratch memory for big layers.
 TILE_BYTES = 32 << 20
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def default_dense_dtype(native_bf16: bool | None = None) -> torch.dtype:
+    """The GEMM type of the dense path: ``TOKENMILL_DENSE_DTYPE``, else bfloat16 where
+    this CPU (``native_bf16`` overrides the detection) has it in hardware."""
+    name = os.environ.get("TOKENMILL_DENSE_DTYPE", "")
+    if name:
+        if name not in _DTYPES:
+            raise ValueError(f"TOKENMILL_DENSE_DTYPE={name!r}: choose float32 or bfloat16")
+        return _DTYPES[name]
+    native = has_native_bf16() if native_bf16 is None else native_bf16
+    return torch.bfloat16 if native else torch.float32
+
+
+DENSE_DTYPE = default_dense_dtype()
 
 Dequantizer = Callable[[int, int], "torch.Tensor | None"]
 
@@ -45,25 +69,34 @@ def use_dense(rows: int, min_rows: int) -> bool:
 def tiled_dense_matmul(
     x: torch.Tensor, out_features: int, dequantize: Dequantizer,
     bias: torch.Tensor | None = None, tile_bytes: int = TILE_BYTES,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor | None:
     """``x @ W.T + bias`` with ``W``'s rows ``[start, stop)`` from ``dequantize(start, stop)``.
 
-    ``x`` is float32 ``[M, K]`` (already rounded as the caller wants). Returns
-    None, having done nothing, if ``dequantize`` returns None (kernel missing).
+    ``x`` is float32 ``[M, K]``; the result is float32. ``dtype`` is the GEMM's
+    type (default :data:`DENSE_DTYPE`; bfloat16 rounds ``x`` and each tile to
+    bfloat16 and adds the bias in float32). Returns None, having done nothing,
+    if ``dequantize`` returns None (kernel missing).
     """
+    dtype = DENSE_DTYPE if dtype is None else dtype
     m, k = x.shape
     tile = max(1, tile_bytes // (4 * k))
+    xg = x.to(dtype)
+
+    def product(weight: torch.Tensor, part: torch.Tensor | None) -> torch.Tensor:
+        if dtype == torch.float32:
+            return torch.nn.functional.linear(xg, weight, part)
+        y = torch.nn.functional.linear(xg, weight.to(dtype)).float()
+        return y if part is None else y + part.float()
+
     if tile >= out_features:
         weight = dequantize(0, out_features)
-        if weight is None:
-            return None
-        return torch.nn.functional.linear(x, weight, bias)
+        return None if weight is None else product(weight, bias)
     out = torch.empty(m, out_features, dtype=torch.float32)
     for start in range(0, out_features, tile):
         stop = min(out_features, start + tile)
         weight = dequantize(start, stop)
         if weight is None:
             return None
-        part = None if bias is None else bias[start:stop]
-        out[:, start:stop] = torch.nn.functional.linear(x, weight, part)
+        out[:, start:stop] = product(weight, None if bias is None else bias[start:stop])
     return out
