@@ -11,8 +11,9 @@
  *
  * qkv [T, (H + 2 KVH) D] (row stride qkv_stride); cos, sin_f [T, D];
  * q_out [T, H, D]; k/v_cache [num_blocks * block_size, KVH, D] contiguous;
- * slots [T] int64, every slot >= 0. Tokens are split over PyTorch's OpenMP
- * threads when there are many (prefill).
+ * slots [T] int64, every slot >= 0. One thread: the work is a few microseconds
+ * per token, and an OpenMP region here (from 16 tokens) made batch-32 decode
+ * steps 10x slower in a measurement (docs/performance.md).
  */
 #include <stdint.h>
 #include <string.h>
@@ -37,7 +38,6 @@ void rope_kv_write_f32(const float *qkv, int64_t qkv_stride, int T, int H, int K
                        const float *cos, const float *sin_f, float *q_out, float *k_cache,
                        float *v_cache, const int64_t *slots) {
     const int64_t kv_row = (int64_t)KVH * D;
-    #pragma omp parallel for schedule(static) if (T >= 16)
     for (int t = 0; t < T; t++) {
         const float *src = qkv + (int64_t)t * qkv_stride;
         const float *c = cos + (int64_t)t * D, *s = sin_f + (int64_t)t * D;
