@@ -3,9 +3,11 @@
 The native int4/int8 kernels (:mod:`tokenmill.kernels.cpu`) are built for
 decode: few input rows, where a step is bound by weight bytes and 4-bit codes
 read 8x fewer of them. A prefill chunk has hundreds of rows and is bound by
-arithmetic; on AVX2 without VNNI the integer dot products spend most of their
-instructions unpacking and widening, and PyTorch's float32 GEMM is faster. So
-for at least :data:`DENSE_MIN_ROWS` rows a quantized linear layer dequantizes
+arithmetic; there the integer dot products spend most of their instructions
+unpacking and widening, and PyTorch's GEMM (oneDNN/MKL) is faster - by far in
+bfloat16 on CPUs that have it in hardware. So for at least
+:data:`DENSE_MIN_ROWS` rows (64 with a bfloat16 GEMM, 512 with float32) a
+quantized linear layer dequantizes
 its weight, a tile of rows at a time (at most :data:`TILE_BYTES` of float32),
 and multiplies with PyTorch.
 
@@ -36,8 +38,6 @@ import torch
 
 from tokenmill.kernels.cpu_features import has_native_bf16
 
-# Rows from which the dense path pays (measured; see docs/performance.md).
-DENSE_MIN_ROWS = int(os.environ.get("TOKENMILL_DENSE_MIN_ROWS", "64"))
 # Largest dequantized tile: bounds the scratch memory for big layers.
 TILE_BYTES = 32 << 20
 
@@ -57,6 +57,13 @@ def default_dense_dtype(native_bf16: bool | None = None) -> torch.dtype:
 
 
 DENSE_DTYPE = default_dense_dtype()
+
+# Rows from which the dense path pays, per GEMM type (benchmarks/quantized_prefill.py on a
+# Zen 5 EPYC, int4, SmolLM2 shapes: bfloat16 1.2x at 32 rows and 1.9x at 64, but a batch-32
+# decode step with the 8-bit LM head dense was slower; float32 0.96x
+# at 128 and 1.2x at 512; docs/performance.md).
+_MIN_ROWS = {torch.bfloat16: 64, torch.float32: 512}
+DENSE_MIN_ROWS = int(os.environ.get("TOKENMILL_DENSE_MIN_ROWS", _MIN_ROWS[DENSE_DTYPE]))
 
 Dequantizer = Callable[[int, int], "torch.Tensor | None"]
 
