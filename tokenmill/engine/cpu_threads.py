@@ -9,17 +9,19 @@ for time slices, and so does a load tester on the same machine:
   (:func:`limit_api_process_threads`): no OpenMP pool of its own that could
   spin on the compute cores.
 - OpenMP workers of the engine core spin after each parallel region before
-  they sleep (libgomp's default is ~300,000 spins, a few hundred µs), which
-  keeps a batch-1 step's ~1,000 small parallel regions cheap but takes whole
-  time slices from the API process between steps. :func:`engine_core_environment`
-  sets a shorter spin (``GOMP_SPINCOUNT``) for the engine core unless the user
-  chose ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` themselves. libgomp reads
-  these once, when it loads, so they go into the environment the core process
-  is spawned with (:func:`spawn_environment`), not into the running process.
+  they sleep (libgomp's default is ~300,000 spins), which keeps a batch-1
+  step's ~1,000 small parallel regions cheap but can take time slices from the
+  API process between steps. :func:`engine_core_environment` can set another
+  spin count (``GOMP_SPINCOUNT``) for the engine core unless the user chose
+  ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` themselves. libgomp reads these
+  once, when it loads, so they go into the environment the core process is
+  spawned with (:func:`spawn_environment`), not into the running process.
+  Measured (2 cores, served int4): a short spin (1000) lost 1.06-1.21x to
+  libgomp's default at 1, 8 and 32 streams, so the default is left alone.
 - ``TOKENMILL_ENGINE_CPUS`` (a list such as ``0-1`` or ``1,3``) pins the engine
   core to those CPUs (:func:`pin_engine_core`); unset, the kernel schedules it.
 
-The defaults were chosen by measurement; see docs/performance.md.
+See docs/performance.md ("Round 2") for the measurements.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 ENGINE_CPUS_ENV = "TOKENMILL_ENGINE_CPUS"
 SPIN_ENV = "TOKENMILL_ENGINE_SPINCOUNT"
 # libgomp spin count for the engine core when the user set no OpenMP wait policy.
-# "default" keeps libgomp's own behaviour.
+# "default" keeps libgomp's own behaviour (it beat GOMP_SPINCOUNT=1000 when served).
 DEFAULT_SPINCOUNT = "default"
 _USER_OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
