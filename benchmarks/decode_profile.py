@@ -96,7 +96,10 @@ def profile(llm: LLM, batch: int, steps: int, seed: int = 0) -> tuple[float, dic
     for module in model.modules():
         if isinstance(module, linear_types) and id(module) not in head:
             patch(module, "forward", "linear")
-    patch(eng.core.runner.attn_backend, "forward", "attention")
+    backend = eng.core.runner.attn_backend
+    patch(backend, "forward", "attention")
+    if hasattr(backend, "forward_cached"):  # attention after the fused rotary + K/V write
+        patch(backend, "forward_cached", "attention")
     patch(model, "compute_logits", "head")
     patch(model.model, "forward", "forward")
     sampler = eng.core.sampler

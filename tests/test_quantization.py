@@ -76,6 +76,7 @@ def test_int4_linear_matches_dense_dequantized(dtype, rows, kernel):
     weight, _ = _q4_1_style(96, 160, seed=2)
     bias = torch.randn(96)
     layer = Int4Linear(weight, bias, kernel=kernel)
+    layer.dense_min_rows = 0  # the integer path (the dense one: test_dequant_matmul.py)
     x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(3)).to(dtype)
     codes, scales, zeros = quantize_int4(weight)
     if kernel == "native":
@@ -132,6 +133,7 @@ def test_int8_linear_matches_dense_dequantized(monkeypatch, native, rows):
     weight = torch.randn(80, 96, generator=torch.Generator().manual_seed(5))
     bias = torch.randn(80)
     layer = Int8Linear(weight, bias)
+    layer.dense_min_rows = 0  # the integer path (the dense one: test_dequant_matmul.py)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(6))
     expected = F.linear(round_to_q8(x), dequantize_int8(layer.codes, layer.scales), bias)
     got = layer(x)

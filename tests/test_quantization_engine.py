@@ -6,9 +6,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from test_engine_tiny import _save_tiny
 
 from tokenmill.llm import LLM
+from tokenmill.model import dequant_matmul
 from tokenmill.model.quantization import Int4Linear, Int8Linear
 from tokenmill.sampling import SamplingParams
 
@@ -37,7 +39,11 @@ def _tokens(path: str, prompts, **engine_args) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_quantized_engine_invariance(tiny_llama, quant):
+def test_quantized_engine_invariance(tiny_llama, quant, monkeypatch):
+    # The integer kernels give every row the same arithmetic whatever the batch; the
+    # dense prefill path (steps of many rows: float GEMM, float activations) does not
+    # round activations to 8 bits, so it is checked separately below.
+    monkeypatch.setattr(dequant_matmul, "DENSE_MIN_ROWS", 0)
     prompts = _prompts(8)
     llm = LLM(tiny_llama, num_threads=1, quantization=quant)
     kind = Int4Linear if quant == "int4" else Int8Linear
@@ -53,3 +59,27 @@ def test_quantized_engine_invariance(tiny_llama, quant):
     assert _tokens(tiny_llama, prompts, quantization=quant, num_kv_blocks=30,
                    block_size=4) == batched
 
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_dense_prefill_matches_integer_kernels(tiny_llama, quant, monkeypatch):
+    """Prompt logprobs with the dense prefill path (float activations) are at least as
+    close to the float32 model's as the integer kernels' (8-bit activations)."""
+    prompt = _prompts(1)[0] * 4  # one step of >= 64 rows
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+
+    monkeypatch.setattr(dequant_matmul, "DENSE_DTYPE", torch.float32)
+
+    def logprobs(min_rows: int, quantization: str | None = quant) -> list[float]:
+        monkeypatch.setattr(dequant_matmul, "DENSE_MIN_ROWS", min_rows)
+        llm = LLM(tiny_llama, num_threads=1, quantization=quantization)
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        return [lp.logprob for lp in out.prompt_logprobs[1:]]
+
+    def mean_error(got: list[float], want: list[float]) -> float:
+        return sum(abs(a - b) for a, b in zip(got, want, strict=True)) / len(want)
+
+    assert len(prompt) >= 64
+    dense, integer, full = logprobs(1), logprobs(0), logprobs(0, None)
+    assert dense != integer  # the dense path did run
+    assert mean_error(dense, full) <= 1.1 * mean_error(integer, full)

@@ -86,6 +86,30 @@ class TorchAttentionBackend:
         sliding_window: int | None = None,
     ) -> torch.Tensor:
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, meta.has_padding_slots)
+        return self._attend(q, k_cache, v_cache, meta, scale, sliding_window)
+
+    def forward_cached(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """:meth:`forward` for a step whose new K/V rows are already in the cache
+        (e.g. written by :func:`tokenmill.kernels.cpu.rope_kv_write`)."""
+        return self._attend(q, k_cache, v_cache, meta, scale, sliding_window)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
         out = q.new_zeros(q.shape)  # contiguous even when q is a strided view
         if meta.num_seqs == 0:
             return out

@@ -33,6 +33,7 @@ import zmq
 import zmq.asyncio
 
 from tokenmill.engine.args import EngineArgs
+from tokenmill.engine.cpu_threads import engine_core_environment, spawn_environment
 from tokenmill.engine.errors import EngineDeadError, RequestFailed
 from tokenmill.engine.messages import (
     AbortRequest,
@@ -176,7 +177,9 @@ class MPEngineClient:
             target=run_engine_core, name="tokenmill-engine-core",
             args=(self.args, input_address, output_address, os.getpid(), self.log_level),
         )
-        self._process.start()
+        # OpenMP settings are read once, when the child loads libgomp: pass them at spawn.
+        with spawn_environment(engine_core_environment(os.environ)):
+            self._process.start()
         logger.info("engine core process started (pid %d)", self._process.pid)
         tokenizer_task = loop.run_in_executor(None, load_tokenizer, self.args)
         died = loop.create_future()

@@ -28,6 +28,7 @@ import zmq
 
 from tokenmill.engine.args import EngineArgs
 from tokenmill.engine.core import EngineCore
+from tokenmill.engine.cpu_threads import pin_engine_core
 from tokenmill.engine.errors import RequestRejected
 from tokenmill.engine.messages import (
     AbortRequest,
@@ -55,6 +56,7 @@ def run_engine_core(
 ) -> None:
     """Process entry point: build the engine, announce it, serve until told to stop."""
     _configure_logging(log_level)
+    pin_engine_core(os.environ)
     # Ctrl-C reaches the whole process group; the API server decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_system_exit)

@@ -23,5 +23,16 @@ def rank_device(args: EngineArgs, rank: int, pc: ParallelConfig) -> torch.device
 
 
 def rank_threads(args: EngineArgs, pc: ParallelConfig) -> int:
-    """CPU threads for one rank: the node's threads divided among its ranks."""
-    return max(1, (args.num_threads or os.cpu_count() or 1) // pc.ranks_per_node)
+    """CPU threads for one rank: the node's threads divided among its ranks.
+
+    By default the node's threads are the CPUs this process may run on (fewer than
+    the machine's when it is pinned, e.g. with ``TOKENMILL_ENGINE_CPUS``).
+    """
+    return max(1, (args.num_threads or usable_cpus()) // pc.ranks_per_node)
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1

@@ -45,6 +45,7 @@ from torch import nn
 from tokenmill.attention.base import AttentionBackend, AttentionMetadata
 from tokenmill.config import ModelConfig
 from tokenmill.distributed import TPGroup
+from tokenmill.kernels import cpu as cpu_kernels
 from tokenmill.model.layers import (
     Linear,
     RMSNorm,
@@ -145,6 +146,10 @@ class DecoderAttention(nn.Module):
                 k = rotate_eager(k, rope.cos, rope.sin_folded)
             else:
                 q, k = apply_rotary(q, k, rope.cos, rope.sin)
+        elif (rope.sin_folded is not None and hidden.device.type == "cpu"
+              and (out := self._cpu_fused_attention(qkv, rope, kv_cache, attn_metadata))
+              is not None):
+            return self.tp.all_reduce(self.o_proj(out.reshape(tokens, self.q_size)))
         elif rope.sin_folded is not None:
             # Eager path: rotate the Q and K heads together (a third of the ops).
             qk = qkv[:, :qk_size].view(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
@@ -159,6 +164,25 @@ class DecoderAttention(nn.Module):
         out = self.attn_backend.forward(q, k, v, k_cache, v_cache, attn_metadata, self.scale,
                                         sliding_window=self.sliding_window)
         return self.tp.all_reduce(self.o_proj(out.reshape(tokens, self.q_size)))
+
+
+    def _cpu_fused_attention(
+        self, qkv: torch.Tensor, rope: RopeTables, kv_cache: KVCache,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor | None:
+        """CPU, float32: rotary, K/V write and attention in two native calls instead of
+        about ten PyTorch ops (bit-identical); None where the eager path must run."""
+        forward_cached = getattr(self.attn_backend, "forward_cached", None)
+        if forward_cached is None or attn_metadata.has_padding_slots is not False:
+            return None
+        k_cache, v_cache = kv_cache
+        q = cpu_kernels.rope_kv_write(qkv, self.num_heads, self.num_kv_heads, rope.cos,
+                                      rope.sin_folded, k_cache, v_cache,
+                                      attn_metadata.slot_mapping)
+        if q is None:
+            return None
+        return forward_cached(q, k_cache, v_cache, attn_metadata, self.scale,
+                              sliding_window=self.sliding_window)
 
 
 class GatedMLP(nn.Module):

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from tokenmill.kernels import cpu
+from tokenmill.model import dequant_matmul
 from tokenmill.model.layers import Linear
 
 logger = logging.getLogger(__name__)
@@ -144,11 +145,20 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
                                                            requires_grad=False)
+        # Input rows from which a float GEMM on dequantized tiles runs instead (prefill).
+        self.dense_min_rows = dequant_matmul.DENSE_MIN_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).float()
-        y = cpu.int8_matmul(flat, self.codes, self.scales, self.bias)
+        y = None
+        if dequant_matmul.use_dense(flat.shape[0], self.dense_min_rows):
+            y = dequant_matmul.tiled_dense_matmul(
+                flat, self.out_features,
+                lambda start, stop: cpu.q8_dequantize(self.codes, self.scales, start, stop),
+                self.bias)
+        if y is None:
+            y = cpu.int8_matmul(flat, self.codes, self.scales, self.bias)
         if y is None:
             y = torch.nn.functional.linear(
                 round_to_q8(flat), dequantize_int8(self.codes, self.scales), self.bias)
@@ -208,6 +218,8 @@ class Int4Linear(nn.Module):
             )
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
+        # Input rows from which a float GEMM on dequantized tiles runs instead (prefill).
+        self.dense_min_rows = dequant_matmul.DENSE_MIN_ROWS
 
     @classmethod
     def from_linear(cls, linear: Linear, group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
@@ -218,7 +230,12 @@ class Int4Linear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if self.kernel == "native":
             bias = None if self.bias is None else self.bias.float()
-            y = cpu.q4_matmul(flat.float(), self.packed, self.scales, self.mins, bias)
+            y = None
+            if dequant_matmul.use_dense(flat.shape[0], self.dense_min_rows):
+                y = dequant_matmul.tiled_dense_matmul(
+                    flat.float(), self.out_features, self._dequantize_rows, bias)
+            if y is None:
+                y = cpu.q4_matmul(flat.float(), self.packed, self.scales, self.mins, bias)
             return y.to(x.dtype).reshape(*lead, self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros
@@ -226,6 +243,9 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def _dequantize_rows(self, start: int, stop: int) -> torch.Tensor | None:
+        return cpu.q4_dequantize(self.packed, self.scales, self.mins, start, stop)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "

@@ -21,6 +21,7 @@ import uvicorn
 
 from tokenmill.config import parse_memory
 from tokenmill.engine.args import EngineArgs
+from tokenmill.engine.cpu_threads import limit_api_process_threads
 from tokenmill.server.auth import load_api_keys
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.http_protocol import protocol_with_header_timeout
@@ -257,6 +258,8 @@ def serve_command(args: argparse.Namespace) -> int:
         logger.info("node %d of %d: starting ranks %s", parallel.node_rank, parallel.nnodes,
                     list(parallel.node_ranks()))
         return run_worker_node(EngineArgs.from_kwargs(**config.engine_args), log_level)
+    # The engine core (a child process) computes; this process only serves HTTP.
+    limit_api_process_threads()
     return run_server(config)
 
 

@@ -34,7 +34,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c")
+_SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c",
+            "dequantize.c", "rope_kv_write.c")
 _HEADERS = ("q8_input.h",)  # part of the cache key, not compiled on their own
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
@@ -53,7 +54,14 @@ _ATTENTION_ARGTYPES = [
 _Q8_ATTENTION_ARGTYPES = [*_ATTENTION_ARGTYPES, _i32, _i32]
 _INT8_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 _Q4_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
+_Q4_DEQUANTIZE_ARGTYPES = [_ptr, _ptr, _ptr, _ptr, _i32, _i32]
+_Q8_DEQUANTIZE_ARGTYPES = [_ptr, _ptr, _ptr, _i32, _i32]
+_ROPE_KV_WRITE_ARGTYPES = [_ptr, _i64, _i32, _i32, _i32, _i32, _ptr, _ptr, _ptr, _ptr, _ptr,
+                           _ptr]
 
+
+# TOKENMILL_CPU_FUSED_ROPE=0: rotary and K/V write as PyTorch ops (for A/B measurements).
+_FUSED_ROPE = os.environ.get("TOKENMILL_CPU_FUSED_ROPE", "1") != "0"
 
 # Quantized KV caches the native kernel reads: storage dtype -> kind argument.
 _Q8_KINDS = {torch.int8: 0, torch.uint8: 1}
@@ -133,6 +141,12 @@ def cpu_kernels() -> ctypes.CDLL | None:
     lib.int8_matmul_f32.restype = ctypes.c_int
     lib.q4_matmul_f32.argtypes = _Q4_MATMUL_ARGTYPES
     lib.q4_matmul_f32.restype = ctypes.c_int
+    lib.q4_dequantize_f32.argtypes = _Q4_DEQUANTIZE_ARGTYPES
+    lib.q4_dequantize_f32.restype = None
+    lib.q8_dequantize_f32.argtypes = _Q8_DEQUANTIZE_ARGTYPES
+    lib.q8_dequantize_f32.restype = None
+    lib.rope_kv_write_f32.argtypes = _ROPE_KV_WRITE_ARGTYPES
+    lib.rope_kv_write_f32.restype = None
     return lib
 
 
@@ -183,6 +197,46 @@ def q4_matmul(
                        packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), bias)
 
 
+def q4_dequantize(
+    packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, start: int = 0,
+    stop: int | None = None,
+) -> torch.Tensor | None:
+    """Float32 rows ``start:stop`` of the Q4_1 weight ``scales * code + mins``.
+
+    Arguments as for :func:`q4_matmul` (contiguous); the result is ``[stop - start,
+    K]``, equal to PyTorch's ``scales * code + mins`` per element. None when the
+    kernel is unavailable.
+    """
+    lib = cpu_kernels()
+    if lib is None:
+        return None
+    n, k = packed.shape[0], packed.shape[1] * 2
+    stop = n if stop is None else stop
+    rows, groups = stop - start, k // 32
+    out = torch.empty(rows, k, dtype=torch.float32)
+    lib.q4_dequantize_f32(packed.data_ptr() + start * (k // 2),
+                          scales.data_ptr() + 4 * start * groups,
+                          mins.data_ptr() + 4 * start * groups, out.data_ptr(), rows, k)
+    return out
+
+
+def q8_dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, start: int = 0, stop: int | None = None,
+) -> torch.Tensor | None:
+    """Float32 rows ``start:stop`` of the Q8_0 weight ``codes * scales`` (see
+    :func:`int8_matmul`); None when the kernel is unavailable."""
+    lib = cpu_kernels()
+    if lib is None:
+        return None
+    n, k = codes.shape
+    stop = n if stop is None else stop
+    rows, groups = stop - start, k // 32
+    out = torch.empty(rows, k, dtype=torch.float32)
+    lib.q8_dequantize_f32(codes.data_ptr() + start * k, scales.data_ptr() + 4 * start * groups,
+                          out.data_ptr(), rows, k)
+    return out
+
+
 def int8_matmul(
     x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor | None:
@@ -193,6 +247,48 @@ def int8_matmul(
     """
     return _run_matmul("int8_matmul_f32", x, codes.shape[0],
                        codes.data_ptr(), scales.data_ptr(), None, bias)
+
+
+def rope_kv_write(
+    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor,
+    sin_folded: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor | None:
+    """Rotate Q and K of a fused float32 QKV output, store K/V into their cache slots.
+
+    ``qkv`` ``[T, (H + 2 KVH) * D]`` (unit stride in its last dimension); ``cos`` /
+    ``sin_folded`` ``[T, 1, D]`` from the rotary table (``sin_folded`` as
+    :func:`~tokenmill.model.layers.fold_rotary_sign` makes it); caches
+    ``[num_blocks, block_size, KVH, D]`` float32, contiguous; ``slot_mapping``
+    ``[T]`` int64 with no padding (every slot >= 0). Returns the rotated Q
+    ``[T, H, D]`` - bit-identical to :func:`~tokenmill.model.layers.rotate_eager`
+    - or None, having done nothing, when these inputs need the PyTorch path (or
+    ``TOKENMILL_CPU_FUSED_ROPE=0``).
+    """
+    lib = cpu_kernels() if _FUSED_ROPE else None
+    tokens = qkv.shape[0]
+    head_dim = k_cache.shape[-1] if k_cache.dim() == 4 else 0
+    if (
+        lib is None or qkv.device.type != "cpu" or head_dim == 0 or head_dim % 2
+        or not (qkv.dtype == cos.dtype == sin_folded.dtype == k_cache.dtype
+                == v_cache.dtype == torch.float32)
+        or qkv.dim() != 2 or qkv.stride(1) != 1
+        or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim
+        or k_cache.shape[2] != num_kv_heads
+        or cos.shape != (tokens, 1, head_dim) or sin_folded.shape != cos.shape
+        or not (cos.is_contiguous() and sin_folded.is_contiguous())
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+        or slot_mapping.dtype != torch.int64 or slot_mapping.shape != (tokens,)
+        or not slot_mapping.is_contiguous()
+    ):
+        return None
+    q = torch.empty(tokens, num_heads, head_dim, dtype=torch.float32)
+    lib.rope_kv_write_f32(
+        qkv.data_ptr(), qkv.stride(0), tokens, num_heads, num_kv_heads, head_dim,
+        cos.data_ptr(), sin_folded.data_ptr(), q.data_ptr(), k_cache.data_ptr(),
+        v_cache.data_ptr(), slot_mapping.data_ptr(),
+    )
+    return q
 
 
 def paged_attention(

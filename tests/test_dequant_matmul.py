@@ -1,0 +1,143 @@
+"""Prefill through dequantized float tiles against the dense reference and the integer kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenmill.kernels import cpu
+from tokenmill.model import dequant_matmul
+from tokenmill.model.quantization import (
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+    round_to_q8,
+)
+
+pytestmark = pytest.mark.skipif(cpu.cpu_kernels() is None, reason="no C compiler")
+
+
+@pytest.fixture(autouse=True)
+def float32_gemm(monkeypatch):
+    """Exact comparisons: the float32 GEMM (bfloat16 is picked on CPUs that have it)."""
+    monkeypatch.setattr(dequant_matmul, "DENSE_DTYPE", torch.float32)
+
+
+def _int4(n: int, k: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    codes, scales, zeros = quantize_int4(torch.randn(n, k, generator=g))
+    return codes, scales.contiguous(), (zeros - 8 * scales).contiguous(), zeros
+
+
+def test_q4_dequantize_is_exact():
+    codes, scales, mins, zeros = _int4(13, 96, 0)
+    packed = cpu.pack_q4(codes)
+    got = cpu.q4_dequantize(packed, scales, mins)
+    groups = codes.float().view(13, 3, 32)
+    expected = (groups * scales[..., None] + mins[..., None]).view(13, 96)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(got, dequantize_int4(codes, scales, zeros), rtol=1e-5, atol=1e-6)
+    assert torch.equal(cpu.q4_dequantize(packed, scales, mins, 5, 9), expected[5:9])
+
+
+def test_q8_dequantize_is_exact():
+    codes, scales = quantize_int8(torch.randn(11, 64, generator=torch.Generator().manual_seed(1)))
+    scales = scales.contiguous()
+    expected = dequantize_int8(codes, scales)
+    assert torch.equal(cpu.q8_dequantize(codes, scales), expected)
+    assert torch.equal(cpu.q8_dequantize(codes, scales, 3, 10), expected[3:10])
+
+
+@pytest.mark.parametrize("tile_bytes", [1, 4 * 96 * 5, 1 << 20])  # row by row, 5 rows, all
+def test_tiled_dense_matmul_matches_linear(tile_bytes):
+    g = torch.Generator().manual_seed(2)
+    weight, x, bias = (torch.randn(23, 96, generator=g), torch.randn(7, 96, generator=g),
+                       torch.randn(23, generator=g))
+    got = dequant_matmul.tiled_dense_matmul(
+        x, 23, lambda start, stop: weight[start:stop].clone(), bias, tile_bytes=tile_bytes)
+    torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    assert dequant_matmul.tiled_dense_matmul(x, 23, lambda start, stop: None) is None
+
+
+def test_use_dense_threshold():
+    assert dequant_matmul.use_dense(64, 64) and not dequant_matmul.use_dense(63, 64)
+    assert not dequant_matmul.use_dense(10_000, 0)  # 0: the dense path is off
+
+
+@pytest.mark.parametrize("rows", [1, 70])
+def test_int4_linear_dense_path_matches_integer_kernel(rows):
+    g = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(40, 128, generator=g), torch.randn(40, generator=g)
+    x = torch.randn(rows, 128, generator=g) * 3
+    layer = Int4Linear(weight, bias, kernel="native")
+    layer.dense_min_rows = 1
+    dense = layer(x)
+    layer.dense_min_rows = 0
+    integer = layer(x)
+    codes, scales, zeros = quantize_int4(weight)
+    reference = F.linear(x, dequantize_int4(codes, scales, zeros), bias)
+    torch.testing.assert_close(dense, reference, rtol=1e-4, atol=1e-4)
+    # the integer kernel rounds its input to 8 bits per group: close, not equal
+    torch.testing.assert_close(integer, F.linear(round_to_q8(x), dequantize_int4(
+        codes, scales, zeros), bias), rtol=1e-4, atol=1e-4)
+    assert float((dense - integer).norm() / reference.norm()) < 0.02
+
+
+def test_int4_linear_default_threshold_routes_prefill_rows():
+    layer = Int4Linear(torch.randn(8, 64), kernel="native")
+    calls = []
+    real = layer._dequantize_rows
+    layer._dequantize_rows = lambda start, stop: calls.append((start, stop)) or real(start, stop)
+    layer(torch.randn(max(1, layer.dense_min_rows - 1), 64))
+    assert calls == []
+    if layer.dense_min_rows > 0:
+        layer(torch.randn(layer.dense_min_rows, 64))
+        assert calls == [(0, 8)]
+
+
+@pytest.mark.parametrize("rows", [2, 65])
+def test_int8_linear_dense_path_matches_integer_kernel(rows):
+    g = torch.Generator().manual_seed(10 + rows)
+    weight, bias = torch.randn(24, 96, generator=g), torch.randn(24, generator=g)
+    x = torch.randn(rows, 96, generator=g)
+    layer = Int8Linear(weight, bias)
+    layer.dense_min_rows = 1
+    dense = layer(x)
+    layer.dense_min_rows = 0
+    integer = layer(x)
+    codes, scales = quantize_int8(weight)
+    reference = F.linear(x, dequantize_int8(codes, scales), bias)
+    torch.testing.assert_close(dense, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(integer, F.linear(round_to_q8(x), dequantize_int8(
+        codes, scales), bias), rtol=1e-4, atol=1e-4)
+    assert float((dense - integer).norm() / reference.norm()) < 0.02
+
+
+def test_bfloat16_gemm_is_close():
+    g = torch.Generator().manual_seed(4)
+    weight, x, bias = (torch.randn(40, 128, generator=g), torch.randn(9, 128, generator=g),
+                       torch.randn(40, generator=g))
+    for tile_bytes in (4 * 128 * 7, 1 << 20):
+        got = dequant_matmul.tiled_dense_matmul(
+            x, 40, lambda start, stop: weight[start:stop].clone(), bias,
+            tile_bytes=tile_bytes, dtype=torch.bfloat16)
+        assert got.dtype == torch.float32
+        # bfloat16 inputs, float32 accumulation; PyTorch's CPU GEMM hands back bfloat16,
+        # so the product is rounded once more (half a bfloat16 step: 2 ** -9 relative)
+        product = F.linear(x.bfloat16().float(), weight.bfloat16().float())
+        torch.testing.assert_close(got - bias, product, rtol=2 ** -8, atol=1e-3)
+
+
+def test_dense_dtype_selection(monkeypatch):
+    monkeypatch.delenv("TOKENMILL_DENSE_DTYPE", raising=False)
+    assert dequant_matmul.default_dense_dtype(native_bf16=True) == torch.bfloat16
+    assert dequant_matmul.default_dense_dtype(native_bf16=False) == torch.float32
+    monkeypatch.setenv("TOKENMILL_DENSE_DTYPE", "float32")
+    assert dequant_matmul.default_dense_dtype(native_bf16=True) == torch.float32
+    monkeypatch.setenv("TOKENMILL_DENSE_DTYPE", "half")
+    with pytest.raises(ValueError):
+        dequant_matmul.default_dense_dtype()

@@ -1,0 +1,51 @@
+/*
+ * One call per decoder layer instead of about ten PyTorch dispatches: rotary
+ * embedding of Q and K straight out of the fused QKV projection, K and V
+ * stored into their paged-cache slots, Q into a contiguous [T, H, D] buffer
+ * for the attention kernel.
+ *
+ * The arithmetic is the eager path's, operation for operation
+ * (tokenmill.model.layers.rotate_eager): y = x * cos + roll(x, D / 2) * sin_f
+ * with sin_f the sign-folded sine, each product and the sum rounded to float32
+ * once (no fused multiply-add), so the results are bit-identical to it.
+ *
+ * qkv [T, (H + 2 KVH) D] (row stride qkv_stride); cos, sin_f [T, D];
+ * q_out [T, H, D]; k/v_cache [num_blocks * block_size, KVH, D] contiguous;
+ * slots [T] int64, every slot >= 0. One thread: the work is a few microseconds
+ * per token, and an OpenMP region here (from 16 tokens) made batch-32 decode
+ * steps 10x slower in a measurement (docs/performance.md).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#pragma GCC optimize("fp-contract=off")
+
+static void rotate_row(const float *x, const float *c, const float *s, float *dst, int D) {
+    const int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        const float a = x[i] * c[i];
+        const float b = x[i + half] * s[i];
+        dst[i] = a + b;
+    }
+    for (int i = half; i < D; i++) {
+        const float a = x[i] * c[i];
+        const float b = x[i - half] * s[i];
+        dst[i] = a + b;
+    }
+}
+
+void rope_kv_write_f32(const float *qkv, int64_t qkv_stride, int T, int H, int KVH, int D,
+                       const float *cos, const float *sin_f, float *q_out, float *k_cache,
+                       float *v_cache, const int64_t *slots) {
+    const int64_t kv_row = (int64_t)KVH * D;
+    for (int t = 0; t < T; t++) {
+        const float *src = qkv + (int64_t)t * qkv_stride;
+        const float *c = cos + (int64_t)t * D, *s = sin_f + (int64_t)t * D;
+        float *q_dst = q_out + (int64_t)t * H * D;
+        float *k_dst = k_cache + slots[t] * kv_row;
+        for (int h = 0; h < H; h++) rotate_row(src + (int64_t)h * D, c, s, q_dst + (int64_t)h * D, D);
+        for (int h = 0; h < KVH; h++)
+            rotate_row(src + (int64_t)(H + h) * D, c, s, k_dst + (int64_t)h * D, D);
+        memcpy(v_cache + slots[t] * kv_row, src + (int64_t)(H + KVH) * D, sizeof(float) * kv_row);
+    }
+}
