@@ -6,6 +6,7 @@ import platform
 
 import pytest
 import torch
+from paged_cases import paged_layout, reference_attention
 
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.kernels import cpu
@@ -19,31 +20,12 @@ def _paged_case(q_lens, seq_lens, seed=0, num_blocks=64, dim=DIM):
     g = torch.Generator().manual_seed(seed)
     k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, dim, generator=g)
     v_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, dim, generator=g)
-    perm = torch.randperm(num_blocks, generator=g)
-    max_blocks = max(-(-n // BLOCK) for n in seq_lens)
-    tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(seq_lens):
-        count = -(-n // BLOCK)
-        tables[i, :count] = perm[used:used + count]
-        used += count
-    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-    qsl[1:] = torch.tensor(q_lens).cumsum(0)
-    q = torch.randn(int(qsl[-1]), HEADS, dim, generator=g)
-    return q, k_cache, v_cache, qsl, torch.tensor(seq_lens, dtype=torch.int32), tables
+    q, qsl, lens, tables = paged_layout(q_lens, seq_lens, num_blocks, BLOCK, HEADS, dim, g)
+    return q, k_cache, v_cache, qsl, lens, tables
 
 
-def _reference(q, k_cache, v_cache, qsl, seq_lens, tables, scale, window=None):
-    out = torch.zeros_like(q)
-    for i in range(len(seq_lens)):
-        a, b = int(qsl[i]), int(qsl[i + 1])
-        if b > a:
-            out[a:b] = TorchAttentionBackend._prefill_one(
-                q[a:b], k_cache, v_cache, tables[i], int(seq_lens[i]), scale, window)
-    return out
 
-
-def _dense_reference(q, k_cache, v_cache, qsl, seq_lens, tables, scale, window):
+def _densereference_attention(q, k_cache, v_cache, qsl, seq_lens, tables, scale, window):
     """Independent of the backends: every score computed, then masked to the window."""
     out = torch.zeros_like(q)
     group = q.shape[1] // k_cache.shape[2]
@@ -66,7 +48,7 @@ def _poisoned(q_lens, seq_lens, window, dim, seed):
     extra NaN-filled block (what a released block may hold, at worst); with the
     dense reference computed from the clean tables."""
     q, kc, vc, qsl, lens, tables = _paged_case(q_lens, seq_lens, seed=seed, dim=dim)
-    want = _dense_reference(q, kc, vc, qsl, lens, tables, 0.3, window)
+    want = _densereference_attention(q, kc, vc, qsl, lens, tables, 0.3, window)
     nan_block = torch.full((1, *kc.shape[1:]), float("nan"))
     kc, vc = torch.cat([kc, nan_block]), torch.cat([vc, nan_block])
     poisoned = tables.clone()
@@ -84,7 +66,7 @@ def test_paged_attention_sliding_window_never_reads_outside(window, head_dim):
     assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, 0.3, 16, window)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     # The torch backend's SDPA path gathers only the blocks in the window too.
-    torch.testing.assert_close(_reference(q, kc, vc, qsl, lens, tables, 0.3, window), want,
+    torch.testing.assert_close(reference_attention(q, kc, vc, qsl, lens, tables, 0.3, window), want,
                                rtol=1e-5, atol=1e-5)
 
 
@@ -113,7 +95,7 @@ def test_paged_attention_matches_sdpa(q_lens, seq_lens):
     q, kc, vc, qsl, lens, tables = _paged_case(q_lens, seq_lens)
     out = torch.zeros_like(q)
     assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, DIM**-0.5, 16)
-    torch.testing.assert_close(out, _reference(q, kc, vc, qsl, lens, tables, DIM**-0.5),
+    torch.testing.assert_close(out, reference_attention(q, kc, vc, qsl, lens, tables, DIM**-0.5),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -126,7 +108,7 @@ def test_paged_attention_skips_long_queries_and_reads_strided_q():
     view = wide[:, :HEADS]
     out = torch.full_like(q, 7.0)
     assert cpu.paged_attention(view, out, kc, vc, qsl, lens, tables, 0.2, 16)
-    ref = _reference(q, kc, vc, qsl, lens, tables, 0.2)
+    ref = reference_attention(q, kc, vc, qsl, lens, tables, 0.2)
     torch.testing.assert_close(out[:1], ref[:1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[21:], ref[21:], rtol=1e-5, atol=1e-5)
     assert bool((out[1:21] == 7.0).all())  # the 20-token query was left to the caller
@@ -137,7 +119,7 @@ def test_paged_attention_bfloat16():
     out = torch.zeros_like(q, dtype=torch.bfloat16)
     assert cpu.paged_attention(q.bfloat16(), out, kc.bfloat16(), vc.bfloat16(), qsl, lens,
                                tables, DIM**-0.5, 16)
-    ref = _reference(q.bfloat16().float(), kc.bfloat16().float(), vc.bfloat16().float(),
+    ref = reference_attention(q.bfloat16().float(), kc.bfloat16().float(), vc.bfloat16().float(),
                      qsl, lens, tables, DIM**-0.5)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
@@ -212,8 +194,8 @@ def test_paged_attention_other_head_dims(head_dim):
     q = torch.randn(3, HEADS, head_dim, generator=g)
     out = torch.zeros_like(q)
     assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, head_dim**-0.5, 16)
-    torch.testing.assert_close(out, _reference(q, kc, vc, qsl, lens, tables, head_dim**-0.5),
-                               rtol=1e-5, atol=1e-5)
+    expected = reference_attention(q, kc, vc, qsl, lens, tables, head_dim**-0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 baseline build")
@@ -228,8 +210,8 @@ def test_portable_build_matches(monkeypatch):
         q, kc, vc, qsl, lens, tables = _paged_case([1, 3, 1], [20, 33, 64], seed=5)
         out = torch.zeros_like(q)
         assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, DIM**-0.5, 16)
-        torch.testing.assert_close(out, _reference(q, kc, vc, qsl, lens, tables, DIM**-0.5),
-                                   rtol=1e-5, atol=1e-5)
+        expected = reference_attention(q, kc, vc, qsl, lens, tables, DIM**-0.5)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         g = torch.Generator().manual_seed(9)
         codes, scales, zeros = quantize_int4(torch.randn(9, 64, generator=g))
         x = torch.randn(6, 64, generator=g)

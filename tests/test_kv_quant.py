@@ -6,6 +6,7 @@ import platform
 
 import pytest
 import torch
+from paged_cases import paged_layout, reference_attention
 
 from tokenmill.attention.base import AttentionMetadata
 from tokenmill.attention.torch_backend import TorchAttentionBackend, write_kv_cache
@@ -88,31 +89,11 @@ def test_write_kv_cache_quantizes_into_slots(fmt):
 
 
 def _case(q_lens, seq_lens, fmt, dim=32, seed=0, num_blocks=48):
-    k, v, kq, vq = _quantized_cache(fmt, num_blocks, dim, seed)
+    _, _, kq, vq = _quantized_cache(fmt, num_blocks, dim, seed)
     g = torch.Generator().manual_seed(seed + 1)
-    perm = torch.randperm(num_blocks, generator=g)
-    max_blocks = max(-(-n // BLOCK) for n in seq_lens)
-    tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(seq_lens):
-        count = -(-n // BLOCK)
-        tables[i, :count] = perm[used:used + count]
-        used += count
-    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-    qsl[1:] = torch.tensor(q_lens).cumsum(0)
-    q = torch.randn(int(qsl[-1]), HEADS, dim, generator=g)
-    return q, kq, vq, qsl, torch.tensor(seq_lens, dtype=torch.int32), tables
+    q, qsl, lens, tables = paged_layout(q_lens, seq_lens, num_blocks, BLOCK, HEADS, dim, g)
+    return q, kq, vq, qsl, lens, tables
 
-
-def _reference(q, kq, vq, qsl, seq_lens, tables, scale, window=None):
-    """The torch backend's SDPA path on the dequantized cache."""
-    out = torch.zeros_like(q)
-    for i in range(len(seq_lens)):
-        a, b = int(qsl[i]), int(qsl[i + 1])
-        if b > a:
-            out[a:b] = TorchAttentionBackend._prefill_one(
-                q[a:b], kq, vq, tables[i], int(seq_lens[i]), scale, window)
-    return out
 
 
 needs_kernels = pytest.mark.skipif(cpu.cpu_kernels() is None, reason="no C compiler")
@@ -122,12 +103,12 @@ needs_kernels = pytest.mark.skipif(cpu.cpu_kernels() is None, reason="no C compi
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dim", [32, 12, 128])  # AVX2 (D % 8 == 0; 128: two V passes), scalar
 @pytest.mark.parametrize("window", [0, 20])
-def test_native_kernel_matches_reference(fmt, dim, window):
+def test_native_kernel_matchesreference_attention(fmt, dim, window):
     q, kq, vq, qsl, lens, tables = _case([1, 3, 1, 16, 20], [70, 50, 9, 64, 40], fmt, dim,
                                          seed=dim + window)
     out = torch.full_like(q, 7.0)
     assert cpu.paged_attention(q, out, kq, vq, qsl, lens, tables, dim**-0.5, 16, window)
-    ref = _reference(q, kq, vq, qsl, lens, tables, dim**-0.5, window or None)
+    ref = reference_attention(q, kq, vq, qsl, lens, tables, dim**-0.5, window or None)
     torch.testing.assert_close(out[:-20], ref[:-20], rtol=1e-5, atol=1e-5)
     assert bool((out[-20:] == 7.0).all())  # the 20-token chunk is left to SDPA
 
@@ -155,7 +136,7 @@ def test_native_kernel_bfloat16_queries(fmt):
     qb = q.bfloat16()
     out = torch.zeros_like(qb)
     assert cpu.paged_attention(qb, out, kq, vq, qsl, lens, tables, 32**-0.5, 16)
-    ref = _reference(qb.float(), kq, vq, qsl, lens, tables, 32**-0.5)
+    ref = reference_attention(qb.float(), kq, vq, qsl, lens, tables, 32**-0.5)
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
 
 
@@ -171,7 +152,7 @@ def test_portable_build_matches(monkeypatch):
             q, kq, vq, qsl, lens, tables = _case([1, 4], [40, 21], fmt, seed=7)
             out = torch.zeros_like(q)
             assert cpu.paged_attention(q, out, kq, vq, qsl, lens, tables, 0.2, 16)
-            torch.testing.assert_close(out, _reference(q, kq, vq, qsl, lens, tables, 0.2),
+            torch.testing.assert_close(out, reference_attention(q, kq, vq, qsl, lens, tables, 0.2),
                                        rtol=1e-5, atol=1e-5)
     finally:
         monkeypatch.delenv("TOKENMILL_CPU_MARCH")

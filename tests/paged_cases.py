@@ -1,0 +1,37 @@
+"""Random paged-attention inputs and the reference the CPU kernels are checked against."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.attention.torch_backend import TorchAttentionBackend
+
+
+def paged_layout(q_lens, seq_lens, num_blocks, block_size, heads, dim, generator):
+    """Block tables over a random permutation of the pool, query offsets and queries.
+
+    Returns ``(q, query_start_loc, seq_lens, block_tables)`` as the kernels take them.
+    """
+    perm = torch.randperm(num_blocks, generator=generator)
+    max_blocks = max(-(-n // block_size) for n in seq_lens)
+    tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(seq_lens):
+        count = -(-n // block_size)
+        tables[i, :count] = perm[used:used + count]
+        used += count
+    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    qsl[1:] = torch.tensor(q_lens).cumsum(0)
+    q = torch.randn(int(qsl[-1]), heads, dim, generator=generator)
+    return q, qsl, torch.tensor(seq_lens, dtype=torch.int32), tables
+
+
+def reference_attention(q, k_cache, v_cache, qsl, seq_lens, tables, scale, window=None):
+    """The torch backend's SDPA path, one sequence at a time (any cache format it reads)."""
+    out = torch.zeros_like(q)
+    for i in range(len(seq_lens)):
+        a, b = int(qsl[i]), int(qsl[i + 1])
+        if b > a:
+            out[a:b] = TorchAttentionBackend._prefill_one(
+                q[a:b], k_cache, v_cache, tables[i], int(seq_lens[i]), scale, window)
+    return out
