@@ -7,16 +7,24 @@ step (``engine``, ``runner``, ``spec``) depend on these types, not on each other
 - :class:`ModelOutput`: the logits the runner computed, with the rows each
   scheduled sequence owns;
 - :class:`SampledTokens`: what sampling and verification made of them, handed
-  back to ``Scheduler.update``.
+  back to ``Scheduler.update``;
+- :class:`TokenFill`: with async scheduling, where a step's placeholder tokens
+  come from (the previous step's sampled tokens, still on the device).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+# With async scheduling a step is planned before the previous step's sampled tokens
+# reach the host: a decode then computes this stand-in, which the runner replaces on
+# the device with the real token (see TokenFill).
+PLACEHOLDER_TOKEN = -1
 
 
 @dataclass
@@ -29,6 +37,9 @@ class ScheduledSeq:
     block_table: list[int]
     num_logits: int  # trailing positions of this chunk whose logits are needed
     num_draft_tokens: int = 0  # trailing token_ids that are speculative proposals
+    # The chunk reaches the sequence's end, so a token is sampled after it (set by the
+    # scheduler; read back by it to settle async-scheduling claims).
+    samples: bool = False
 
 
 @dataclass
@@ -71,3 +82,40 @@ class SampledTokens:
 
     token_ids: list[int]
     num_accepted: int = 0
+
+
+@dataclass
+class TokenFill:
+    """Placeholder tokens of a step, filled on the device before the forward pass.
+
+    Token row ``rows[i]`` of the step (counted over every scheduled token) gets
+    ``source[source_rows[i]]``: the previous step's sampled token, which never
+    went through the host.
+    """
+
+    rows: Sequence[int]  # a range when the placeholders are contiguous
+    source: torch.Tensor  # [S] int64 on the runner's device
+    source_rows: Sequence[int]
+
+    def apply_to(self, input_ids: torch.Tensor) -> None:
+        """Write the source tokens over the placeholder rows of ``input_ids`` (no host sync)."""
+        device = input_ids.device
+        source = self.source.to(device)
+        if _is_slice(self.source_rows):
+            source = source[self.source_rows[0]:self.source_rows[-1] + 1]
+        else:
+            source = source[_index(self.source_rows, device)]
+        if _is_slice(self.rows):
+            input_ids[self.rows[0]:self.rows[-1] + 1] = source
+        else:
+            input_ids[_index(self.rows, device)] = source
+
+
+def _is_slice(rows: Sequence[int]) -> bool:
+    return isinstance(rows, range) and rows.step == 1 and len(rows) > 0
+
+
+def _index(rows: Sequence[int], device: torch.device) -> torch.Tensor:
+    import torch
+
+    return torch.tensor(list(rows), dtype=torch.long).to(device, non_blocking=True)

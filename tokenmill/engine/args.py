@@ -50,6 +50,9 @@ class EngineArgs:
     attention_backend: str = _AUTO  # auto | torch | triton
     enforce_eager: bool = False  # True: never capture/replay CUDA graphs
     max_cudagraph_batch_size: int | None = None  # largest graph-captured decode batch
+    # Plan each step while the previous one runs (one step in flight). None = on for
+    # CUDA (the host's work then overlaps the GPU's), off on CPU (nothing to overlap).
+    async_scheduling: bool | None = None
     seed: int = 0
     num_threads: int | None = None  # CPU threads for torch; default: all cores
     # Speculative decoding (off unless a method is named; see SpeculativeConfig).
@@ -87,6 +90,12 @@ class EngineArgs:
         if dtype == torch.float16 and device.type == "cpu":
             raise ValueError("float16 is supported on GPU only; use float32 or bfloat16 on CPU")
         return dtype
+
+    def resolved_async_scheduling(self, device: torch.device) -> bool:
+        """Async scheduling unless turned off; by default only on CUDA."""
+        if self.async_scheduling is None:
+            return device.type == "cuda"
+        return self.async_scheduling
 
     def resolved_backend(self, device: torch.device) -> str:
         if self.attention_backend == _AUTO:
@@ -214,6 +223,11 @@ class EngineArgs:
         g.add_argument("--max-cudagraph-batch-size", type=int, default=None,
                        help="largest decode batch captured as a CUDA graph "
                             "(default: min(max-num-seqs, 256))")
+        g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="plan each step while the previous one runs on the device, so "
+                            "the host's work overlaps the GPU's (default: on for CUDA, off on "
+                            "CPU; off with tensor parallelism or speculative decoding)")
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--num-threads", type=int, default=None,
                        help="CPU threads for the forward pass (default: all cores)")

@@ -240,8 +240,13 @@ def _assemble(args: EngineArgs, rank: RankModel, device: torch.device,
         num_kv_blocks=num_blocks, block_size=cache_cfg.block_size,
     )
     structured = _structured_outputs(args, tokenizer, model_config.vocab_size, eos_token_ids)
+    async_scheduling = args.resolved_async_scheduling(device)
+    if async_scheduling and (speculator is not None or not executor.supports_async_scheduling):
+        logger.info("async scheduling off: not supported with %s",
+                    "speculative decoding" if speculator is not None else "tensor parallelism")
+        async_scheduling = False
     core = EngineCore(scheduler, executor, Sampler(generator), limits, speculator, structured,
-                      kv_offload)
+                      kv_offload, async_scheduling=async_scheduling)
     info = EngineInfo(
         model_name=model_name(resolved.path, resolved.gguf_file), limits=limits,
         eos_token_ids=list(eos_token_ids), architecture=model_config.architecture,

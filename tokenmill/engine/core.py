@@ -15,6 +15,15 @@ and the step's sampling; the structured-output manager owns compiled grammars
 (each sequence's matcher rides on the sequence and is advanced by the
 scheduler as tokens are appended). A request with a grammar waits outside the
 scheduler until its grammar is compiled (in the background).
+
+With async scheduling one step stays in flight: ``execute`` launches the
+planned step (its forward pass and sampling, queued on the device) and only
+then waits for the previous step's tokens and updates the scheduler with them,
+so on a GPU the host's planning, bookkeeping and output building overlap the
+device's work. Steps run this way while every live request is plain
+(``n == 1``; no logprobs, penalties, ``min_tokens``, grammar or speculative
+decoding); otherwise the core finishes the step in flight and runs steps one
+at a time.
 """
 
 from __future__ import annotations
@@ -41,7 +50,14 @@ from tokenmill.engine.validation import EngineLimits, validate_request
 from tokenmill.outputs import EngineStats, TokenLogprob
 from tokenmill.sampling import Sampler, SamplingBatch, SamplingParams
 from tokenmill.sampling.sampler import compute_prompt_logprobs
-from tokenmill.step_types import ModelOutput, SampledTokens, ScheduledSeq, SchedulerOutput
+from tokenmill.step_types import (
+    PLACEHOLDER_TOKEN,
+    ModelOutput,
+    SampledTokens,
+    ScheduledSeq,
+    SchedulerOutput,
+    TokenFill,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +88,27 @@ class _CoreRequest:
         return all(s.is_finished for s in seqs) and (self.forked or self.params.n == 1)
 
 
+@dataclass(eq=False)
+class _StepInFlight:
+    """A launched step whose sampled tokens have not reached the host yet."""
+
+    sched: SchedulerOutput
+    sampled_ids: list[str]  # sequence of each sampled row, in row order
+    tokens: torch.Tensor  # [rows] int64 on the device: the next step's placeholders
+    host_tokens: torch.Tensor  # the same, copied (or being copied) to the host
+    copied: Any = None  # a CUDA event recorded after the copy; None on CPU
+
+    def mentions(self, request_id: str) -> bool:
+        """Whether any sequence of this step belongs to ``request_id``."""
+        return any(item.seq_id.rpartition("#")[0] == request_id for item in self.sched.seqs)
+
+    def token_ids(self) -> list[int]:
+        """The sampled tokens on the host (waits for the copy)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host_tokens.tolist()
+
+
 class EngineCore:
     """Continuous batching over a paged KV cache, on token ids."""
 
@@ -84,6 +121,7 @@ class EngineCore:
         speculator: Speculator | None = None,
         structured: StructuredOutputManager | None = None,
         kv_offload: KVOffloadManager | None = None,
+        async_scheduling: bool = False,
     ) -> None:
         self.scheduler = scheduler
         self.kv_offload = kv_offload  # the prefix cache's offload tiers, if any
@@ -110,6 +148,13 @@ class EngineCore:
         # Live requests that use any sampling option beyond a plain argmax: when there
         # are none, a step's rows are sampled with one argmax and no per-row batch.
         self._num_not_plain = 0
+        # Async scheduling (one step in flight), where the executor and options allow.
+        self.async_scheduling = (async_scheduling and speculator is None
+                                 and executor.supports_async_scheduling)
+        self._num_not_async = 0  # live requests that need steps run one at a time
+        self._in_flight: _StepInFlight | None = None
+        self._planned_ahead = False  # the last schedule() planned an async step
+        self._drained: list[EngineCoreOutput] = []  # outputs of a step finished early
 
     # ------------------------------------------------------------- accessors
     @property
@@ -139,6 +184,11 @@ class EngineCore:
             raise RequestRejected(f"request id {rid!r} is already in use", code="duplicate_id")
         token_ids = list(request.prompt_token_ids)
         params = validate_request(self.limits, token_ids, request.params)
+        if self._in_flight is not None and self._in_flight.mentions(rid):
+            # The step in flight still computes an earlier request of this id: its
+            # results are looked up by id, so settle them before the id is reused.
+            self._drained += self._finish(self._in_flight)
+            self._in_flight = None
         order = next(self._arrivals)
         seq = self._new_sequence(rid, 0, token_ids, params, request.arrival_time, order,
                                  request.priority)
@@ -153,6 +203,8 @@ class EngineCore:
             self._num_history_readers += 1
         if not _plain_greedy(params):
             self._num_not_plain += 1
+        if not _async_safe(params):
+            self._num_not_async += 1
         self._num_unstarted += 1
         if future is None:
             self.scheduler.add(seq)
@@ -241,6 +293,8 @@ class EngineCore:
                 self._num_history_readers -= 1
             if not _plain_greedy(req.params):
                 self._num_not_plain -= 1
+            if not _async_safe(req.params):
+                self._num_not_async -= 1
             if req.scheduled_time is None:
                 self._num_unstarted -= 1
         for seq in req.seqs:
@@ -249,6 +303,7 @@ class EngineCore:
     def fail_all(self, error: str) -> list[EngineCoreOutput]:
         """Abort every request in flight and say why (after a step raised)."""
         outputs = []
+        self._in_flight, self._drained, self._planned_ahead = None, [], False
         for req in list(self._requests.values()):
             self.abort_request(req.request_id)
             outputs.append(EngineCoreOutput(req.request_id, finished=True, error=error))
@@ -278,7 +333,14 @@ class EngineCore:
         """Plan the next step (requests scheduled for the first time become "started")."""
         if self._awaiting_grammar:
             self._admit_compiled()
-        sched = self.scheduler.schedule()
+        ahead = self.async_scheduling and not self._num_not_async
+        if not ahead and self._in_flight is not None:
+            # A request that needs one step at a time arrived: finish the step in flight
+            # (its outputs go out with the next execute) before planning without it.
+            self._drained += self._finish(self._in_flight)
+            self._in_flight = None
+        self._planned_ahead = ahead
+        sched = self.scheduler.schedule(ahead=ahead)
         if self._num_unstarted:  # else every scheduled request has started before
             for item in sched.seqs:
                 req = self._requests[self._seqs[item.seq_id].request_id]
@@ -294,8 +356,15 @@ class EngineCore:
         return started
 
     def execute(self, sched: SchedulerOutput) -> list[EngineCoreOutput]:
-        """Run a planned step: forward, sample/verify, update, propose drafts."""
+        """Run a planned step: forward, sample/verify, update, propose drafts.
+
+        With async scheduling, launch it and return the previous step's outputs.
+        """
         failed, self._failed = self._failed, []
+        failed += self._drained
+        self._drained = []
+        if self._planned_ahead:
+            return failed + self._execute_ahead(sched)
         if self.kv_offload is not None:
             self.kv_offload.restore(sched.kv_restores, self.executor)
         model_out = self.executor.execute(sched)
@@ -324,6 +393,92 @@ class EngineCore:
             # Nothing reuses a freed block before the next schedule().
             self.kv_offload.store(update.offload, self.executor)
         return failed + self._collect(outputs, update.num_appended, logprobs, now)
+
+    # ------------------------------------------------------ async scheduling
+    def _execute_ahead(self, sched: SchedulerOutput) -> list[EngineCoreOutput]:
+        """Launch ``sched``, then finish the step launched before it."""
+        previous, self._in_flight = self._in_flight, None
+        if not sched.is_empty:
+            if self.kv_offload is not None:
+                self.kv_offload.restore(sched.kv_restores, self.executor)
+            model_out = self.executor.execute(sched, self._placeholder_fill(sched, previous))
+            self._steps += 1
+            self._in_flight = self._launch_sampling(sched, model_out)
+        return self._finish(previous) if previous is not None else []
+
+    @staticmethod
+    def _placeholder_fill(sched: SchedulerOutput,
+                          previous: _StepInFlight | None) -> TokenFill | None:
+        """Where each placeholder token of ``sched`` comes from in the step before it."""
+        rows: list[int] = []
+        ids: list[str] = []
+        row = 0
+        for item in sched.seqs:
+            row += len(item.token_ids)
+            if item.token_ids[-1] == PLACEHOLDER_TOKEN:  # a decode of a token in flight
+                rows.append(row - 1)
+                ids.append(item.seq_id)
+        if not rows:
+            return None
+        assert previous is not None, "a placeholder without a step in flight"
+        if ids == previous.sampled_ids:  # steady decode: the same sequences, in order
+            source_rows: range | list[int] = range(len(ids))
+        else:
+            index = {sid: i for i, sid in enumerate(previous.sampled_ids)}
+            source_rows = [index[sid] for sid in ids]
+        if rows[-1] == len(rows) - 1:  # the placeholders are the step's first rows
+            return TokenFill(range(len(rows)), previous.tokens, source_rows)
+        return TokenFill(rows, previous.tokens, source_rows)
+
+    def _launch_sampling(self, sched: SchedulerOutput, model_out: ModelOutput) -> _StepInFlight:
+        """Queue the step's sampling; start copying the tokens to the host."""
+        sampled_ids: list[str] = []
+        rows: list[int] = []
+        for item, r in zip(sched.seqs, model_out.rows):
+            if item.samples and r:
+                sampled_ids.append(item.seq_id)
+                rows.append(r.stop - 1)
+        logits = model_out.logits
+        if not rows:
+            tokens = torch.empty(0, dtype=torch.long, device=self.device)
+        elif not self._num_not_plain:
+            tokens = logits[rows].argmax(dim=-1)
+        else:
+            seqs = [self._seqs[sid] for sid in sampled_ids]
+            batch = SamplingBatch(
+                params=[s.params for s in seqs],
+                prompt_token_ids=[_NO_HISTORY] * len(seqs),
+                output_token_ids=[_NO_HISTORY] * len(seqs),
+                generators=[s.generator for s in seqs],
+                eos_token_ids=tuple(self.scheduler.eos_token_ids),
+            )
+            tokens = self.sampler.sample_tokens(logits[rows], batch)
+        if tokens.device.type != "cuda":
+            return _StepInFlight(sched, sampled_ids, tokens, tokens)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return _StepInFlight(sched, sampled_ids, tokens, host, copied)
+
+    def _finish(self, step: _StepInFlight) -> list[EngineCoreOutput]:
+        """Wait for a launched step's tokens; update the scheduler; build the deltas."""
+        token_ids = step.token_ids()
+        now = time.time()
+        outputs: dict[str, EngineCoreOutput] = {}
+        for item in step.sched.seqs:
+            seq = self._seqs.get(item.seq_id)
+            if seq is None or seq.is_finished:
+                continue  # finished or aborted since this step was planned
+            if seq.request_id not in outputs:
+                outputs[seq.request_id] = EngineCoreOutput(seq.request_id)
+        sampled = {sid: SampledTokens([token])
+                   for sid, token in zip(step.sampled_ids, token_ids, strict=True)
+                   if sid in self._seqs}
+        update = self.scheduler.update(step.sched, sampled)
+        if self.kv_offload is not None and update.offload:
+            self.kv_offload.store(update.offload, self.executor)
+        return self._collect(outputs, update.num_appended, {}, now)
 
     def _sample_and_verify(
         self, sched: SchedulerOutput, model_out: ModelOutput, outputs: dict[str, EngineCoreOutput],
@@ -519,6 +674,17 @@ class EngineCore:
 def _plain_greedy(p: SamplingParams) -> bool:
     """Whether the sampler's answer for this row is just the argmax of its logits."""
     return (p.is_greedy and not p.logit_bias and p.logprobs is None
+            and p.structured_outputs is None and not _reads_history(p))
+
+
+def _async_safe(p: SamplingParams) -> bool:
+    """Whether a request's steps may be planned before its last token is known.
+
+    Its sampling must not read the token history (penalties, ``min_tokens``) nor a
+    grammar's state, and nothing may be computed from the logits on the host
+    (logprobs); ``n > 1`` forks its samples from the first token's step.
+    """
+    return (p.n == 1 and p.logprobs is None and p.prompt_logprobs is None
             and p.structured_outputs is None and not _reads_history(p))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from tokenmill.runner.model_runner import BlockCopy, ModelRunner
-from tokenmill.step_types import ModelOutput, SchedulerOutput
+from tokenmill.step_types import ModelOutput, SchedulerOutput, TokenFill
 
 
 class Executor:
@@ -25,12 +25,20 @@ class Executor:
     def runners(self) -> list[ModelRunner]:
         return [r for r in (self.runner, self.draft_runner) if r is not None]
 
-    def execute(self, out: SchedulerOutput) -> ModelOutput:
-        """Apply the step's block copies to every cache, then run the target model."""
+    # Whether steps may be planned before the previous step's tokens reach the host
+    # (their placeholders are filled from the device): only when one process holds
+    # the whole model.
+    supports_async_scheduling = True
+
+    def execute(self, out: SchedulerOutput, fill: TokenFill | None = None) -> ModelOutput:
+        """Apply the step's block copies to every cache, then run the target model.
+
+        ``fill``: the step's placeholder tokens, from the previous step's samples.
+        """
         if out.block_copies:
             for runner in self.runners:
                 runner.copy_blocks(out.block_copies)
-        return self.runner.execute(out)
+        return self.runner.execute(out, fill)
 
     def read_block(self, block_id: int) -> BlockCopy:
         """Start copying a KV block of every cache (target, then draft) to the host."""

@@ -18,6 +18,14 @@ Speculative decoding adds no second rule: a running sequence whose tokens are
 all scheduled and that carries proposed draft tokens gets them appended to its
 share, budget and free blocks permitting (never at the cost of preempting
 anyone), with logits at every position so the engine can verify them.
+
+Async scheduling (``schedule(ahead=True)``) plans a step while the previous one
+is still computing: each sequence in that step holds a *claim* (tokens it is
+computing, tokens it will sample), and the next plan counts them as if done. A
+decode whose last token is still being sampled gets a placeholder, filled on the
+device (:data:`~tokenmill.step_types.PLACEHOLDER_TOKEN`). ``update`` settles a
+step's claims; a sequence that stops there was planned once more in vain, and a
+sequence preempted with a claim keeps its sampled token but not the progress.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from typing import Protocol
 from tokenmill.config import SchedulerConfig
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.sequence import Sequence, SequenceStatus
-from tokenmill.step_types import SampledTokens, ScheduledSeq, SchedulerOutput
+from tokenmill.step_types import PLACEHOLDER_TOKEN, SampledTokens, ScheduledSeq, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +102,9 @@ class Scheduler:
         self._seqs: dict[str, Sequence] = {}  # every waiting or running sequence
         self._pending_copies: list[tuple[int, int]] = []
         self.num_preemptions = 0
+        # Async scheduling: sequences preempted while a step in flight computed them
+        # (their claims live on the sequences: Sequence.inflight_tokens/_samples).
+        self._preempted_with_claims: set[str] = set()
 
     # ------------------------------------------------------------------ queues
     def _key(self, seq: Sequence) -> tuple:
@@ -145,6 +156,8 @@ class Scheduler:
         found = self._remove(seq)
         self._seqs.pop(seq.seq_id, None)
         self._tier_keys.pop(seq.seq_id, None)
+        if self._preempted_with_claims:
+            self._preempted_with_claims.discard(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
         if seq.finish_reason is None:
             seq.finish_reason = "abort"
@@ -159,6 +172,9 @@ class Scheduler:
         self._remove(seq)
         self.block_manager.free(seq.seq_id)
         self._tier_keys.pop(seq.seq_id, None)
+        if seq.inflight_tokens:
+            self._preempted_with_claims.add(seq.seq_id)
+            seq.inflight_tokens = seq.inflight_samples = 0
         seq.num_computed_tokens = 0
         seq.spec_token_ids, seq.spec_probs = [], None  # proposed for the old state
         seq.num_preemptions += 1
@@ -179,23 +195,31 @@ class Scheduler:
         return max(0, min(num_drafts, covered - seq.num_tokens + 1))
 
     # --------------------------------------------------------------- schedule
-    def schedule(self) -> SchedulerOutput:
-        """Build the next step's batch."""
+    def schedule(self, ahead: bool = False) -> SchedulerOutput:
+        """Build the next step's batch.
+
+        ``ahead``: the step may be planned before the previous one is updated
+        (async scheduling); its sequences' claims are recorded for the next plan.
+        The caller must not ask for drafts, prompt logprobs or ``n > 1`` then.
+        """
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[str] = []
         bm = self.block_manager
 
         # 1) Running sequences, highest priority first.
-        planned: list[tuple[Sequence, int]] = []
+        planned: list[tuple[Sequence, int, int, int]] = []  # seq, new, computed, total
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            # Counting what a step in flight computes and samples (async scheduling).
+            computed = seq.num_computed_tokens + seq.inflight_tokens
+            total = seq.num_tokens + seq.inflight_samples
+            num_new = min(total - computed, budget)
             if num_new <= 0:
                 i += 1
                 continue
-            while bm.append_slots(seq.seq_id, seq.num_computed_tokens + num_new) is None:
+            while bm.append_slots(seq.seq_id, computed + num_new) is None:
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim.seq_id)
@@ -203,14 +227,14 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break  # seq preempted itself: nothing lower-priority was left
-            planned.append((seq, num_new))
+            planned.append((seq, num_new, computed, total))
             budget -= num_new
             i += 1
 
         # 1b) Draft tokens of running sequences, from what the real tokens left.
-        for seq, num_new in planned:
+        for seq, num_new, computed, total in planned:
             num_drafts = self._fit_drafts(seq, num_new, budget) if seq.spec_token_ids else 0
-            scheduled.append(self._scheduled(seq, num_new, num_drafts))
+            scheduled.append(self._scheduled(seq, num_new, num_drafts, computed, total))
             budget -= num_drafts
 
         # 2) Waiting sequences, in queue order; stop at the first that does not
@@ -251,9 +275,16 @@ class Scheduler:
             del self.waiting[0]
             del self._keys_waiting[0]
             self._add_running(seq)
-            scheduled.append(self._scheduled(seq, num_new))
+            scheduled.append(self._scheduled(seq, num_new, 0, seq.num_computed_tokens,
+                                             seq.num_tokens))
             budget -= num_new
 
+        if ahead:
+            seqs = self._seqs
+            for item in scheduled:
+                seq = seqs[item.seq_id]
+                seq.inflight_tokens += len(item.token_ids)
+                seq.inflight_samples += item.samples
         copies, self._pending_copies = self._pending_copies, []
         return SchedulerOutput(
             seqs=scheduled,
@@ -280,22 +311,28 @@ class Scheduler:
             return 0  # cannot happen given ``room``; stay safe
         return num_drafts
 
-    def _scheduled(self, seq: Sequence, num_new: int, num_drafts: int = 0) -> ScheduledSeq:
-        start = seq.num_computed_tokens
+    def _scheduled(self, seq: Sequence, num_new: int, num_drafts: int, start: int,
+                   total: int) -> ScheduledSeq:
+        """``num_new`` tokens from ``start`` of a sequence ``total`` tokens long (counting
+        tokens a step in flight will sample, which get placeholders)."""
         end = start + num_new
-        reaches_end = end == seq.num_tokens
+        reaches_end = end == total
         num_logits = 1 + num_drafts if reaches_end else 0
         prompt_logprobs = getattr(seq.params, "prompt_logprobs", None)
         if prompt_logprobs is not None and seq.num_output_tokens == 0 and seq.index == 0:
             # Every prompt position predicts the next prompt token.
             num_logits = num_new
+        token_ids = seq.token_ids[start:end]
+        if end > seq.num_tokens:  # async: the token a step in flight is sampling
+            token_ids += [PLACEHOLDER_TOKEN] * (end - max(start, seq.num_tokens))
         return ScheduledSeq(
             seq_id=seq.seq_id,
-            token_ids=seq.token_ids[start:end] + seq.spec_token_ids[:num_drafts],
+            token_ids=token_ids + seq.spec_token_ids[:num_drafts],
             start_pos=start,
             block_table=self.block_manager.block_table(seq.seq_id),
             num_logits=num_logits,
             num_draft_tokens=num_drafts,
+            samples=reaches_end,
         )
 
     # ----------------------------------------------------------------- update
@@ -325,11 +362,20 @@ class Scheduler:
         result = StepUpdate()
         touched: list[Sequence] = []
         step_start: dict[str, int] = {}
+        preempted = self._preempted_with_claims
         for item in out.seqs:
             seq = self._seqs.get(item.seq_id)
             if seq is None:
-                continue  # aborted since it was scheduled
-            seq.num_computed_tokens += len(item.token_ids) - item.num_draft_tokens
+                continue  # aborted (or finished) since it was scheduled
+            if preempted and item.seq_id in preempted:
+                # Preempted after this step was planned: its K/V is gone, but the token
+                # it sampled is still the sequence's next one.
+                preempted.discard(item.seq_id)
+            else:
+                seq.num_computed_tokens += len(item.token_ids) - item.num_draft_tokens
+                if seq.inflight_tokens:  # planned ahead: settle the step's claim
+                    seq.inflight_tokens -= len(item.token_ids)
+                    seq.inflight_samples -= item.samples
             step_start[seq.seq_id] = item.start_pos
             touched.append(seq)
         for parent, child in forks:

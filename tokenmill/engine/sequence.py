@@ -45,6 +45,10 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (first schedule)
     num_preemptions: int = 0
+    # Async scheduling: tokens that steps planned but not yet updated compute, and the
+    # tokens they will sample (the scheduler's claims; 0 when steps run one at a time).
+    inflight_tokens: int = 0
+    inflight_samples: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     generator: torch.Generator | None = None
     # Speculative decoding: draft tokens proposed to follow token_ids (not part of

@@ -58,7 +58,7 @@ from tokenmill.engine.messages import (
 )
 from tokenmill.engine.placement import rank_device, rank_threads
 from tokenmill.runner.model_runner import ModelRunner
-from tokenmill.step_types import ModelOutput, SchedulerOutput
+from tokenmill.step_types import ModelOutput, SchedulerOutput, TokenFill
 
 logger = logging.getLogger("tokenmill.engine.tensor_parallel")
 
@@ -275,7 +275,13 @@ class TPExecutor(Executor):
         super().__init__(runner, draft_runner)
         self.launch = launch
 
-    def execute(self, out: SchedulerOutput) -> ModelOutput:
+    # The other ranks build their inputs from the published step: they never see the
+    # tokens rank 0 sampled, so every step's tokens must be known when it is published.
+    supports_async_scheduling = False
+
+    def execute(self, out: SchedulerOutput, fill: TokenFill | None = None) -> ModelOutput:
+        if fill is not None:
+            raise ValueError("tensor-parallel steps cannot carry placeholder tokens")
         self.launch.workers.check()
         if out.seqs or out.block_copies:
             assert self.launch.publisher is not None

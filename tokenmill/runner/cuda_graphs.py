@@ -44,6 +44,7 @@ from tokenmill.attention.base import AttentionBackend, AttentionMetadata
 
 if TYPE_CHECKING:
     from tokenmill.runner.model_runner import KVCache, StepInputs
+    from tokenmill.step_types import TokenFill
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class DecodeGraphRunner:
                     len(self.sizes), self.sizes[0], self.sizes[-1],
                     time.perf_counter() - t0, used / 2**20)
 
-    def run(self, step: StepInputs) -> torch.Tensor | None:
+    def run(self, step: StepInputs, fill: TokenFill | None = None) -> torch.Tensor | None:
         """Replay the bucket for a decode-only ``step``; hidden states ``[P, hidden]``.
 
         Rows past ``step.num_seqs`` are padding. Returns None (run it eagerly)
@@ -255,6 +256,8 @@ class DecodeGraphRunner:
         if step.block_tables.shape[1] > self.inputs.block_tables.shape[1]:
             return None  # longer than max_model_len: cannot happen through the scheduler
         self.inputs.load(pad_decode_step(step, size))
+        if fill is not None:  # placeholder rows are step rows: padding comes after them
+            fill.apply_to(self.inputs.input_ids)
         graph, hidden = self._graphs[size]
         graph.replay()
         self.num_replays += 1

@@ -25,7 +25,7 @@ import torch
 from tokenmill.attention.base import AttentionBackend, AttentionMetadata
 from tokenmill.runner.block_tables import PersistentBlockTables
 from tokenmill.runner.cuda_graphs import CudaGraphConfig, DecodeGraphRunner
-from tokenmill.step_types import ModelOutput, ScheduledSeq, SchedulerOutput
+from tokenmill.step_types import ModelOutput, ScheduledSeq, SchedulerOutput, TokenFill
 
 logger = logging.getLogger(__name__)
 
@@ -270,17 +270,20 @@ class ModelRunner:
         """Size of :meth:`read_block`'s result."""
         return self.kv_cache[:, :, 0].numel() * self.kv_cache.element_size()
 
-    def forward_eager(self, step: StepInputs) -> torch.Tensor:
+    def forward_eager(self, step: StepInputs, fill: TokenFill | None = None) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` of one step run without graphs."""
         input_ids, positions, meta = step_tensors(step, self.device)
+        if fill is not None:
+            fill.apply_to(input_ids)
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> ModelOutput:
+    def execute(self, out: SchedulerOutput, fill: TokenFill | None = None) -> ModelOutput:
         """Run one step; float32 logits for the requested positions and their owners.
 
         Block copies of ``out`` are not applied here: the executor applies them
-        to every KV cache it owns before running any model.
+        to every KV cache it owns before running any model. ``fill`` replaces the
+        step's placeholder tokens on the device (async scheduling).
         """
         rows: list[range] = []
         start = 0
@@ -292,9 +295,9 @@ class ModelRunner:
         step = build_step_inputs(out, self.block_size, self.block_tables)
         hidden = None
         if self.graphs is not None and step.is_decode_only:
-            hidden = self.graphs.run(step)  # None when no bucket fits
+            hidden = self.graphs.run(step, fill)  # None when no bucket fits
         if hidden is None:
-            hidden = self.forward_eager(step)
+            hidden = self.forward_eager(step, fill)
         if len(step.logits_indices) == 0:
             return ModelOutput(torch.empty(0, device=self.device), rows)
         index = _to_device(step.logits_indices, torch.long, self.device)

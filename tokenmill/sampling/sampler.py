@@ -113,37 +113,14 @@ class Sampler:
         ``logits`` is not modified. A seeded row's generator advances by one
         draw of ``V`` uniforms per sampled token; greedy rows draw nothing.
         """
-        if logits.dim() != 2 or logits.shape[0] != len(batch.params):
-            raise ValueError(
-                f"logits must be [B, V] with B = {len(batch.params)} rows, "
-                f"got shape {tuple(logits.shape)}"
-            )
+        _check_rows(logits, batch)
         num_rows = logits.shape[0]
         if num_rows == 0:
             return SamplerOutput(token_ids=[], logprobs=[])
         # Never modified in place afterwards: logprobs read it at the end.
         raw = constrained_logits(logits.float(), batch)
         params = batch.params
-
-        x = _penalised_logits(raw, batch)
-        x = _mask_below_min_tokens(x, raw, batch)
-
-        greedy_rows = [i for i, p in enumerate(params) if p.is_greedy]
-        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        if not random_rows:
-            token_ids = x.argmax(dim=-1)
-        elif not greedy_rows:
-            token_ids = self._sample_random(x, params, batch.generators)
-        else:
-            token_ids = torch.empty(num_rows, dtype=torch.long, device=x.device)
-            greedy_index = torch.tensor(greedy_rows, device=x.device)
-            random_index = torch.tensor(random_rows, device=x.device)
-            token_ids[greedy_index] = x[greedy_index].argmax(dim=-1)
-            token_ids[random_index] = self._sample_random(
-                x[random_index],
-                [params[i] for i in random_rows],
-                [batch.generators[i] for i in random_rows],
-            )
+        token_ids = self._pick(raw, batch)
 
         logprobs: list[TokenLogprob | None] = [None] * num_rows
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -159,6 +136,39 @@ class Sampler:
             for row, entry in zip(logprob_rows, entries, strict=True):
                 logprobs[row] = entry
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    def sample_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The tokens :meth:`__call__` picks, as an int64 tensor on the logits' device.
+
+        Nothing waits for the device: async scheduling copies the result to the
+        host while the next step runs. No logprobs are computed.
+        """
+        _check_rows(logits, batch)
+        if logits.shape[0] == 0:
+            return torch.empty(0, dtype=torch.long, device=logits.device)
+        return self._pick(constrained_logits(logits.float(), batch), batch)
+
+    def _pick(self, raw: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Penalties, ``min_tokens``, then argmax or a random draw per row of ``raw``."""
+        params = batch.params
+        x = _penalised_logits(raw, batch)
+        x = _mask_below_min_tokens(x, raw, batch)
+        greedy_rows = [i for i, p in enumerate(params) if p.is_greedy]
+        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if not random_rows:
+            return x.argmax(dim=-1)
+        if not greedy_rows:
+            return self._sample_random(x, params, batch.generators)
+        token_ids = torch.empty(len(params), dtype=torch.long, device=x.device)
+        greedy_index = torch.tensor(greedy_rows, device=x.device)
+        random_index = torch.tensor(random_rows, device=x.device)
+        token_ids[greedy_index] = x[greedy_index].argmax(dim=-1)
+        token_ids[random_index] = self._sample_random(
+            x[random_index],
+            [params[i] for i in random_rows],
+            [batch.generators[i] for i in random_rows],
+        )
+        return token_ids
 
     def greedy(self, logits: torch.Tensor) -> list[int]:
         """The argmax of each row of ``logits`` ``[B, V]``.
@@ -190,6 +200,14 @@ class Sampler:
         if cutoffs is not None:
             scores.masked_fill_(logits < cutoffs.unsqueeze(1), _NEG_INF)
         return scores.argmax(dim=-1)
+
+
+def _check_rows(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    if logits.dim() != 2 or logits.shape[0] != len(batch.params):
+        raise ValueError(
+            f"logits must be [B, V] with B = {len(batch.params)} rows, "
+            f"got shape {tuple(logits.shape)}"
+        )
 
 
 def probability_rows(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
