@@ -201,6 +201,8 @@ def engine_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
         wanted["kv_cache_memory"] = args.kv_cache_memory
     if args.enforce_eager:
         wanted["enforce_eager"] = True
+    if args.async_scheduling is not None:
+        wanted["async_scheduling"] = args.async_scheduling
     wanted.update(overrides)
     known = EngineArgs.field_names()
     dropped = sorted(k for k in wanted if k not in known)
@@ -478,6 +480,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--kv-cache-memory", default=None, help="explicit KV budget, e.g. 20GiB")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="plan each step while the previous one runs (engine default: on "
+                        "for CUDA); --no-async-scheduling runs steps one at a time")
     p.add_argument("--decode-batches", default="1,8,64,256")
     p.add_argument("--decode-context", type=int, default=512, help="prompt tokens per sequence")
     p.add_argument("--decode-steps", type=int, default=64, help="timed decode steps per batch")

@@ -1,9 +1,12 @@
 """Greedy tokens of CUDA-graph replay, eager Triton and eager torch, compared in float32.
 
 The same random-weight model (float32, sharp logits) generates greedily through
-three engines that differ only in how a step runs:
+four engines that differ only in how a step runs:
 
-- ``graph``:        the Triton backend with decode CUDA graphs (the GPU default);
+- ``graph``:        the Triton backend with decode CUDA graphs and async scheduling
+                    (the GPU default: each decode's input token is the previous
+                    step's sample, filled in on the device);
+- ``graph-sync``:   the same, one step at a time (``async_scheduling=False``);
 - ``eager-triton``: the Triton backend with ``enforce_eager`` (no graphs);
 - ``eager-torch``:  the torch reference backend.
 
@@ -52,10 +55,11 @@ SMOKE_CONFIG = {
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
     "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
 }
-ENGINES = {  # name -> (attention backend, enforce_eager)
-    "graph": ("triton", False),
-    "eager-triton": ("triton", True),
-    "eager-torch": ("torch", True),
+ENGINES = {  # name -> (attention backend, enforce_eager, async_scheduling)
+    "graph": ("triton", False, True),
+    "graph-sync": ("triton", False, False),
+    "eager-triton": ("triton", True, False),
+    "eager-torch": ("torch", True, False),
 }
 
 
@@ -109,9 +113,10 @@ def run_engine(name: str, model_dir: str, cfg: CheckConfig, prompts: list[list[i
     from tokenmill.model.loader import init_dummy_weights
     from tokenmill.sampling import SamplingParams
 
-    backend, eager = ENGINES[name]
+    backend, eager, async_scheduling = ENGINES[name]
     llm = LLM(model_dir, load_format="dummy", dtype="float32", device=cfg.device,
               attention_backend=backend, enforce_eager=eager, block_size=cfg.block_size,
+              async_scheduling=async_scheduling,
               max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
               max_cudagraph_batch_size=cfg.max_num_seqs, kv_cache_memory=cfg.kv_cache_memory,
               seed=cfg.seed)

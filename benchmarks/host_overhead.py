@@ -10,6 +10,13 @@ a 64 x 256 projection; logits depend on the input token so outputs vary).
 
 For each batch size, that many requests are prefilled, then ``--steps`` pure
 decode steps are timed (median ms per step, and its split across the parts).
+Both step modes are measured: one step at a time ("sync": every part of the
+host's work is serial with the device's step) and async scheduling ("async":
+the step is launched, then the previous step's tokens are waited for, updated
+and turned into outputs; on a GPU everything but "schedule" and "runner" runs
+while the device computes the step just launched, and those two overlap the
+previous step's tail). On a CPU the stand-in forward is synchronous, so both
+rows are host time alone; the split says what a GPU would overlap.
 
     python benchmarks/host_overhead.py                          # batches 1, 64, 256
     python benchmarks/host_overhead.py --save before.json       # record a baseline
@@ -70,7 +77,8 @@ class StandInModel(torch.nn.Module):
         return hidden @ self.head
 
 
-def build_core(max_num_seqs: int, max_model_len: int) -> EngineCore:
+def build_core(max_num_seqs: int, max_model_len: int,
+               async_scheduling: bool = False) -> EngineCore:
     """A real engine core (scheduler, runner, sampler) around the stand-in model."""
     num_blocks = max_num_seqs * (-(-max_model_len // BLOCK_SIZE)) + 1
     kv = torch.zeros(1, 2, num_blocks, BLOCK_SIZE, 1, 1)  # never read by the stand-in
@@ -80,7 +88,8 @@ def build_core(max_num_seqs: int, max_model_len: int) -> EngineCore:
                         max_model_len=max_model_len),
         BlockManager(num_blocks, BLOCK_SIZE, enable_prefix_caching=True), eos_token_ids=(2,))
     limits = EngineLimits(max_model_len, VOCAB, num_blocks, BLOCK_SIZE)
-    return EngineCore(sched, Executor(runner), Sampler(torch.Generator().manual_seed(0)), limits)
+    return EngineCore(sched, Executor(runner), Sampler(torch.Generator().manual_seed(0)), limits,
+                      async_scheduling=async_scheduling)
 
 
 def timed(owner: Any, name: str, sink: list[float]) -> None:
@@ -97,9 +106,11 @@ def timed(owner: Any, name: str, sink: list[float]) -> None:
     setattr(owner, name, wrapper)
 
 
-def measure(batch: int, steps: int, prompt_len: int) -> dict[str, float]:
+def measure(batch: int, steps: int, prompt_len: int,
+            async_scheduling: bool = False) -> dict[str, float]:
     """Median milliseconds per decode step at ``batch``, in total and per part."""
-    core = build_core(batch, prompt_len + batch * prompt_len // 2048 + steps + 64)
+    core = build_core(batch, prompt_len + batch * prompt_len // 2048 + steps + 64,
+                      async_scheduling)
     prefill_steps = -(-batch * prompt_len // core.scheduler.config.max_num_batched_tokens)
     # Nobody may finish before the timed steps end: the first requests decode while
     # the last ones are still prefilling.
@@ -123,7 +134,8 @@ def measure(batch: int, steps: int, prompt_len: int) -> dict[str, float]:
     parts: dict[str, list[float]] = defaultdict(list)
     timed(core.scheduler, "schedule", parts["schedule"])
     timed(core.executor, "execute", parts["runner"])
-    timed(core, "_sample_and_verify", parts["sample"])
+    timed(core, "_launch_sampling" if async_scheduling else "_sample_and_verify",
+          parts["sample"])
     timed(core.scheduler, "update", parts["update"])
     timed(processor, "process", parts["outputs"])
     totals = []
@@ -146,27 +158,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50, help="timed decode steps per batch")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="torch threads (host work is serial)")
+    p.add_argument("--modes", default="sync,async",
+                   help="step modes: sync (one step at a time), async (async scheduling)")
     p.add_argument("--save", default=None, help="write the results to this JSON file")
     p.add_argument("--baseline", default=None, help="earlier --save output: print before -> after")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else {}
     results = {}
-    for batch in [int(b) for b in args.batches.split(",") if b]:
-        results[str(batch)] = measure(batch, args.steps, args.prompt_len)
+    modes = [m for m in args.modes.split(",") if m]
+    for mode in modes:
+        if mode not in ("sync", "async"):
+            p.error(f"unknown mode {mode!r}")
+        for batch in [int(b) for b in args.batches.split(",") if b]:
+            key = str(batch) if mode == "sync" else f"async:{batch}"
+            results[key] = measure(batch, args.steps, args.prompt_len, mode == "async")
     columns = ("total",) + PARTS + ("other",)
     print(f"host time per decode step, ms (median of {args.steps} steps; prompt "
           f"{args.prompt_len} tokens; stand-in model)")
-    print(f"{'batch':>6}" + "".join(f"{c:>16}" for c in columns) + f"{'us/seq':>10}")
-    for batch, row in results.items():
-        before = baseline.get(batch)
+    print(f"{'mode':>6}{'batch':>6}" + "".join(f"{c:>16}" for c in columns) + f"{'us/seq':>10}")
+    for key, row in results.items():
+        mode, _, batch = key.rpartition(":")
+        before = baseline.get(key)
         cells = []
         for c in columns:
             if before and c in before:
                 cells.append(f"{before[c]:6.2f}->{row[c]:5.2f}".rjust(16))
             else:
                 cells.append(f"{row[c]:16.2f}")
-        print(f"{batch:>6}" + "".join(cells) + f"{1000 * row['total'] / int(batch):>10.1f}")
+        print(f"{mode or 'sync':>6}{batch:>6}" + "".join(cells)
+              + f"{1000 * row['total'] / int(batch):>10.1f}")
     if args.save:
         Path(args.save).write_text(json.dumps(results, indent=1))
     return 0

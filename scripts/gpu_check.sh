@@ -14,8 +14,9 @@
 #   tests    Triton kernels and backend, the engine on Triton with CUDA graphs,
 #            graph padding, padded-replay agreement, the benchmark's helpers
 #            (pytest, JUnit XML in $OUT/pytest.xml)
-#   graphs   CUDA-graph vs eager-Triton vs eager-torch greedy tokens, float32,
-#            padded buckets and long contexts ($OUT/graph_agreement.json)
+#   graphs   CUDA-graph (async scheduling and one step at a time) vs eager-Triton
+#            vs eager-torch greedy tokens, float32, padded buckets and long
+#            contexts ($OUT/graph_agreement.json)
 #   bench    benchmarks/gpu.py with bounded HF phases and 128 offline prompts
 #            ($OUT/gpu_bench.json; its table is printed last, and still printed,
 #            with what finished, if the time limit hits). The full benchmark is
@@ -35,12 +36,12 @@ unset TRITON_INTERPRET  # the real GPU kernels, not the interpreter
 # Test files of the "tests" phase (tests/test_gpu_check_imports.py reads this line).
 GPU_TESTS="tests/test_triton_kernels.py tests/test_triton_backend.py tests/test_triton_compile.py tests/test_triton_engine.py tests/test_cuda_graph_padding.py tests/test_cuda_graph_replay.py tests/test_bench_gpu.py"
 
-# Time limits (override with LIMIT_*=seconds): 20 + 140 + 50 + 210 = 420 s, 480 s
+# Time limits (override with LIMIT_*=seconds): 20 + 140 + 70 + 190 = 420 s, 480 s
 # (8 minutes) with every SIGKILL grace.
 LIMIT_ENV=${LIMIT_ENV:-20}
 LIMIT_TESTS=${LIMIT_TESTS:-140}
-LIMIT_GRAPHS=${LIMIT_GRAPHS:-50}
-LIMIT_BENCH=${LIMIT_BENCH:-210}
+LIMIT_GRAPHS=${LIMIT_GRAPHS:-70}
+LIMIT_BENCH=${LIMIT_BENCH:-190}
 
 status=0
 : > "$OUT/summary.txt"
@@ -80,7 +81,7 @@ phase tests "$LIMIT_TESTS" "$PY" -m pytest -q -rs -p no:cacheprovider "${XDIST[@
 
 phase graphs "$LIMIT_GRAPHS" "$PY" benchmarks/graph_agreement.py --out "$OUT"
 
-phase bench "$LIMIT_BENCH" "$PY" benchmarks/gpu.py --budget-seconds 195 \
+phase bench "$LIMIT_BENCH" "$PY" benchmarks/gpu.py --budget-seconds 175 \
     --reserve-seconds 20 --hf-seconds 30 --num-prompts 128 \
     --json "$OUT/gpu_bench.json"
 

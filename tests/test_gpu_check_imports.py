@@ -100,5 +100,5 @@ def test_gpu_check_modules_import_without_serving_dependencies(tmp_path):
     assert "GPU-CHECK-IMPORTS-OK []" in proc.stdout
     result = json.loads((tmp_path / "graph_agreement.json").read_text())
     assert result["passed"] and [r["name"] for r in result["runs"]] == [
-        "graph", "eager-triton", "eager-torch"]
+        "graph", "graph-sync", "eager-triton", "eager-torch"]
     assert json.loads((tmp_path / "bench.json").read_text())["agreement"][0]["passed"]

@@ -50,7 +50,7 @@ def test_benchmark_runs_and_prints_each_batch(capsys, tmp_path):
     assert bench.main(["--batches", "1,4", "--steps", "3", "--prompt-len", "20",
                        "--baseline", str(saved)]) == 0
     out = capsys.readouterr().out
-    assert "->" in out and out.count("\n     4 ") == 2
+    assert "->" in out and out.count("  sync     4 ") == 2 and out.count(" async     4 ") == 2
 
 
 def test_history_is_built_only_while_a_request_needs_it():
