@@ -18,6 +18,7 @@ exiting non-zero; a step that raises fails only the requests in flight.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -79,6 +80,11 @@ def run_engine_core(
             status = 1
             return
         core = built.core
+        # What is alive now (modules, the model, tokenizer tables) lives as long as the
+        # process: keep it out of the cyclic collector's full passes, which would walk it
+        # again and again while requests run.
+        gc.collect()
+        gc.freeze()
         _watch_workers(core)
         outputs.send(encode(EngineReady(built.info)))
         status = CoreLoop(core, inputs, outputs, parent_pid).run()
