@@ -86,8 +86,8 @@ def record_step_kinds(llm: LLM) -> set[str]:
     scheduler = llm.engine.core.scheduler
     schedule = scheduler.schedule
 
-    def watched():
-        out = schedule()
+    def watched(*args, **kwargs):
+        out = schedule(*args, **kwargs)
         lens = [len(s.token_ids) for s in out.seqs]
         if lens:
             kinds.add("decode" if max(lens) == 1 else "mixed" if min(lens) == 1 else "prefill")
