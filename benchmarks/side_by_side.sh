@@ -21,7 +21,8 @@
 #        - a prefix-sharing workload (4 prefixes of 512 tokens, 32 unique tokens each,
 #          64 out) at concurrency 8;
 #        - an extractive chat workload at one stream (repeat a given passage: the case
-#          n-gram speculation is for), served by a second tokenmill with SPEC_ARGS: once
+#          n-gram speculation is for; EOS ends each answer), served by a second
+#          tokenmill with SPEC_ARGS: once
 #          against tokenmill without them (the speed-up), once against each peer.
 #      Prompts are fresh for every run (prompt caches cannot hit across runs); lengths and
 #      arrival order are the same for both servers. EOS is ignored (or blocked) so every
@@ -327,7 +328,9 @@ write_machine_info() {
         echo "threads per server: $THREADS"
         echo "tokenmill commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
         echo "tokenmill python: $("$TOKENMILL_PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)' 2>/dev/null || echo unknown)"
-        echo "llama-cpp-python: $LLAMA_CPP_PYTHON_VERSION (AMX disabled: $NO_AMX)"
+        if has_peer llama-cpp-python || has_peer llama-server; then
+            echo "llama-cpp-python: $LLAMA_CPP_PYTHON_VERSION (AMX disabled: $NO_AMX)"
+        fi
         if [[ -x "$LLAMA_SERVER" ]]; then
             echo "llama-server: $("$LLAMA_SERVER" --version 2>&1 | head -n 2 | tr '\n' ' ')"
         fi
@@ -464,9 +467,10 @@ extractive_tables() {
     start_tokenmill tokenmill-spec "$SPEC_ARGS"
     local spec_url="$SERVER_URL"
     spec_pid="$SERVER_PID"
+    # EOS ends each answer (once the passage is repeated, the rest would be free text).
     local -a args=(--workload jsonl --dataset-path "$data" --endpoint /v1/chat/completions
                    --base-url "$spec_url" --label "tokenmill $SPEC_ARGS" --max-concurrency 1
-                   --num-prompts "$SPEC_PROMPTS")
+                   --num-prompts "$SPEC_PROMPTS" --no-ignore-eos)
     bench "extractive_c1_spec_vs_tokenmill" "${args[@]}" \
         --compare-base-url "$tm_url" --compare-label tokenmill
     if has_peer llama-server; then
