@@ -129,6 +129,20 @@ class ServerProcess:
             time.sleep(0.2)
 
 
+async def stream_then_disconnect(client: Any, model: str, prompt: str, chunks: int,
+                                 max_tokens: int) -> None:
+    """Stream a long completion (``ignore_eos``) and hang up after ``chunks`` chunks."""
+    stream = await client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        extra_body={"ignore_eos": True})
+    received = 0
+    async for _ in stream:
+        received += 1
+        if received == chunks:
+            break
+    await stream.close()
+
+
 def start_server(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
     server = ServerProcess(args, env)
     try:

@@ -9,7 +9,7 @@ import json
 import httpx
 import openai
 import pytest
-from server_utils import start_server
+from server_utils import start_server, stream_then_disconnect
 
 from tokenmill.llm import LLM
 from tokenmill.sampling import SamplingParams
@@ -342,16 +342,9 @@ def test_64_concurrent_streams_and_disconnects(server, offline):
                 finish = choice.finish_reason or finish
         return text, finish
 
-    async def disconnect_one(client, i):
-        stream = await client.completions.create(
-            model=MODEL, prompt=f"Write a very long essay number {i}.", max_tokens=400,
-            temperature=0, stream=True, extra_body={"ignore_eos": True})
-        received = 0
-        async for _ in stream:
-            received += 1
-            if received == 2:
-                break
-        await stream.close()
+    def disconnect_one(client, i):
+        return stream_then_disconnect(client, MODEL, f"Write a very long essay number {i}.",
+                                      chunks=2, max_tokens=400)
 
     async def main():
         async with server.async_openai() as client:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from server_utils import start_server
+from server_utils import start_server, stream_then_disconnect
 
 from tokenmill.llm import LLM
 from tokenmill.sampling import SamplingParams
@@ -41,16 +41,9 @@ def test_async_scheduling_server_matches_one_step_at_a_time():
                 text += "".join(c.text for c in chunk.choices)
             return text
 
-        async def disconnect_one(client, i):
-            stream = await client.completions.create(
-                model=MODEL, prompt=f"Write a very long story number {i}.", max_tokens=300,
-                temperature=0, stream=True, extra_body={"ignore_eos": True})
-            received = 0
-            async for _ in stream:
-                received += 1
-                if received == 3:
-                    break
-            await stream.close()
+        def disconnect_one(client, i):
+            return stream_then_disconnect(client, MODEL, f"Write a very long story number {i}.",
+                                          chunks=3, max_tokens=300)
 
         async def main():
             async with server.async_openai() as client:
