@@ -118,4 +118,7 @@ def _is_slice(rows: Sequence[int]) -> bool:
 def _index(rows: Sequence[int], device: torch.device) -> torch.Tensor:
     import torch
 
-    return torch.tensor(list(rows), dtype=torch.long).to(device, non_blocking=True)
+    index = torch.tensor(list(rows), dtype=torch.long)
+    if device.type == "cuda":  # pinned: the copy must not wait for the queued forward pass
+        index = index.pin_memory()
+    return index.to(device, non_blocking=True)

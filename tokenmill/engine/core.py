@@ -49,7 +49,7 @@ from tokenmill.engine.structured import StructuredOutputManager
 from tokenmill.engine.validation import EngineLimits, validate_request
 from tokenmill.outputs import EngineStats, TokenLogprob
 from tokenmill.sampling import Sampler, SamplingBatch, SamplingParams
-from tokenmill.sampling.sampler import compute_prompt_logprobs
+from tokenmill.sampling.sampler import compute_prompt_logprobs, device_tensor
 from tokenmill.step_types import (
     PLACEHOLDER_TOKEN,
     ModelOutput,
@@ -439,10 +439,14 @@ class EngineCore:
                 sampled_ids.append(item.seq_id)
                 rows.append(r.stop - 1)
         logits = model_out.logits
+        if rows and (len(rows) != logits.shape[0] or rows[-1] != len(rows) - 1):
+            # Only some rows are sampled (prompt chunks); a host index copied without
+            # waiting for the device (a plain copy would wait for the forward pass).
+            logits = logits[device_tensor(rows, device=logits.device)]
         if not rows:
             tokens = torch.empty(0, dtype=torch.long, device=self.device)
         elif not self._num_not_plain:
-            tokens = logits[rows].argmax(dim=-1)
+            tokens = logits.argmax(dim=-1)
         else:
             seqs = [self._seqs[sid] for sid in sampled_ids]
             batch = SamplingBatch(
@@ -452,7 +456,7 @@ class EngineCore:
                 generators=[s.generator for s in seqs],
                 eos_token_ids=tuple(self.scheduler.eos_token_ids),
             )
-            tokens = self.sampler.sample_tokens(logits[rows], batch)
+            tokens = self.sampler.sample_tokens(logits, batch)
         if tokens.device.type != "cuda":
             return _StepInFlight(sched, sampled_ids, tokens, tokens)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)

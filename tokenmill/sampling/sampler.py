@@ -40,6 +40,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -128,7 +129,7 @@ class Sampler:
             if len(logprob_rows) == num_rows:
                 rows_raw, rows_tokens = raw, token_ids
             else:
-                index = torch.tensor(logprob_rows, device=raw.device)
+                index = device_tensor(logprob_rows, device=raw.device)
                 rows_raw, rows_tokens = raw[index], token_ids[index]
             entries = _logprob_entries(
                 rows_raw, rows_tokens, [params[i].logprobs for i in logprob_rows]
@@ -160,8 +161,8 @@ class Sampler:
         if not greedy_rows:
             return self._sample_random(x, params, batch.generators)
         token_ids = torch.empty(len(params), dtype=torch.long, device=x.device)
-        greedy_index = torch.tensor(greedy_rows, device=x.device)
-        random_index = torch.tensor(random_rows, device=x.device)
+        greedy_index = device_tensor(greedy_rows, device=x.device)
+        random_index = device_tensor(random_rows, device=x.device)
         token_ids[greedy_index] = x[greedy_index].argmax(dim=-1)
         token_ids[random_index] = self._sample_random(
             x[random_index],
@@ -231,10 +232,10 @@ def probability_rows(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
     greedy_rows = [i for i, p in enumerate(params) if p.is_greedy]
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if greedy_rows:
-        index = torch.tensor(greedy_rows, device=x.device)
+        index = device_tensor(greedy_rows, device=x.device)
         probs[index, x[index].argmax(dim=-1)] = 1.0
     if random_rows:
-        index = torch.tensor(random_rows, device=x.device)
+        index = device_tensor(random_rows, device=x.device)
         rows = x[index]
         chosen = [params[i] for i in random_rows]
         temperatures = [p.temperature for p in chosen]
@@ -331,9 +332,9 @@ def filter_cutoffs(
         row_max = logits.max(dim=-1).values
 
     if use_top_k:
-        k_index = torch.tensor([min(k, prefix) - 1 for k in k_kept], device=device)
+        k_index = device_tensor([min(k, prefix) - 1 for k in k_kept], device=device)
         kth = best.gather(1, k_index.unsqueeze(1)).squeeze(1)
-        active = torch.tensor(k_active, device=device)
+        active = device_tensor(k_active, device=device)
         cutoff = torch.maximum(cutoff, kth.masked_fill(~active, _NEG_INF))
 
     if use_top_p:
@@ -369,7 +370,7 @@ def _top_p_cutoffs(
     prefix = best.shape[1]
     device = logits.device
     temperature = _vector(temperatures, logits).unsqueeze(1)
-    k = torch.tensor(k_kept, device=device).unsqueeze(1)
+    k = device_tensor(k_kept, device=device).unsqueeze(1)
     scaled = (best / temperature).masked_fill(
         torch.arange(prefix, device=device).unsqueeze(0) >= k, _NEG_INF
     )
@@ -377,7 +378,7 @@ def _top_p_cutoffs(
     in_prefix = [kk <= prefix for kk in k_kept]
     log_norm = scaled.logsumexp(dim=-1)
     if not all(in_prefix):
-        outside = torch.tensor([not f for f in in_prefix], device=device)
+        outside = device_tensor([not f for f in in_prefix], device=device)
         log_norm = torch.where(outside, (logits / temperature).logsumexp(dim=-1), log_norm)
     probs = (scaled - log_norm.unsqueeze(1)).exp()
     mass = probs.cumsum(dim=-1)
@@ -393,7 +394,7 @@ def _top_p_cutoffs(
         if top_p[row] < 1.0 and not in_prefix[row] and not reaches[row]
     ]
     if redo and prefix < vocab:
-        index = torch.tensor(redo, device=device)
+        index = device_tensor(redo, device=device)
         full = logits[index].sort(dim=-1, descending=True).values
         cutoff[index] = _top_p_cutoffs(
             logits[index],
@@ -431,7 +432,7 @@ def exponential_race_scores(
                     vocab, dtype=logits.dtype, device=logits.device
                 ).uniform_(generator=generator)
         if unseeded:
-            index = torch.tensor(unseeded, device=logits.device)
+            index = device_tensor(unseeded, device=logits.device)
             noise[index] = torch.empty(
                 len(unseeded), vocab, dtype=logits.dtype, device=logits.device
             ).uniform_(generator=default_generator)
@@ -457,7 +458,7 @@ def compute_prompt_logprobs(
         )
     if not target_ids:
         return []
-    targets = torch.tensor(list(target_ids), dtype=torch.long, device=logits.device)
+    targets = device_tensor(list(target_ids), dtype=torch.long, device=logits.device)
     return _logprob_entries(logits.float(), targets, [k] * len(target_ids))
 
 
@@ -482,8 +483,8 @@ def constrained_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tens
     if bias_rows:
         device = out.device
         out.index_put_(
-            (torch.tensor(bias_rows, device=device), torch.tensor(bias_cols, device=device)),
-            torch.tensor(bias_values, dtype=out.dtype, device=device), accumulate=True)
+            (device_tensor(bias_rows, device=device), device_tensor(bias_cols, device=device)),
+            device_tensor(bias_values, dtype=out.dtype, device=device), accumulate=True)
     if masked:
         from tokenmill.sampling.grammar import apply_bitmask
 
@@ -517,7 +518,7 @@ def _penalised_logits(raw: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
     if len(rows) == raw.shape[0]:
         return penalise(raw, rows)
-    index = torch.tensor(rows, device=raw.device)
+    index = device_tensor(rows, device=raw.device)
     result = raw.clone()
     result[index] = penalise(raw[index], rows)
     return result
@@ -544,9 +545,9 @@ def _mask_below_min_tokens(
         return x
     if x is raw:
         x = x.clone()
-    banned_rows = torch.tensor(rows, device=x.device)
-    kept = x[banned_rows, torch.tensor(cols, device=x.device)].clone()
-    x[banned_rows, torch.tensor(cols, device=x.device)] = _NEG_INF
+    banned_rows = device_tensor(rows, device=x.device)
+    kept = x[banned_rows, device_tensor(cols, device=x.device)].clone()
+    x[banned_rows, device_tensor(cols, device=x.device)] = _NEG_INF
     constrained = set(batch.bitmask_rows)
     if constrained.intersection(rows):
         # A grammar that can only end (a complete JSON value) leaves nothing but EOS:
@@ -571,7 +572,22 @@ def _flat_positions(
 
 
 def _vector(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=like.dtype, device=like.device)
+    return device_tensor(list(values), dtype=like.dtype, device=like.device)
+
+
+def device_tensor(values: Sequence[Any], dtype: torch.dtype | None = None, *,
+                  device: torch.device | str) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``; on CUDA without waiting for the device.
+
+    A plain host-to-GPU copy from pageable memory waits for the stream, so a step
+    whose sampling builds small index or parameter tensors would wait for the
+    forward pass queued before it (async scheduling overlaps the two); pinned
+    memory and a non-blocking copy do not.
+    """
+    tensor = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _logprob_entries(
