@@ -203,6 +203,9 @@ def test_preempted_sequence_keeps_its_token_but_not_its_progress():
     ([4, 0], [0, 2], [12, -1, -1, -1, 10]),
 ])
 def test_token_fill_writes_each_placeholder_row(rows, source_rows, expected):
+    def index(r):  # a range stays a slice; a list becomes an index tensor
+        return r if isinstance(r, range) else torch.tensor(r)
+
     input_ids = torch.full((5,), PLACEHOLDER_TOKEN, dtype=torch.long)
-    TokenFill(rows, torch.tensor([10, 11, 12]), source_rows).apply_to(input_ids)
+    TokenFill(index(rows), torch.tensor([10, 11, 12]), index(source_rows)).apply_to(input_ids)
     assert input_ids.tolist() == expected

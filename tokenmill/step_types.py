@@ -14,7 +14,6 @@ step (``engine``, ``runner``, ``spec``) depend on these types, not on each other
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -90,35 +89,18 @@ class TokenFill:
 
     Token row ``rows[i]`` of the step (counted over every scheduled token) gets
     ``source[source_rows[i]]``: the previous step's sampled token, which never
-    went through the host.
+    went through the host. Each index is a ``range`` of consecutive rows (a
+    slice) or an int64 tensor on the source's device.
     """
 
-    rows: Sequence[int]  # a range when the placeholders are contiguous
+    rows: range | torch.Tensor
     source: torch.Tensor  # [S] int64 on the runner's device
-    source_rows: Sequence[int]
+    source_rows: range | torch.Tensor
 
     def apply_to(self, input_ids: torch.Tensor) -> None:
         """Write the source tokens over the placeholder rows of ``input_ids`` (no host sync)."""
-        device = input_ids.device
-        source = self.source.to(device)
-        if _is_slice(self.source_rows):
-            source = source[self.source_rows[0]:self.source_rows[-1] + 1]
-        else:
-            source = source[_index(self.source_rows, device)]
-        if _is_slice(self.rows):
-            input_ids[self.rows[0]:self.rows[-1] + 1] = source
-        else:
-            input_ids[_index(self.rows, device)] = source
+        input_ids[_as_index(self.rows)] = self.source[_as_index(self.source_rows)]
 
 
-def _is_slice(rows: Sequence[int]) -> bool:
-    return isinstance(rows, range) and rows.step == 1 and len(rows) > 0
-
-
-def _index(rows: Sequence[int], device: torch.device) -> torch.Tensor:
-    import torch
-
-    index = torch.tensor(list(rows), dtype=torch.long)
-    if device.type == "cuda":  # pinned: the copy must not wait for the queued forward pass
-        index = index.pin_memory()
-    return index.to(device, non_blocking=True)
+def _as_index(rows: range | torch.Tensor) -> slice | torch.Tensor:
+    return slice(rows.start, rows.stop) if isinstance(rows, range) else rows

@@ -98,10 +98,6 @@ class _StepInFlight:
     host_tokens: torch.Tensor  # the same, copied (or being copied) to the host
     copied: Any = None  # a CUDA event recorded after the copy; None on CPU
 
-    def mentions(self, request_id: str) -> bool:
-        """Whether any sequence of this step belongs to ``request_id``."""
-        return any(item.seq_id.rpartition("#")[0] == request_id for item in self.sched.seqs)
-
     def token_ids(self) -> list[int]:
         """The sampled tokens on the host (waits for the copy)."""
         if self.copied is not None:
@@ -184,11 +180,6 @@ class EngineCore:
             raise RequestRejected(f"request id {rid!r} is already in use", code="duplicate_id")
         token_ids = list(request.prompt_token_ids)
         params = validate_request(self.limits, token_ids, request.params)
-        if self._in_flight is not None and self._in_flight.mentions(rid):
-            # The step in flight still computes an earlier request of this id: its
-            # results are looked up by id, so settle them before the id is reused.
-            self._drained += self._finish(self._in_flight)
-            self._in_flight = None
         order = next(self._arrivals)
         seq = self._new_sequence(rid, 0, token_ids, params, request.arrival_time, order,
                                  request.priority)
@@ -261,8 +252,10 @@ class EngineCore:
         if params.seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed((params.seed * 1_000_003 + index) & 0x7FFF_FFFF_FFFF_FFFF)
+        # The arrival order makes the id unique for the core's lifetime: a request id can
+        # come back while a step planned ahead still names the earlier request's sequence.
         return Sequence(
-            seq_id=f"{request_id}#{index}", request_id=request_id, index=index,
+            seq_id=f"{request_id}#{index}@{order}", request_id=request_id, index=index,
             token_ids=list(token_ids), num_prompt_tokens=len(token_ids), params=params,
             arrival_time=arrival, arrival_order=order, priority=priority, generator=generator,
         )
@@ -421,14 +414,16 @@ class EngineCore:
         if not rows:
             return None
         assert previous is not None, "a placeholder without a step in flight"
+        device = previous.tokens.device
         if ids == previous.sampled_ids:  # steady decode: the same sequences, in order
-            source_rows: range | list[int] = range(len(ids))
+            source_rows: range | torch.Tensor = range(len(ids))
         else:
             index = {sid: i for i, sid in enumerate(previous.sampled_ids)}
-            source_rows = [index[sid] for sid in ids]
-        if rows[-1] == len(rows) - 1:  # the placeholders are the step's first rows
-            return TokenFill(range(len(rows)), previous.tokens, source_rows)
-        return TokenFill(rows, previous.tokens, source_rows)
+            source_rows = device_tensor([index[sid] for sid in ids], device=device)
+        target_rows: range | torch.Tensor = (
+            range(len(rows)) if rows[-1] == len(rows) - 1  # the step's first rows
+            else device_tensor(rows, device=device))
+        return TokenFill(target_rows, previous.tokens, source_rows)
 
     def _launch_sampling(self, sched: SchedulerOutput, model_out: ModelOutput) -> _StepInFlight:
         """Queue the step's sampling; start copying the tokens to the host."""
@@ -472,7 +467,7 @@ class EngineCore:
         outputs: dict[str, EngineCoreOutput] = {}
         for item in step.sched.seqs:
             seq = self._seqs.get(item.seq_id)
-            if seq is None or seq.is_finished:
+            if seq is None:
                 continue  # finished or aborted since this step was planned
             if seq.request_id not in outputs:
                 outputs[seq.request_id] = EngineCoreOutput(seq.request_id)
