@@ -1,6 +1,7 @@
 """Where a decode step's time goes: linear layers, attention, LM head, sampling, the rest.
 
     python benchmarks/decode_profile.py [--batch-sizes 1 8 32] [--quantization none int4 int8]
+                                        [--cpu-gemm onednn aten]
 
 For each configuration and batch size it starts that many requests with
 random 100-token prompts, runs them into steady decode, then times steps
@@ -9,13 +10,16 @@ parts (the split; the timers themselves add a few percent). "other in forward"
 is what is left of the model's forward pass (norms, rotary, residual adds,
 embedding, Python and PyTorch dispatch); "engine" is the rest of the step
 (scheduling, step inputs, detokenizing, stop checks). Runs the bundled
-SmolLM2 model unless --model.
+SmolLM2 model unless --model. ``--cpu-gemm onednn aten`` runs each
+configuration twice, with the dense float32 layers on oneDNN prepacked weights
+(the default) and on ``F.linear`` (``TOKENMILL_CPU_GEMM=aten``), side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import random
 import sys
 import time
@@ -61,6 +65,9 @@ def profile(llm: LLM, batch: int, steps: int, seed: int = 0) -> tuple[float, dic
         from tokenmill.model.quantization import Int4Linear, Int8Linear
 
         linear_types: tuple[type, ...] = (Linear, Int4Linear, Int8Linear)
+        from tokenmill.model.prepacked import PrepackedLinear
+
+        linear_types += (PrepackedLinear,)
     except ImportError:  # a checkout from before quantization (profiling a baseline)
         linear_types = (Linear,)
 
@@ -137,27 +144,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument("--cpu-gemm", nargs="+", default=[None], choices=["onednn", "aten"],
+                        help="dense float32 GEMM (TOKENMILL_CPU_GEMM); several = side by side")
     args = parser.parse_args(argv)
 
     rows = []
     for quant in args.quantization:
-        extra = {} if quant == "none" else {"quantization": quant}
-        llm = LLM(args.model, dtype=args.dtype, num_threads=args.num_threads, **extra)
-        for batch in args.batch_sizes:
-            plain, split = profile(llm, batch, args.steps)
-            rows.append((quant, batch, plain, split))
-            print(f"{quant} batch {batch}: {plain * 1e3:.1f} ms/step", flush=True)
-        del llm
+        for gemm in args.cpu_gemm:
+            if gemm is not None:
+                os.environ["TOKENMILL_CPU_GEMM"] = gemm  # read when the model loads
+            label = quant if gemm is None else f"{quant}/{gemm}"
+            extra = {} if quant == "none" else {"quantization": quant}
+            llm = LLM(args.model, dtype=args.dtype, num_threads=args.num_threads, **extra)
+            for batch in args.batch_sizes:
+                plain, split = profile(llm, batch, args.steps)
+                rows.append((label, batch, plain, split))
+                print(f"{label} batch {batch}: {plain * 1e3:.1f} ms/step", flush=True)
+            del llm
 
     keys = list(rows[0][3])
-    header = f"{'weights':<8}{'batch':>6}{'ms/step':>9}{'tok/s':>8}  " + "  ".join(
+    width = max(8, *(len(r[0]) + 1 for r in rows))
+    header = f"{'weights':<{width}}{'batch':>6}{'ms/step':>9}{'tok/s':>8}  " + "  ".join(
         f"{k:>{max(8, len(k))}}" for k in keys)
     print()
     print("time per decode step, ms (split measured with timers around each part)")
     print(header)
     for quant, batch, plain, split in rows:
         cells = "  ".join(f"{split[k] * 1e3:>{max(8, len(k))}.2f}" for k in keys)
-        print(f"{quant:<8}{batch:>6}{plain * 1e3:>9.1f}{batch / plain:>8.1f}  {cells}")
+        print(f"{quant:<{width}}{batch:>6}{plain * 1e3:>9.1f}{batch / plain:>8.1f}  {cells}")
     return 0
 
 

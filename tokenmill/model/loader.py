@@ -27,6 +27,7 @@ from tokenmill.attention.base import AttentionBackend
 from tokenmill.config import ModelConfig
 from tokenmill.distributed import TPGroup
 from tokenmill.model.layers import RMSNorm
+from tokenmill.model.prepacked import default_prepack, prepack_linears
 from tokenmill.model.quantization import check_quantization, quantize_model
 from tokenmill.model.registry import get_model_class
 
@@ -173,6 +174,7 @@ def load_model(
     quantization: str | None = None,
     tp: TPGroup | None = None,
     max_model_len: int | None = None,
+    prepack: bool | None = None,
 ) -> LoadedModel:
     """Build the model in ``dtype`` directly on ``device`` and load its weights.
 
@@ -184,6 +186,10 @@ def load_model(
     ``tp`` group, only this rank's shard is allocated and loaded (safetensors
     tensors are read in part; GGUF tensors are dequantized one at a time and
     sliced), so each rank holds about 1/tp of the weights.
+
+    ``prepack`` (default: :func:`~tokenmill.model.prepacked.default_prepack`, float32
+    on the CPU) moves the dense linear layers left after quantization to oneDNN
+    with prepacked weights.
     """
     check_quantization(quantization, torch.device(device))
     if resolved.format == "gguf":
@@ -198,6 +204,8 @@ def load_model(
             load_safetensors(model, resolved.path)
         loaded = LoadedModel(config=config, model=model.eval())
     quantize_model(loaded.model, quantization)
+    if default_prepack(device, dtype) if prepack is None else prepack:
+        prepack_linears(loaded.model)
     return loaded
 
 

@@ -1,0 +1,115 @@
+"""oneDNN prepacked float32 linear layers against F.linear and the unpacked model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_engine_tiny import _save_tiny
+from test_model_arch import tokenmill_logits
+
+from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.model.layers import Linear
+from tokenmill.model.loader import LoadedModel, load_model, resolve_model
+from tokenmill.model.prepacked import PrepackedLinear, default_prepack, prepack_linears
+from tokenmill.model.quantization import Int8Linear
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                reason="PyTorch built without oneDNN")
+
+
+def _linear(n: int, k: int, bias: bool, seed: int = 0) -> Linear:
+    g = torch.Generator().manual_seed(seed)
+    layer = Linear(k, n, bias, torch.float32)
+    layer.weight.data.copy_(torch.randn(n, k, generator=g) * 0.1)
+    if bias:
+        layer.bias.data.copy_(torch.randn(n, generator=g))
+    return layer
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 8, 32, 300])
+def test_matches_f_linear(rows: int, bias: bool) -> None:
+    dense = _linear(96, 64, bias)
+    packed = PrepackedLinear.from_linear(dense)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+    want = F.linear(x, dense.weight, dense.bias)
+    got = packed(x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_leading_dims_strides_and_empty_input() -> None:
+    dense = _linear(48, 32, True)
+    packed = PrepackedLinear.from_linear(dense)
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(packed(x), F.linear(x, dense.weight, dense.bias))
+    strided = torch.randn(32, 7).T  # not contiguous
+    torch.testing.assert_close(packed(strided), F.linear(strided, dense.weight, dense.bias))
+    assert packed(torch.randn(0, 32)).shape == (0, 48)
+
+
+def test_weight_unpacks_exactly() -> None:
+    dense = _linear(40, 32, False)
+    packed = PrepackedLinear.from_linear(dense)
+    assert torch.equal(packed.weight, dense.weight)
+    assert (packed.in_features, packed.out_features) == (32, 40)
+
+
+def test_default_follows_device_dtype_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENMILL_CPU_GEMM", raising=False)
+    assert default_prepack("cpu", torch.float32)
+    assert not default_prepack("cpu", torch.bfloat16)
+    assert not default_prepack("cuda", torch.float32)
+    monkeypatch.setenv("TOKENMILL_CPU_GEMM", "aten")
+    assert not default_prepack("cpu", torch.float32)
+    monkeypatch.setenv("TOKENMILL_CPU_GEMM", "mkl")
+    with pytest.raises(ValueError, match="TOKENMILL_CPU_GEMM"):
+        default_prepack("cpu", torch.float32)
+
+
+def _tiny(tmp_path, arch: str):
+    path, _ = _save_tiny(tmp_path, arch)
+    return resolve_model(path)
+
+
+def _greedy(loaded: LoadedModel, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens by full recomputation (no KV cache; a 2-layer model), and the
+    prompt's logits."""
+    ids, first = list(prompt), None
+    for _ in range(steps):
+        logits = tokenmill_logits(loaded, [ids])[0]
+        first = logits if first is None else first
+        ids.append(int(logits[-1].argmax()))
+    return ids[len(prompt):], first
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied head; tied head with QKV bias
+def test_loaded_model_is_packed_and_agrees(tmp_path, arch: str) -> None:
+    resolved = _tiny(tmp_path, arch)
+    plain = load_model(resolved, torch.float32, "cpu", TorchAttentionBackend(), prepack=False)
+    packed = load_model(resolved, torch.float32, "cpu", TorchAttentionBackend(), prepack=True)
+    assert not any(isinstance(m, PrepackedLinear) for m in plain.model.modules())
+    layer = packed.model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, PrepackedLinear)
+    assert isinstance(layer.mlp.down_proj, PrepackedLinear)
+    if arch == "qwen2":  # tied: the head is a packed copy, the embedding stays for lookups
+        assert isinstance(packed.model.tied_lm_head, PrepackedLinear)
+        assert torch.equal(packed.model.tied_lm_head.weight,
+                           packed.model.model.embed_tokens.weight)
+    else:
+        assert isinstance(packed.model.lm_head, PrepackedLinear)
+    prompt = [5, 17, 99, 3, 250, 42, 7]
+    want_tokens, want_logits = _greedy(plain, prompt, 12)
+    got_tokens, got_logits = _greedy(packed, prompt, 12)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert got_tokens == want_tokens
+
+
+def test_quantized_layers_stay_quantized(tmp_path) -> None:
+    resolved = _tiny(tmp_path, "qwen2")
+    loaded = load_model(resolved, torch.float32, "cpu", TorchAttentionBackend(),
+                        quantization="int8", prepack=True)
+    # Every layer here quantizes (64 and 128 are multiples of 32), the tied head too.
+    assert isinstance(loaded.model.tied_lm_head, Int8Linear)
+    assert prepack_linears(loaded.model) == 0

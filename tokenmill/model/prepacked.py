@@ -1,0 +1,102 @@
+"""Dense float32 CPU linear layers on oneDNN, with weights prepacked once at load.
+
+``F.linear`` on a float32 CPU tensor runs MKL's sgemm, which is slow for the
+row counts of batched decode (2-64 rows): on SmolLM2's layer shapes, two
+AVX2 cores, oneDNN's inner product on a weight reordered once into its blocked
+layout took 0.56 / 1.00 / 2.57 ms for 1 / 8 / 32 rows against MKL's
+0.59 / 1.80 / 4.23 ms (docs/performance.md). vLLM's CPU backend runs its
+dense layers the same way. :func:`prepack_linears` swaps every dense
+:class:`~tokenmill.model.layers.Linear` of a loaded model (and a tied LM head)
+for a :class:`PrepackedLinear`; the plain weight is dropped, so memory does
+not grow (except for a tied head, whose embedding stays for lookups).
+
+Numerics: the same products summed in another order, so outputs differ from
+``F.linear`` by float32 rounding (about 1e-6 relative). Measured here, an
+output row did not depend on how many rows were multiplied with it, where
+MKL's sgemm switches kernels below 8 rows; so batching a request with others
+changes nothing in its linear layers.
+
+Used only for float32 weights on the CPU, when PyTorch was built with oneDNN;
+bfloat16 packing needs AVX-512 (or AVX-NE-CONVERT) and is not measured yet.
+``TOKENMILL_CPU_GEMM=aten`` keeps ``F.linear`` (A/B measurements).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+from tokenmill.model.layers import Linear
+
+logger = logging.getLogger(__name__)
+
+_GEMMS = ("onednn", "aten")
+
+
+def default_prepack(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether a model of ``dtype`` on ``device`` gets prepacked linear layers:
+    float32 on the CPU with oneDNN, unless ``TOKENMILL_CPU_GEMM=aten``."""
+    gemm = os.environ.get("TOKENMILL_CPU_GEMM", "onednn")
+    if gemm not in _GEMMS:
+        raise ValueError(f"TOKENMILL_CPU_GEMM={gemm!r}: choose one of {', '.join(_GEMMS)}")
+    return (gemm == "onednn" and torch.device(device).type == "cpu"
+            and dtype == torch.float32 and torch.backends.mkldnn.is_available())
+
+
+class PrepackedLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` held in oneDNN's blocked layout.
+
+    The packed weight is an opaque oneDNN tensor: it has no strides, cannot be
+    pickled or indexed, and is not part of the state dict (the model is
+    inference-only once packed).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: Linear) -> PrepackedLinear:
+        return cls(linear.weight.data, linear.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight ``[out, in]`` in the plain layout: an exact copy, unpacked on each
+        access (writing to it changes nothing)."""
+        return self.packed.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+@torch.no_grad()
+def prepack_linears(model: nn.Module) -> int:
+    """Replace the float32 :class:`Linear` layers of ``model`` in place; returns how many.
+
+    A model whose LM head is tied to its embedding (and not already replaced by
+    a quantized copy) gets a packed copy of the embedding as its head.
+    """
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Linear) and child.weight.dtype == torch.float32:
+                setattr(parent, name, PrepackedLinear.from_linear(child))
+                replaced += 1
+    set_head = getattr(model, "set_quantized_lm_head", None)
+    if (set_head is not None and getattr(model, "lm_head", False) is None
+            and getattr(model, "tied_lm_head", None) is None):
+        embedding = model.lm_head_weight
+        if embedding.dtype == torch.float32:
+            set_head(PrepackedLinear(embedding))
+            replaced += 1
+    logger.info("oneDNN prepacked float32 linear layers: %d", replaced)
+    return replaced
