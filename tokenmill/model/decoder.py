@@ -197,9 +197,16 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, False, dtype, device)
         self.act = gated_activation(hidden_act)
         self.tp = tp
+        # SiLU-and-multiply on the native decoder stack's C kernel (set by
+        # NativeDecoderStack.build, so steps outside the stack round as it does).
+        self.native_cpu_act = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.down_proj(self.act(self.gate_up_proj(x))))
+        gate_up = self.gate_up_proj(x)
+        act = cpu_kernels.silu_and_mul(gate_up) if self.native_cpu_act else None
+        if act is None:
+            act = self.act(gate_up)
+        return self.tp.all_reduce(self.down_proj(act))
 
 
 class DecoderLayer(nn.Module):
@@ -298,6 +305,9 @@ class DecoderModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        # All layers in one native call for small CPU steps of quantized models
+        # (tokenmill.model.native_stack); set by the loader once the weights are final.
+        self.native_stack: Any = None
 
     @property
     def rotary(self) -> RotaryEmbedding:
@@ -322,9 +332,16 @@ class DecoderModel(nn.Module):
             cos, sin = rotary.cos_sin(positions, hidden.dtype)
             ropes.append(RopeTables(cos, sin, None if fused else fold_rotary_sign(sin)))
         tables = tuple(ropes)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(tables, hidden, residual, kv_cache, attn_metadata)
+        stacked = None
+        if self.native_stack is not None:
+            stacked = self.native_stack.run(hidden, tables[0].cos, tables[0].sin_folded,
+                                            kv_caches, attn_metadata)
+        if stacked is not None:
+            hidden, residual = stacked
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                hidden, residual = layer(tables, hidden, residual, kv_cache, attn_metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

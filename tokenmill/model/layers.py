@@ -11,8 +11,12 @@ be compared with it at tight tolerances.
 
 On CUDA (with Triton installed) RMSNorm, SiLU-and-multiply and the rotary
 rotation run as fused Triton kernels from :mod:`tokenmill.kernels`, which
-round exactly where the eager code below does. Everywhere else the eager code
-runs unchanged. ``use_triton=True``/``False`` forces a path (tests).
+round exactly where the eager code below does. On the CPU, float32 RMSNorm and
+SiLU-and-multiply run as native kernels (:mod:`tokenmill.kernels.cpu`), the
+same formulas in one call each and the arithmetic of the native decoder stack
+(:mod:`tokenmill.model.native_stack`), so the two agree bit for bit. Everywhere
+else the eager code runs unchanged. ``use_triton=True``/``False`` forces a path
+(tests).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill import kernels
+from tokenmill.kernels import cpu as cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -50,6 +55,9 @@ class RMSNorm(nn.Module):
             torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False
         )
         self.use_triton: bool | None = None  # None: fused kernel on CUDA, eager elsewhere
+        # The native decoder stack's float32 CPU kernel instead of torch.rms_norm (set by
+        # NativeDecoderStack.build: the same arithmetic as the stack).
+        self.native_cpu = False
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
@@ -66,6 +74,9 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return kernels.rms_norm(x, self.weight, self.eps, use_triton=True)
             return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps, use_triton=True)
+        if self.native_cpu and (
+                native := cpu_kernels.rms_norm(x, self.weight, self.eps, residual)) is not None:
+            return native
         if residual is None:
             return self._norm(x)
         residual = x + residual

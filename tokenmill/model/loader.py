@@ -26,7 +26,9 @@ from torch import nn
 from tokenmill.attention.base import AttentionBackend
 from tokenmill.config import ModelConfig
 from tokenmill.distributed import TPGroup
+from tokenmill.model.decoder import DecoderModel
 from tokenmill.model.layers import RMSNorm
+from tokenmill.model.native_stack import NativeDecoderStack
 from tokenmill.model.prepacked import default_prepack, prepack_linears
 from tokenmill.model.quantization import check_quantization, quantize_model
 from tokenmill.model.registry import get_model_class
@@ -189,7 +191,9 @@ def load_model(
 
     ``prepack`` (default: :func:`~tokenmill.model.prepacked.default_prepack`, float32
     on the CPU) moves the dense linear layers left after quantization to oneDNN
-    with prepacked weights.
+    with prepacked weights. A float32 CPU model whose layers the native kernels cover
+    gets a :class:`~tokenmill.model.native_stack.NativeDecoderStack` (quantized
+    llama-style models: one C call for all layers on decode steps).
     """
     check_quantization(quantization, torch.device(device))
     if resolved.format == "gguf":
@@ -206,6 +210,10 @@ def load_model(
     quantize_model(loaded.model, quantization)
     if default_prepack(device, dtype) if prepack is None else prepack:
         prepack_linears(loaded.model)
+    decoder = getattr(loaded.model, "model", None)
+    if (isinstance(decoder, DecoderModel) and torch.device(device).type == "cpu"
+            and dtype == torch.float32):
+        decoder.native_stack = NativeDecoderStack.build(decoder)
     return loaded
 
 

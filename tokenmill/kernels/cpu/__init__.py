@@ -35,7 +35,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c",
-            "dequantize.c", "rope_kv_write.c")
+            "dequantize.c", "rope_kv_write.c", "decoder_stack.c")
 _HEADERS = ("q8_input.h",)  # part of the cache key, not compiled on their own
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
@@ -58,6 +58,9 @@ _Q4_DEQUANTIZE_ARGTYPES = [_ptr, _ptr, _ptr, _ptr, _i32, _i32]
 _Q8_DEQUANTIZE_ARGTYPES = [_ptr, _ptr, _ptr, _i32, _i32]
 _ROPE_KV_WRITE_ARGTYPES = [_ptr, _i64, _i32, _i32, _i32, _i32, _ptr, _ptr, _ptr, _ptr, _ptr,
                            _ptr]
+_RMS_NORM_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i32, _i32, _f32]
+_SILU_MUL_ARGTYPES = [_ptr, _i64, _ptr, _i32, _i32]
+_DECODER_STACK_ARGTYPES = [_ptr, _ptr, _i32, _ptr, _ptr, _ptr, _i32]
 
 
 # TOKENMILL_CPU_FUSED_ROPE=0: rotary and K/V write as PyTorch ops (for A/B measurements).
@@ -147,6 +150,12 @@ def cpu_kernels() -> ctypes.CDLL | None:
     lib.q8_dequantize_f32.restype = None
     lib.rope_kv_write_f32.argtypes = _ROPE_KV_WRITE_ARGTYPES
     lib.rope_kv_write_f32.restype = None
+    lib.rms_norm_f32.argtypes = _RMS_NORM_ARGTYPES
+    lib.rms_norm_f32.restype = None
+    lib.silu_mul_f32.argtypes = _SILU_MUL_ARGTYPES
+    lib.silu_mul_f32.restype = None
+    lib.decoder_stack_f32.argtypes = _DECODER_STACK_ARGTYPES
+    lib.decoder_stack_f32.restype = ctypes.c_int
     return lib
 
 
@@ -289,6 +298,47 @@ def rope_kv_write(
         v_cache.data_ptr(), slot_mapping.data_ptr(),
     )
     return q
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """RMS norm of float32 rows ``x`` ``[T, N]`` (unit stride in the last dimension).
+
+    With ``residual`` (``[T, N]``) the norm is of ``x + residual``, and that sum
+    is returned too as a new tensor: ``(norm, sum)``, the fused residual add of
+    :class:`~tokenmill.model.layers.RMSNorm`. None when the kernel cannot run
+    these inputs (the caller uses PyTorch). The same arithmetic as the decoder
+    stack's own norms (``decoder_stack.c``).
+    """
+    lib = cpu_kernels()
+    if (lib is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1
+            or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or not weight.is_contiguous() or weight.shape != (x.shape[1],)):
+        return None
+    if residual is not None and (residual.dtype != torch.float32 or residual.shape != x.shape
+                                 or not residual.is_contiguous()):
+        return None
+    tokens, n = x.shape
+    out = torch.empty(tokens, n, dtype=torch.float32)
+    total = None if residual is None else torch.empty(tokens, n, dtype=torch.float32)
+    lib.rms_norm_f32(x.data_ptr(), x.stride(0), None if residual is None else residual.data_ptr(),
+                     None if total is None else total.data_ptr(), weight.data_ptr(),
+                     out.data_ptr(), tokens, n, float(eps))
+    return out if total is None else (out, total)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
+    """``silu(gate) * up`` for float32 rows ``[T, 2 I]`` holding ``[gate | up]``; None when
+    the kernel cannot run these inputs. The decoder stack's own arithmetic."""
+    lib = cpu_kernels()
+    if (lib is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1
+            or x.dtype != torch.float32 or x.shape[1] % 2):
+        return None
+    tokens, inter = x.shape[0], x.shape[1] // 2
+    out = torch.empty(tokens, inter, dtype=torch.float32)
+    lib.silu_mul_f32(x.data_ptr(), x.stride(0), out.data_ptr(), tokens, inter)
+    return out
 
 
 def paged_attention(

@@ -1,0 +1,182 @@
+"""The native decoder stack (one C call for all layers) against the per-layer path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from test_model_paged import BLOCK_SIZE, NUM_BLOCKS, Work, build_step
+
+from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.config import ModelConfig
+from tokenmill.kernels import cpu as cpu_kernels
+from tokenmill.model.layers import RMSNorm, fold_rotary_sign
+from tokenmill.model.llama import LlamaCausalLM, Qwen2CausalLM
+from tokenmill.model.loader import init_dummy_weights
+from tokenmill.model.native_stack import NativeDecoderStack
+from tokenmill.model.quantization import quantize_model
+
+pytestmark = pytest.mark.skipif(cpu_kernels.cpu_kernels() is None,
+                                reason="no C compiler: native kernels unavailable")
+
+
+def _model(cls: type[LlamaCausalLM], quantization: str | None, window: int | None = None):
+    config = ModelConfig(
+        architecture="Qwen2ForCausalLM" if cls is Qwen2CausalLM else "LlamaForCausalLM",
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+        max_position_embeddings=256, attention_bias=cls is Qwen2CausalLM,
+        sliding_window=window,
+    )
+    model = cls(config, TorchAttentionBackend()).eval()
+    init_dummy_weights(model, std=0.2, seed=5)
+    quantize_model(model, quantization)
+    return model
+
+
+def _kv(model: LlamaCausalLM) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    cfg = model.config
+    shape = (NUM_BLOCKS, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim)
+    return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_hidden_layers)]
+
+
+def _spied(stack: NativeDecoderStack) -> list[bool]:
+    """Record, per forward pass, whether the stack ran (True) or fell back (False)."""
+    ran: list[bool] = []
+    run = stack.run
+
+    def spy(*args, **kwargs):
+        out = run(*args, **kwargs)
+        ran.append(out is not None)
+        return out
+
+    stack.run = spy
+    return ran
+
+
+def _step(model, kv, works, stack):
+    ids, positions, meta = build_step(works)
+    meta = dataclasses.replace(meta, has_padding_slots=False)
+    model.model.native_stack = stack
+    with torch.inference_mode():
+        return model.compute_logits(model(ids, positions, kv, meta))
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+@pytest.mark.parametrize("cls", [LlamaCausalLM, Qwen2CausalLM])  # Qwen2: QKV bias
+def test_bit_identical_to_per_layer_path(cls, quantization: str) -> None:
+    model = _model(cls, quantization)
+    stack = NativeDecoderStack.build(model.model)
+    assert stack is not None
+    ran = _spied(stack)
+    a, b = [3, 17, 92, 5, 41, 8, 66, 23, 0, 77, 12, 50, 31], [9, 1, 88, 45, 2, 60, 19]
+    kv_layers, kv_stack = _kv(model), _kv(model)
+    works = [Work(a, [0, 1, 2, 3], 0), Work(b, [5, 6], 0)]  # short prompts: the stack runs
+    want = _step(model, kv_layers, works, None)
+    got = _step(model, kv_stack, works, stack)
+    assert torch.equal(got, want)
+    lengths = [len(a), len(b)]
+    for _ in range(6):  # batched decode, crossing block boundaries
+        ends = torch.tensor([len(w.tokens) for w in works]).cumsum(0) - 1
+        nxt = want[ends].argmax(-1).tolist()
+        works = [Work([nxt[0]], [0, 1, 2, 3, 4], lengths[0]),
+                 Work([nxt[1]], [5, 6, 7, 8], lengths[1])]
+        want = _step(model, kv_layers, works, None)
+        got = _step(model, kv_stack, works, stack)
+        assert torch.equal(got, want)
+        lengths = [n + 1 for n in lengths]
+    assert ran == [True] * 7
+    for (k1, v1), (k2, v2) in zip(kv_layers, kv_stack, strict=True):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_sliding_window_layers() -> None:
+    model = _model(LlamaCausalLM, "int4", window=5)
+    stack = NativeDecoderStack.build(model.model)
+    assert stack is not None
+    ran = _spied(stack)
+    prompt = [4, 8, 15, 16, 23, 42, 7, 11, 30, 2]
+    kv_layers, kv_stack = _kv(model), _kv(model)
+    works = [Work(prompt, [0, 1, 2], 0)]
+    assert torch.equal(_step(model, kv_stack, works, stack), _step(model, kv_layers, works, None))
+    works = [Work([9], [0, 1, 2], len(prompt))]
+    assert torch.equal(_step(model, kv_stack, works, stack), _step(model, kv_layers, works, None))
+    assert ran == [True, True]
+
+
+def test_steps_it_does_not_cover_fall_back() -> None:
+    model = _model(LlamaCausalLM, "int4")
+    stack = NativeDecoderStack.build(model.model)
+    long_prompt = list(range(1, 21))  # 20 new tokens: longer than SHORT_QUERY_LEN
+    ids, positions, meta = build_step([Work(long_prompt, [0, 1, 2, 3, 4, 5], 0)])
+    meta = dataclasses.replace(meta, has_padding_slots=False)
+    hidden = model.model.embed_tokens(ids)
+    cos, sin = model.model.rotary.cos_sin(positions, torch.float32)
+    kv = _kv(model)
+    assert stack.run(hidden, cos, fold_rotary_sign(sin), kv, meta) is None
+    padded = dataclasses.replace(meta, has_padding_slots=None)  # unknown: maybe padding
+    assert stack.run(hidden, cos, fold_rotary_sign(sin), kv, padded) is None
+    # The forward pass still runs (per layer) and equals the model without the stack.
+    assert torch.equal(_step(model, _kv(model), [Work(long_prompt, [0, 1, 2, 3, 4, 5], 0)],
+                             stack),
+                       _step(model, _kv(model), [Work(long_prompt, [0, 1, 2, 3, 4, 5], 0)],
+                             None))
+
+
+def test_models_it_does_not_cover() -> None:
+    assert NativeDecoderStack.build(_model(LlamaCausalLM, None).model) is None  # dense
+    model = _model(LlamaCausalLM, "int4")
+    model.model.layers[1].mlp.down_proj.dense_min_rows = 9
+    assert NativeDecoderStack.build(model.model).max_rows == 8
+
+
+def test_native_norm_and_silu_match_pytorch() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(7, 576, generator=g), torch.randn(7, 576, generator=g)
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data.copy_(torch.randn(576, generator=g))
+    want = torch.rms_norm(x, (576,), norm.weight, 1e-5)
+    assert torch.equal(norm(x), want)  # PyTorch's op unless a stack switched it
+    norm.native_cpu = True
+    torch.testing.assert_close(norm(x), want, rtol=1e-6, atol=1e-5)
+    normed, total = norm(x, r)
+    assert torch.equal(total, x + r)
+    torch.testing.assert_close(normed, torch.rms_norm(x + r, (576,), norm.weight, 1e-5),
+                               rtol=1e-6, atol=1e-5)
+    gate_up = torch.randn(5, 2 * 96, generator=g)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernels.silu_and_mul(gate_up),
+                               torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+
+def test_build_switches_the_per_layer_path_to_its_kernels() -> None:
+    dense = _model(LlamaCausalLM, None)
+    assert NativeDecoderStack.build(dense.model) is None
+    assert not dense.model.layers[0].input_layernorm.native_cpu  # float32 keeps PyTorch's
+    model = _model(LlamaCausalLM, "int8")
+    NativeDecoderStack.build(model.model)
+    for layer in model.model.layers:
+        assert layer.input_layernorm.native_cpu and layer.post_attention_layernorm.native_cpu
+        assert layer.mlp.native_cpu_act
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["int4"])
+def test_smollm2_same_tokens_with_and_without_the_stack(quantization: str) -> None:
+    """The bundled model, quantized: batched greedy decode with the stack on and off."""
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(quantization=quantization, num_threads=2)
+    decoder = llm.engine.core.runner.model.model
+    stack = decoder.native_stack
+    assert stack is not None
+    ran = _spied(stack)
+    prompts = ["The capital of France is", "def fibonacci(n):",
+               "Once upon a time, there was", "List three colors:"]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    with_stack = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert ran and all(ran[-10:])  # decode steps ran through it
+    decoder.native_stack = None
+    per_layer = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert with_stack == per_layer

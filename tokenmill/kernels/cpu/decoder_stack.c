@@ -1,0 +1,160 @@
+/*
+ * A whole decoder stack of a quantized llama-style model in one call, for
+ * steps of few tokens (decode), where a step's time on a small model goes as
+ * much to dispatching ~15 PyTorch and ctypes calls per layer as to the
+ * matmuls themselves.
+ *
+ * Per layer it runs the same kernels the per-layer Python path calls, in the
+ * same order and with the same arithmetic: rms_norm_f32 (optionally after the
+ * residual add), the Q4_1 or Q8_0 matmul for the fused QKV projection,
+ * rope_kv_write_f32, paged_attention_f32, the output projection, the second
+ * norm, the fused gate/up projection, silu_mul_f32 and the down projection.
+ * A model with the stack runs rms_norm_f32 and silu_mul_f32 on its per-layer
+ * path too, so the two give bit-identical hidden states
+ * (tests/test_decoder_stack.py).
+ *
+ * rms_norm_f32: y = x * (1 / sqrt(mean(x^2) + eps)) * w per row, the sum of
+ * squares in eight float lanes added pairwise at the end; with a residual,
+ * x = x + residual is stored to the residual first (the fused add of
+ * tokenmill.model.layers.RMSNorm). silu_mul_f32: y = g / (1 + exp(-g)) * u on
+ * [gate | up] rows.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#pragma GCC optimize("fp-contract=off")
+
+int q4_matmul_f32(const float *x, int64_t x_stride, const uint8_t *packed, const float *d,
+                  const float *mins, const float *bias, float *out, int64_t out_stride, int M,
+                  int N, int K);
+int int8_matmul_f32(const float *x, int64_t x_stride, const int8_t *codes, const float *scales,
+                    const float *bias, float *out, int64_t out_stride, int M, int N, int K);
+void rope_kv_write_f32(const float *qkv, int64_t qkv_stride, int T, int H, int KVH, int D,
+                       const float *cos, const float *sin_f, float *q_out, float *k_cache,
+                       float *v_cache, const int64_t *slots);
+void paged_attention_f32(const float *q, int64_t q_stride, float *out, int64_t out_stride,
+                         const float *k_cache, const float *v_cache, const int32_t *query_start,
+                         const int32_t *seq_lens, const int32_t *block_tables, int num_seqs,
+                         int max_blocks, int num_heads, int num_kv_heads, int head_dim,
+                         int block_size, float scale, int max_q_len, int window);
+
+static void norm_row(const float *x, const float *w, float *y, int N, float eps) {
+    float lanes[8] = {0};
+    int i = 0;
+    for (; i + 8 <= N; i += 8)
+        for (int j = 0; j < 8; j++) lanes[j] += x[i + j] * x[i + j];
+    for (int j = 0; i < N; i++, j++) lanes[j] += x[i] * x[i];
+    const float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                      + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    const float inv = 1.0f / sqrtf(sum / (float)N + eps);
+    for (int k = 0; k < N; k++) y[k] = x[k] * inv * w[k];
+}
+
+/* x, y [T, N] (row strides x_stride, N). With res_in (contiguous [T, N], else NULL):
+   res_out = x + res_in (res_out may be res_in) is what gets normalised. */
+void rms_norm_f32(const float *x, int64_t x_stride, const float *res_in, float *res_out,
+                  const float *w, float *y, int T, int N, float eps) {
+    #pragma omp parallel for schedule(static) if (T >= 64)
+    for (int t = 0; t < T; t++) {
+        const float *src = x + (int64_t)t * x_stride;
+        float *dst = y + (int64_t)t * N;
+        if (res_in) {
+            const float *r = res_in + (int64_t)t * N;
+            float *sum = res_out + (int64_t)t * N;
+            for (int k = 0; k < N; k++) sum[k] = src[k] + r[k];
+            src = sum;
+        }
+        norm_row(src, w, dst, N, eps);
+    }
+}
+
+/* gate_up [T, 2 I] (row stride gu_stride) -> y [T, I]. */
+void silu_mul_f32(const float *gate_up, int64_t gu_stride, float *y, int T, int I) {
+    #pragma omp parallel for schedule(static) if ((int64_t)T * I >= 65536)
+    for (int t = 0; t < T; t++) {
+        const float *g = gate_up + (int64_t)t * gu_stride, *u = g + I;
+        float *dst = y + (int64_t)t * I;
+        for (int i = 0; i < I; i++) dst[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+/* One quantized linear layer: kind 0 = Q4_1 (w0 packed codes, w1 scales, w2 mins),
+   kind 1 = Q8_0 (w0 codes, w1 scales). */
+typedef struct {
+    int32_t kind, n, k, _pad;
+    const void *w0;
+    const float *w1, *w2, *bias;
+} tm_qlinear;
+
+typedef struct {
+    tm_qlinear qkv, o, gate_up, down;
+    const float *attn_norm, *mlp_norm;
+    float *k_cache, *v_cache;
+    int32_t window, _pad;
+} tm_layer;
+
+typedef struct {
+    int32_t hidden, heads, kv_heads, head_dim, inter, block_size;
+    float eps, scale;
+} tm_dims;
+
+typedef struct {
+    int32_t tokens, num_seqs, max_blocks, max_q_len;
+    const float *cos, *sin_folded;       /* [T, D] */
+    const int64_t *slot_mapping;         /* [T] */
+    const int32_t *query_start, *seq_lens, *block_tables;
+} tm_step;
+
+static int linear(const tm_qlinear *l, const float *x, float *out, int M) {
+    if (l->kind == 0)
+        return q4_matmul_f32(x, l->k, (const uint8_t *)l->w0, l->w1, l->w2, l->bias, out, l->n,
+                             M, l->n, l->k);
+    return int8_matmul_f32(x, l->k, (const int8_t *)l->w0, l->w1, l->bias, out, l->n, M, l->n,
+                           l->k);
+}
+
+/*
+ * hidden [T, hidden] in: the embeddings (residual_valid = 0) or the output of
+ * the layer before (residual_valid = 1, residual holds the stream); out: the
+ * last layer's MLP output, with residual holding the stream before it (the
+ * pair DecoderLayer.forward returns). Returns 0, or -1 when out of memory.
+ */
+int decoder_stack_f32(const tm_dims *dims, const tm_layer *layers, int num_layers,
+                      const tm_step *step, float *hidden, float *residual, int residual_valid) {
+    const int T = step->tokens, Hd = dims->hidden, D = dims->head_dim;
+    const int q_size = dims->heads * D, qkv_n = (dims->heads + 2 * dims->kv_heads) * D;
+    const int inter = dims->inter;
+    const size_t floats = (size_t)T * ((size_t)Hd + qkv_n + 2 * (size_t)q_size + 3 * (size_t)inter);
+    float *scratch = malloc(sizeof(float) * (floats ? floats : 1));
+    if (!scratch) return -1;
+    float *normed = scratch, *qkv = normed + (size_t)T * Hd, *q = qkv + (size_t)T * qkv_n;
+    float *attn = q + (size_t)T * q_size, *gate_up = attn + (size_t)T * q_size;
+    float *act = gate_up + (size_t)T * 2 * inter;
+    int status = 0;
+    for (int i = 0; i < num_layers && status == 0; i++) {
+        const tm_layer *L = &layers[i];
+        if (i == 0 && !residual_valid) {
+            memcpy(residual, hidden, sizeof(float) * (size_t)T * Hd);
+            rms_norm_f32(hidden, Hd, NULL, NULL, L->attn_norm, normed, T, Hd, dims->eps);
+        } else {
+            rms_norm_f32(hidden, Hd, residual, residual, L->attn_norm, normed, T, Hd, dims->eps);
+        }
+        status |= linear(&L->qkv, normed, qkv, T);
+        rope_kv_write_f32(qkv, qkv_n, T, dims->heads, dims->kv_heads, D, step->cos,
+                          step->sin_folded, q, L->k_cache, L->v_cache, step->slot_mapping);
+        memset(attn, 0, sizeof(float) * (size_t)T * q_size);
+        paged_attention_f32(q, q_size, attn, q_size, L->k_cache, L->v_cache, step->query_start,
+                            step->seq_lens, step->block_tables, step->num_seqs, step->max_blocks,
+                            dims->heads, dims->kv_heads, D, dims->block_size, dims->scale,
+                            step->max_q_len, L->window);
+        status |= linear(&L->o, attn, hidden, T);
+        rms_norm_f32(hidden, Hd, residual, residual, L->mlp_norm, normed, T, Hd, dims->eps);
+        status |= linear(&L->gate_up, normed, gate_up, T);
+        silu_mul_f32(gate_up, 2 * inter, act, T, inter);
+        status |= linear(&L->down, act, hidden, T);
+    }
+    free(scratch);
+    return status ? -1 : 0;
+}

@@ -1,0 +1,205 @@
+"""The decoder layers of a quantized llama-style model as one native call per step.
+
+At batch 1 on a CPU a small model's decode step is short (SmolLM2 int4: tens of
+milliseconds for 30 layers), and about a quarter of it went to Python and
+PyTorch dispatch: some fifteen calls per layer, each with its checks, views and
+allocations. :class:`NativeDecoderStack` hands all layers to
+``decoder_stack_f32`` (``tokenmill/kernels/cpu/decoder_stack.c``) at once,
+which runs the very kernels the per-layer path calls (RMSNorm, the Q4_1/Q8_0
+matmuls, the fused rotary + K/V write, paged attention, SiLU-and-multiply) in
+the same order. :meth:`NativeDecoderStack.build` also switches the layers' norms
+and SiLU-and-multiply to the stack's C kernels for the steps it does not take
+(PyTorch's own ops round differently in the last bit), so hidden states are
+bit-identical either way: a request decodes the same whether its step went
+through the stack or, batched with a long prefill chunk, through the layers.
+
+It covers what those kernels cover: float32 activations and KV cache on the
+CPU; every projection quantized with the native int4 or int8 kernel; RMSNorm
+pre-norm layers with a SwiGLU MLP, full-width rotary from one table, no
+QK-norm, no sandwich norms, no mixture of experts, no tensor parallelism. A
+step takes it when each sequence has at most ``SHORT_QUERY_LEN`` new tokens
+and the row count stays below the quantized layers' dense-GEMM threshold;
+any other step runs the per-layer path. ``TOKENMILL_CPU_NATIVE_STACK=0``
+turns it off (A/B measurements).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from tokenmill.attention.torch_backend import SHORT_QUERY_LEN
+from tokenmill.kernels import cpu as cpu_kernels
+from tokenmill.model.layers import silu_and_mul
+from tokenmill.model.quantization import Int4Linear, Int8Linear
+
+if TYPE_CHECKING:
+    from tokenmill.attention.base import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+_i32, _f32, _ptr = ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
+
+
+class _QLinear(ctypes.Structure):
+    _fields_ = [("kind", _i32), ("n", _i32), ("k", _i32), ("_pad", _i32),
+                ("w0", _ptr), ("w1", _ptr), ("w2", _ptr), ("bias", _ptr)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _QLinear), ("o", _QLinear), ("gate_up", _QLinear), ("down", _QLinear),
+                ("attn_norm", _ptr), ("mlp_norm", _ptr), ("k_cache", _ptr), ("v_cache", _ptr),
+                ("window", _i32), ("_pad", _i32)]
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [("hidden", _i32), ("heads", _i32), ("kv_heads", _i32), ("head_dim", _i32),
+                ("inter", _i32), ("block_size", _i32), ("eps", _f32), ("scale", _f32)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("tokens", _i32), ("num_seqs", _i32), ("max_blocks", _i32), ("max_q_len", _i32),
+                ("cos", _ptr), ("sin_folded", _ptr), ("slot_mapping", _ptr),
+                ("query_start", _ptr), ("seq_lens", _ptr), ("block_tables", _ptr)]
+
+
+def _qlinear(module: torch.nn.Module) -> _QLinear | None:
+    """The kernel arguments of a quantized projection, or None if it is not one the
+    native kernels run."""
+    bias = getattr(module, "bias", None)
+    if not _float32_contiguous(bias):
+        return None
+    if isinstance(module, Int4Linear) and module.kernel == "native":
+        return _QLinear(0, module.out_features, module.in_features, 0, module.packed.data_ptr(),
+                        module.scales.data_ptr(), module.mins.data_ptr(),
+                        None if bias is None else bias.data_ptr())
+    if isinstance(module, Int8Linear):
+        return _QLinear(1, module.out_features, module.in_features, 0, module.codes.data_ptr(),
+                        module.scales.data_ptr(), None,
+                        None if module.bias is None else module.bias.data_ptr())
+    return None
+
+
+def _float32_contiguous(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in tensors)
+
+
+class NativeDecoderStack:
+    """All decoder layers of a :class:`~tokenmill.model.decoder.DecoderModel` in one call.
+
+    Build it with :meth:`build` once the model is loaded and quantized; it keeps
+    pointers into the model's weights, so the model must stay as it is.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: list[_Layer], dims: _Dims,
+                 max_rows: int) -> None:
+        self._model = model  # keeps the weights the pointers point into alive
+        self._layers = (_Layer * len(layers))(*layers)
+        self._dims = dims
+        self.max_rows = max_rows
+        self._caches: list | None = None
+
+    @classmethod
+    def build(cls, model: torch.nn.Module) -> NativeDecoderStack | None:
+        """The stack for ``model`` (a DecoderModel), or None when some layer needs the
+        per-layer path (see the module docstring) or the native kernels are missing."""
+        if os.environ.get("TOKENMILL_CPU_NATIVE_STACK", "1") == "0":
+            return None
+        if cpu_kernels.cpu_kernels() is None or len(model.rotaries) != 1:
+            return None
+        if model.scales_embeddings:
+            return None  # Gemma-style models also carry sandwich norms and GeGLU
+        layers: list[_Layer] = []
+        dims = None
+        max_rows = 1 << 30
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if (layer.sandwich_norms or attn.q_norm is not None or attn.tp.sharded
+                    or not hasattr(mlp, "gate_up_proj") or mlp.act is not silu_and_mul
+                    or not hasattr(attn.attn_backend, "forward_cached")):
+                return None
+            projections = [_qlinear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                 mlp.down_proj)]
+            if any(p is None for p in projections):
+                return None
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if not _float32_contiguous(*(n.weight for n in norms)) or norms[0].eps != norms[1].eps:
+                return None
+            for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                if m.dense_min_rows > 0:
+                    max_rows = min(max_rows, m.dense_min_rows - 1)
+            here = _Dims(norms[0].weight.shape[0], attn.num_heads, attn.num_kv_heads,
+                         attn.head_dim, mlp.down_proj.in_features, 0, norms[0].eps, attn.scale)
+            if dims is None:
+                dims = here
+            elif bytes(dims) != bytes(here):
+                return None
+            if model.rotary.cos_cache.shape[-1] != attn.head_dim:
+                return None  # partial rotary: rope_kv_write rotates whole heads
+            layers.append(_Layer(*projections, norms[0].weight.data_ptr(),
+                                 norms[1].weight.data_ptr(), None, None,
+                                 attn.sliding_window or 0, 0))
+        if dims is None:
+            return None
+        for layer in model.layers:  # steps the stack does not take round as it does
+            layer.input_layernorm.native_cpu = layer.post_attention_layernorm.native_cpu = True
+            layer.mlp.native_cpu_act = True
+        logger.info("native decoder stack: %d layers, steps of up to %d rows", len(layers),
+                    max_rows)
+        return cls(model, layers, dims, max_rows)
+
+    def _bind_caches(self, kv_caches: list) -> bool:
+        """Point the layers at this step's KV caches (float32, contiguous)."""
+        if self._caches is not None and len(kv_caches) == len(self._caches) and all(
+                a is b for a, b in zip(kv_caches, self._caches, strict=True)):
+            return True
+        block_size = None
+        for entry, (k_cache, v_cache) in zip(self._layers, kv_caches, strict=True):
+            if (k_cache.dim() != 4 or not _float32_contiguous(k_cache, v_cache)
+                    or k_cache.device.type != "cpu"):
+                return False
+            entry.k_cache, entry.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+            if block_size not in (None, k_cache.shape[1]):
+                return False
+            block_size = k_cache.shape[1]
+        self._dims.block_size = block_size or 0
+        self._caches = list(kv_caches)
+        return True
+
+    def run(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor | None,
+        kv_caches: list, meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(hidden, residual)`` after the last layer, as the per-layer loop returns
+        them, or None (nothing done) when this step needs the per-layer path."""
+        tokens = hidden.shape[0]
+        if (tokens == 0 or tokens > self.max_rows or meta.max_query_len > SHORT_QUERY_LEN
+                or meta.has_padding_slots is not False or sin_folded is None
+                or hidden.device.type != "cpu" or not _float32_contiguous(hidden, cos, sin_folded)
+                or cos.shape != (tokens, 1, self._dims.head_dim)
+                or sin_folded.shape != cos.shape
+                or meta.slot_mapping.dtype != torch.int64 or not meta.slot_mapping.is_contiguous()
+                or not (meta.query_start_loc.dtype == meta.seq_lens.dtype
+                        == meta.block_tables.dtype == torch.int32)
+                or not (meta.query_start_loc.is_contiguous() and meta.seq_lens.is_contiguous()
+                        and meta.block_tables.is_contiguous())
+                or not self._bind_caches(kv_caches)):
+            return None
+        hidden = hidden.clone()  # written in place; the caller's tensor stays as it was
+        residual = torch.empty_like(hidden)
+        tables = meta.block_tables
+        step = _Step(tokens, meta.seq_lens.shape[0], tables.shape[1] if tables.dim() == 2 else 0,
+                     SHORT_QUERY_LEN, cos.data_ptr(), sin_folded.data_ptr(),
+                     meta.slot_mapping.data_ptr(), meta.query_start_loc.data_ptr(),
+                     meta.seq_lens.data_ptr(), tables.data_ptr())
+        lib = cpu_kernels.cpu_kernels()
+        status = lib.decoder_stack_f32(ctypes.byref(self._dims), self._layers, len(self._layers),
+                                       ctypes.byref(step), hidden.data_ptr(),
+                                       residual.data_ptr(), 0)
+        if status != 0:
+            raise MemoryError("decoder_stack_f32: out of memory for its scratch buffers")
+        return hidden, residual
