@@ -393,3 +393,23 @@ def test_qwen2_gguf_matches_transformers() -> None:
         want = reference(torch.tensor([ids])).logits[0].float()
     assert (ours - want).abs().max().item() < 1e-3
     assert torch.equal(ours.argmax(-1), want.argmax(-1))
+
+
+def test_open_gguf_reads_what_the_stock_reader_reads(tmp_path: Path) -> None:
+    """tokenmill.gguf_file.open_gguf (plain-array buffer) against gguf.GGUFReader."""
+    from tokenmill.gguf_file import open_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, "llama", build_reference("llama"))
+    stock, ours = gguf.GGUFReader(str(path)), open_gguf(path)
+    assert isinstance(stock.data, np.memmap) and not isinstance(ours.data, np.memmap)
+    assert list(ours.fields) == list(stock.fields)
+    for name, field in stock.fields.items():
+        mine = ours.fields[name]
+        assert mine.types == field.types and mine.data == field.data
+        assert len(mine.parts) == len(field.parts)
+        assert all(np.array_equal(a, b) for a, b in zip(mine.parts, field.parts, strict=True))
+    assert [t.name for t in ours.tensors] == [t.name for t in stock.tensors]
+    for mine, theirs in zip(ours.tensors, stock.tensors, strict=True):
+        assert mine.tensor_type == theirs.tensor_type
+        assert np.array_equal(mine.data, theirs.data)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tokenmill import gguf_file
 from tokenmill.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
 from tokenmill.model.decoder import WeightLoadError
 from tokenmill.model.layers import rope_inv_freq
@@ -125,9 +126,7 @@ _GEMMA3_PATTERN = 6
 
 def open_gguf(path: str) -> GGUFReader:
     """Open ``path`` with ``gguf.GGUFReader`` (memory-mapped; tensors read lazily)."""
-    from gguf import GGUFReader
-
-    return GGUFReader(path)
+    return gguf_file.open_gguf(path)
 
 
 def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:

@@ -70,11 +70,9 @@ def _display_name(path: str) -> str:
 def load_gguf_source(path: str) -> ModelSource:
     """Read hyper-parameters from GGUF metadata (the model loader's own parser) and
     weight bytes from its tensors."""
-    import gguf  # imported here: reading a GGUF is the only use, and it is slow to import
+    from tokenmill.model.gguf_loader import config_from_gguf, open_gguf
 
-    from tokenmill.model.gguf_loader import config_from_gguf
-
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     name = os.path.basename(path)[: -len(".gguf")]
     return ModelSource(name, config, path, _gguf_weight_bytes(reader.tensors))

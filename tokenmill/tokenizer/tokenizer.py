@@ -205,10 +205,10 @@ class Tokenizer:
         cls, path: str | os.PathLike[str], chat_template: str | None = None
     ) -> Tokenizer:
         """Open a GGUF file and build its tokenizer (opening reads all metadata:
-        a few seconds for a 50k-token vocabulary)."""
-        from gguf import GGUFReader
+        a second or two for a 50k-token vocabulary)."""
+        from tokenmill.gguf_file import open_gguf
 
-        return cls.from_gguf_reader(GGUFReader(os.fspath(path)), chat_template=chat_template)
+        return cls.from_gguf_reader(open_gguf(path), chat_template=chat_template)
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], chat_template: str | None = None) -> Tokenizer:
