@@ -127,7 +127,10 @@ def test_engine_greedy_tokens_match_torch_backend(tiny_model_dir):
         results[backend] = [o.outputs[0].token_ids for o in outs]
     assert results["triton"] == results["torch"]
     assert all(len(tokens) == 8 for tokens in results["torch"])
-    assert len({tuple(t) for t in results["torch"]}) == len(results["torch"])
+    # Distinct prompts, distinct outputs (no request reads another's rows). Prompts 2 and
+    # 5 extend prompt 0's shared prefix by a token or two and may fall into the same
+    # greedy cycle on these random weights (they do with oneDNN's float32 rounding).
+    assert len({tuple(results["torch"][i]) for i in (0, 1, 3, 4)}) == 4
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
