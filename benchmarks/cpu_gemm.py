@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quantized_prefill import best_of  # noqa: E402  (this directory is on sys.path)
 
 from tokenmill.kernels.cpu_features import cpu_flags  # noqa: E402
 from tokenmill.model.prepacked import PrepackedLinear  # noqa: E402
@@ -41,15 +42,6 @@ def _cpu() -> str:
     return f"{model} ({' '.join(f for f in wanted if f in cpu_flags()) or 'no AVX2'})"
 
 
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def _pair(shapes: tuple[tuple[int, int], ...], rows: int, repeats: int) -> tuple[float, float]:
     """(F.linear seconds, prepacked seconds) for one call of each shape, summed."""
     weights = [torch.randn(n, k) * 0.05 for k, n in shapes]
@@ -67,8 +59,8 @@ def _pair(shapes: tuple[tuple[int, int], ...], rows: int, repeats: int) -> tuple
     aten(), onednn()  # warm up (oneDNN builds its kernel per shape on first use)
     t_aten = t_onednn = float("inf")
     for _ in range(3):  # interleaved, so drifting machine load hits both alike
-        t_aten = min(t_aten, _best(aten, repeats))
-        t_onednn = min(t_onednn, _best(onednn, repeats))
+        t_aten = min(t_aten, best_of(aten, repeats))
+        t_onednn = min(t_onednn, best_of(onednn, repeats))
     return t_aten, t_onednn
 
 

@@ -27,7 +27,8 @@ from tokenmill.model.quantization import Int4Linear, Int8Linear  # noqa: E402
 SHAPES = ((576, 960), (576, 576), (576, 3072), (1536, 576))
 
 
-def _best(fn, repeats: int) -> float:
+def best_of(fn, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls of ``fn``, in seconds."""
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 run = _runner(layers, inputs)
                 run()  # warm-up
-                times[mode] = _best(run, args.repeats)
+                times[mode] = best_of(run, args.repeats)
             print(f"{quant:<8}{rows:>6}{times['integer'] * 1e3:>12.2f}{times['dense'] * 1e3:>10.2f}"
                   f"{times['integer'] / times['dense']:>15.2f}x", flush=True)
     return 0
