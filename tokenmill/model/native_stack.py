@@ -73,14 +73,13 @@ def _qlinear(module: torch.nn.Module) -> _QLinear | None:
     bias = getattr(module, "bias", None)
     if not _float32_contiguous(bias):
         return None
+    bias_ptr = None if bias is None else bias.data_ptr()
     if isinstance(module, Int4Linear) and module.kernel == "native":
         return _QLinear(0, module.out_features, module.in_features, 0, module.packed.data_ptr(),
-                        module.scales.data_ptr(), module.mins.data_ptr(),
-                        None if bias is None else bias.data_ptr())
+                        module.scales.data_ptr(), module.mins.data_ptr(), bias_ptr)
     if isinstance(module, Int8Linear):
         return _QLinear(1, module.out_features, module.in_features, 0, module.codes.data_ptr(),
-                        module.scales.data_ptr(), None,
-                        None if module.bias is None else module.bias.data_ptr())
+                        module.scales.data_ptr(), None, bias_ptr)
     return None
 
 
@@ -199,7 +198,7 @@ class NativeDecoderStack:
         lib = cpu_kernels.cpu_kernels()
         status = lib.decoder_stack_f32(ctypes.byref(self._dims), self._layers, len(self._layers),
                                        ctypes.byref(step), hidden.data_ptr(),
-                                       residual.data_ptr(), 0)
+                                       residual.data_ptr())
         if status != 0:
             raise MemoryError("decoder_stack_f32: out of memory for its scratch buffers")
         return hidden, residual

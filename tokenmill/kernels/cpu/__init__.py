@@ -60,7 +60,7 @@ _ROPE_KV_WRITE_ARGTYPES = [_ptr, _i64, _i32, _i32, _i32, _i32, _ptr, _ptr, _ptr,
                            _ptr]
 _RMS_NORM_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i32, _i32, _f32]
 _SILU_MUL_ARGTYPES = [_ptr, _i64, _ptr, _i32, _i32]
-_DECODER_STACK_ARGTYPES = [_ptr, _ptr, _i32, _ptr, _ptr, _ptr, _i32]
+_DECODER_STACK_ARGTYPES = [_ptr, _ptr, _i32, _ptr, _ptr, _ptr]
 
 
 # TOKENMILL_CPU_FUSED_ROPE=0: rotary and K/V write as PyTorch ops (for A/B measurements).

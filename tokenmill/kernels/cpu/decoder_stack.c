@@ -116,13 +116,12 @@ static int linear(const tm_qlinear *l, const float *x, float *out, int M) {
 }
 
 /*
- * hidden [T, hidden] in: the embeddings (residual_valid = 0) or the output of
- * the layer before (residual_valid = 1, residual holds the stream); out: the
- * last layer's MLP output, with residual holding the stream before it (the
- * pair DecoderLayer.forward returns). Returns 0, or -1 when out of memory.
+ * hidden [T, hidden] in: the embeddings; out: the last layer's MLP output, with
+ * residual (written, not read) holding the stream before it (the pair
+ * DecoderLayer.forward returns). Returns 0, or -1 when out of memory.
  */
 int decoder_stack_f32(const tm_dims *dims, const tm_layer *layers, int num_layers,
-                      const tm_step *step, float *hidden, float *residual, int residual_valid) {
+                      const tm_step *step, float *hidden, float *residual) {
     const int T = step->tokens, Hd = dims->hidden, D = dims->head_dim;
     const int q_size = dims->heads * D, qkv_n = (dims->heads + 2 * dims->kv_heads) * D;
     const int inter = dims->inter;
@@ -135,7 +134,7 @@ int decoder_stack_f32(const tm_dims *dims, const tm_layer *layers, int num_layer
     int status = 0;
     for (int i = 0; i < num_layers && status == 0; i++) {
         const tm_layer *L = &layers[i];
-        if (i == 0 && !residual_valid) {
+        if (i == 0) {
             memcpy(residual, hidden, sizeof(float) * (size_t)T * Hd);
             rms_norm_f32(hidden, Hd, NULL, NULL, L->attn_norm, normed, T, Hd, dims->eps);
         } else {
