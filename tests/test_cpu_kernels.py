@@ -10,6 +10,7 @@ from paged_cases import paged_layout, reference_attention
 
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.kernels import cpu
+from tokenmill.kernels.cpu_features import cpu_flags
 
 pytestmark = pytest.mark.skipif(cpu.cpu_kernels() is None, reason="no C compiler")
 
@@ -223,3 +224,38 @@ def test_portable_build_matches(monkeypatch):
     finally:
         monkeypatch.delenv("TOKENMILL_CPU_MARCH")
         cpu.cpu_kernels.cache_clear()
+
+
+@pytest.mark.skipif(not {"avx512_vnni", "avx_vnni"} & cpu_flags(),
+                    reason="needs a CPU with VNNI")
+def test_vnni_dot_products_equal_plain_avx2(monkeypatch):
+    """With VNNI the 8-bit dot products are one vpdpbusd; built for AVX2 without it
+    (-march=haswell: maddubs + madd) the int4 and int8 matmuls give the same bits."""
+    from tokenmill.model.quantization import quantize_int4, quantize_int8
+
+    g = torch.Generator().manual_seed(11)
+    codes4, scales4, zeros4 = quantize_int4(torch.randn(37, 256, generator=g))
+    packed4, mins4 = cpu.pack_q4(codes4), (zeros4 - 8 * scales4).contiguous()
+    codes8, scales8 = quantize_int8(torch.randn(37, 256, generator=g))
+    bias = torch.randn(37, generator=g)
+
+    def products() -> list[torch.Tensor]:
+        out = []
+        for rows in (1, 3, 4, 8, 13):
+            x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)) * 3
+            out.append(cpu.q4_matmul(x, packed4, scales4.contiguous(), mins4, bias))
+            out.append(cpu.int8_matmul(x, codes8, scales8, None))
+        return out
+
+    cpu.cpu_kernels.cache_clear()
+    native = products()
+    monkeypatch.setenv("TOKENMILL_CPU_MARCH", "haswell")
+    cpu.cpu_kernels.cache_clear()
+    try:
+        plain = products()
+    finally:
+        monkeypatch.delenv("TOKENMILL_CPU_MARCH")
+        cpu.cpu_kernels.cache_clear()
+    assert all(a is not None for a in native + plain)
+    for a, b in zip(native, plain, strict=True):
+        assert torch.equal(a, b)

@@ -24,7 +24,6 @@ static void row_dots_q8(const int8_t *w, const float *ws, const int8_t *qx, cons
                         int K, int m0, int rows, float *res) {
     const int groups = K / 32;
 #ifdef TM_AVX2
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[MT];
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
@@ -33,8 +32,7 @@ static void row_dots_q8(const int8_t *w, const float *ws, const int8_t *qx, cons
         for (int r = 0; r < rows; r++) {
             const int64_t row = (int64_t)(m0 + r);
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + row * K + g * 32));
-            const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
-            const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            const __m256 sums = _mm256_cvtepi32_ps(tm_dot_u8s8(aw, _mm256_sign_epi8(xv, wv)));
             acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[g] * dx[row * groups + g]), acc[r]);
         }
     }
@@ -58,7 +56,6 @@ static void row_dots_q8(const int8_t *w, const float *ws, const int8_t *qx, cons
 static void tile_1x4_q8(const int8_t *w, const float *ws, const int8_t *qx, const float *dx,
                         int K, int m0, float *res) {
     const int groups = K / 32;
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     const int8_t *x0 = qx + (int64_t)m0 * K;
     const float *d0 = dx + (int64_t)m0 * groups;
@@ -68,8 +65,7 @@ static void tile_1x4_q8(const int8_t *w, const float *ws, const int8_t *qx, cons
 #define TM_STEP(R, A)                                                                          \
         {                                                                                      \
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(x0 + (int64_t)(R) * K + g * 32)); \
-            const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));          \
-            const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));           \
+            const __m256 sums = _mm256_cvtepi32_ps(tm_dot_u8s8(aw, _mm256_sign_epi8(xv, wv))); \
             A = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[g] * d0[(R) * groups + g]), A);        \
         }
         TM_STEP(0, a0)

@@ -6,8 +6,8 @@
  * Per group the dot product splits into an integer part and a correction:
  *   sum_j w_j x_j ~= d * dx * sum_j q_j qx_j  +  m * dx * sum_j qx_j
  * The integer sums are exact; on AVX2 one group of 32 costs a handful of
- * instructions (unpack nibbles, u8 x s8 multiply-add pairs, widen, convert,
- * one float FMA), which is why this beats dequantizing to float: single-stream
+ * instructions (unpack nibbles, u8 x s8 multiply-adds - one vpdpbusd with VNNI -
+ * convert, one float FMA), which is why this beats dequantizing to float: single-stream
  * decode reads 0.56 bytes per weight and does little work per byte.
  *
  * Weight layout per row: K / 2 bytes, group g at bytes 16 g .. 16 g + 15,
@@ -77,7 +77,6 @@ static void row_dots(const uint8_t *wq, const float *d, const float *mn, const i
     const int groups = K / 32;
 #ifdef TM_AVX2
     const __m128i low4 = _mm_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[MT];
     float corr[MT];
     for (int r = 0; r < rows; r++) {
@@ -92,8 +91,7 @@ static void row_dots(const uint8_t *wq, const float *d, const float *mn, const i
         for (int r = 0; r < rows; r++) {
             const int64_t row = (int64_t)(m0 + r);
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + row * K + g * 32));
-            const __m256i pairs = _mm256_maddubs_epi16(q, xv); /* |q * qx| <= 3810 per pair */
-            const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            const __m256 sums = _mm256_cvtepi32_ps(tm_dot_u8s8(q, xv)); /* pairs <= 3810 */
             const float scale = d[g] * dx[row * groups + g];
             acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(scale), acc[r]);
             corr[r] += mn[g] * sx[row * groups + g];
@@ -123,7 +121,6 @@ static void tile_2x4(const uint8_t *w0, const uint8_t *w1, const float *d0, cons
                      const float *sx, int K, int m0, float res[2][MT]) {
     const int groups = K / 32;
     const __m128i low4 = _mm_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
     __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
     float c0[MT] = {0}, c1[MT] = {0};
@@ -140,8 +137,8 @@ static void tile_2x4(const uint8_t *w0, const uint8_t *w1, const float *d0, cons
         {                                                                                     \
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(x0 + (int64_t)(R) * K + g * 32)); \
             const float dxv = dxr[(R) * groups + g], sxv = sxr[(R) * groups + g];            \
-            const __m256 s0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q0, xv), ones)); \
-            const __m256 s1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q1, xv), ones)); \
+            const __m256 s0 = _mm256_cvtepi32_ps(tm_dot_u8s8(q0, xv)); \
+            const __m256 s1 = _mm256_cvtepi32_ps(tm_dot_u8s8(q1, xv)); \
             A0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(d0[g] * dxv), A0);                       \
             A1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(d1[g] * dxv), A1);                       \
             c0[R] += mn0[g] * sxv;                                                            \
@@ -166,7 +163,6 @@ static void tile_4x1(const uint8_t *w, const float *d, const float *mn, const in
     const int groups = K / 32;
     const int64_t wrow = K / 2;
     const __m128i low4 = _mm_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
     const int8_t *xr = qx + (int64_t)m * K;
@@ -179,7 +175,7 @@ static void tile_4x1(const uint8_t *w, const float *d, const float *mn, const in
             const __m128i raw = _mm_loadu_si128((const __m128i *)(w + (R) * wrow + g * 16));   \
             const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low4),    \
                                                _mm_and_si128(raw, low4));                      \
-            const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones)); \
+            const __m256 sums = _mm256_cvtepi32_ps(tm_dot_u8s8(q, xv)); \
             A = _mm256_fmadd_ps(sums, _mm256_set1_ps(d[(R) * groups + g] * dxv), A);           \
             C += mn[(R) * groups + g] * sxv;                                                   \
         }

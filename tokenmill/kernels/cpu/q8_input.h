@@ -1,7 +1,7 @@
 /*
  * Shared by the two quantized matmuls (q4_matmul.c, int8_matmul.c): the matmul
- * input rounded to 8 bits per group of 32 (llama.cpp's Q8 activations), and an
- * AVX2 horizontal sum.
+ * input rounded to 8 bits per group of 32 (llama.cpp's Q8 activations), an
+ * AVX2 horizontal sum and the 8-bit dot product.
  */
 #ifndef TOKENMILL_Q8_INPUT_H
 #define TOKENMILL_Q8_INPUT_H
@@ -17,6 +17,20 @@ static inline float tm_hsum256(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
+}
+
+/* Eight int32 lanes, each the sum of four adjacent u8 x s8 products. With VNNI
+   (AVX512-VNNI + VL, or AVX-VNNI) one vpdpbusd; on plain AVX2 maddubs, which sums
+   pairs into int16, then madd. The callers' pairs stay below 2^15 (4-bit or
+   sign-folded 8-bit codes times |x| <= 127), so both give the same exact sums. */
+static inline __m256i tm_dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 #endif
 
