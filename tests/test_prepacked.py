@@ -1,4 +1,5 @@
-"""oneDNN prepacked float32 linear layers against F.linear and the unpacked model."""
+"""oneDNN prepacked float32 and bfloat16 linear layers against F.linear and the
+unpacked model."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from test_engine_tiny import _save_tiny
 from test_model_arch import tokenmill_logits
 
 from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.kernels.cpu_features import has_native_bf16
 from tokenmill.model.layers import Linear
 from tokenmill.model.loader import LoadedModel, load_model, resolve_model
 from tokenmill.model.prepacked import PrepackedLinear, default_prepack, prepack_linears
@@ -59,13 +61,32 @@ def test_weight_unpacks_exactly() -> None:
 def test_default_follows_device_dtype_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TOKENMILL_CPU_GEMM", raising=False)
     assert default_prepack("cpu", torch.float32)
-    assert not default_prepack("cpu", torch.bfloat16)
+    assert default_prepack("cpu", torch.bfloat16) == has_native_bf16()
     assert not default_prepack("cuda", torch.float32)
     monkeypatch.setenv("TOKENMILL_CPU_GEMM", "aten")
     assert not default_prepack("cpu", torch.float32)
     monkeypatch.setenv("TOKENMILL_CPU_GEMM", "mkl")
     with pytest.raises(ValueError, match="TOKENMILL_CPU_GEMM"):
         default_prepack("cpu", torch.float32)
+
+
+needs_native_bf16 = pytest.mark.skipif(not has_native_bf16(),
+                                       reason="no bfloat16 in hardware (AVX512_BF16/AMX)")
+
+
+@needs_native_bf16
+@pytest.mark.parametrize("rows", [1, 3, 8, 32, 300])
+def test_bfloat16_matches_f_linear(rows: int) -> None:
+    dense = _linear(96, 64, True)
+    weight, bias = dense.weight.bfloat16(), dense.bias.bfloat16()
+    packed = PrepackedLinear(weight, bias)
+    assert torch.equal(packed.weight, weight)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    # Reference: float32 products of the bfloat16 values, rounded once to bfloat16.
+    want = F.linear(x.float(), weight.float(), bias.float())
+    got = packed(x)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=1.6e-2, atol=1e-2)
 
 
 def _tiny(tmp_path, arch: str):
@@ -104,6 +125,21 @@ def test_loaded_model_is_packed_and_agrees(tmp_path, arch: str) -> None:
     got_tokens, got_logits = _greedy(packed, prompt, 12)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
     assert got_tokens == want_tokens
+
+
+@needs_native_bf16
+def test_bfloat16_model_is_packed_and_close(tmp_path) -> None:
+    resolved = _tiny(tmp_path, "qwen2")
+    plain = load_model(resolved, torch.bfloat16, "cpu", TorchAttentionBackend(), prepack=False)
+    packed = load_model(resolved, torch.bfloat16, "cpu", TorchAttentionBackend())
+    assert isinstance(packed.model.model.layers[0].mlp.down_proj, PrepackedLinear)
+    assert isinstance(packed.model.tied_lm_head, PrepackedLinear)
+    prompt = [5, 17, 99, 3, 250, 42, 7]
+    want = tokenmill_logits(plain, [prompt])[0].float()
+    got = tokenmill_logits(packed, [prompt])[0].float()
+    assert got.dtype == want.dtype
+    # Both round every layer's output to bfloat16, in different summation orders.
+    torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
 
 
 def test_quantized_layers_stay_quantized(tmp_path) -> None:
