@@ -1,12 +1,14 @@
-"""Dense float32 linear layers by input rows: F.linear (MKL) vs oneDNN on prepacked weights.
+"""Dense float32 linear layers by input rows: F.linear (MKL) vs oneDNN on prepacked weights,
+in float32 and (where the CPU has bfloat16 in hardware) multiplying in bfloat16.
 
     python benchmarks/cpu_gemm.py [--rows 1 2 4 8 16 32 64 128 512] [--num-threads 2]
 
 For SmolLM2-135M's layer shapes (the four matmuls of one decoder layer summed,
-and the tied LM head on its own) times ``F.linear`` and
-:class:`tokenmill.model.prepacked.PrepackedLinear` interleaved, best of
-``--repeats``, and prints ms and the ratio per row count. Random weights:
-speed does not depend on the values.
+and the tied LM head on its own) times ``F.linear``,
+:class:`tokenmill.model.prepacked.PrepackedLinear` and the same with
+``gemm_dtype=bfloat16`` (float32 in and out; what the loader picks on CPUs with
+AVX512_BF16/AMX), interleaved, best of ``--repeats``, and prints ms and the
+ratios per row count. Random weights: speed does not depend on the values.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantized_prefill import best_of  # noqa: E402  (this directory is on sys.path)
 
-from tokenmill.kernels.cpu_features import cpu_flags  # noqa: E402
+from tokenmill.kernels.cpu_features import cpu_flags, has_native_bf16  # noqa: E402
 from tokenmill.model.prepacked import PrepackedLinear  # noqa: E402
 
 # (in, out) of qkv, o, gate_up and down in SmolLM2-135M (9 heads, 3 KV heads of 64)
@@ -42,26 +44,41 @@ def _cpu() -> str:
     return f"{model} ({' '.join(f for f in wanted if f in cpu_flags()) or 'no AVX2'})"
 
 
-def _pair(shapes: tuple[tuple[int, int], ...], rows: int, repeats: int) -> tuple[float, float]:
-    """(F.linear seconds, prepacked seconds) for one call of each shape, summed."""
+def _times(shapes: tuple[tuple[int, int], ...], rows: int, repeats: int,
+           bf16: bool) -> list[float]:
+    """Seconds for one call of each shape, summed: F.linear, prepacked float32 and, with
+    ``bf16``, prepacked multiplying in bfloat16."""
     weights = [torch.randn(n, k) * 0.05 for k, n in shapes]
-    packed = [PrepackedLinear(w) for w in weights]
     inputs = [torch.randn(rows, k) for k, _ in shapes]
+    layers = [[PrepackedLinear(w) for w in weights]]
+    if bf16:
+        layers.append([PrepackedLinear(w, gemm_dtype=torch.bfloat16) for w in weights])
 
     def aten() -> None:
         for w, x in zip(weights, inputs, strict=True):
             F.linear(x, w)
 
-    def onednn() -> None:
-        for layer, x in zip(packed, inputs, strict=True):
-            layer(x)
+    def packed(group: list[PrepackedLinear]):
+        def run() -> None:
+            for layer, x in zip(group, inputs, strict=True):
+                layer(x)
+        return run
 
-    aten(), onednn()  # warm up (oneDNN builds its kernel per shape on first use)
-    t_aten = t_onednn = float("inf")
-    for _ in range(3):  # interleaved, so drifting machine load hits both alike
-        t_aten = min(t_aten, best_of(aten, repeats))
-        t_onednn = min(t_onednn, best_of(onednn, repeats))
-    return t_aten, t_onednn
+    runs = [aten, *(packed(group) for group in layers)]
+    for run in runs:  # warm up (oneDNN builds its kernel per shape on first use)
+        run()
+    best = [float("inf")] * len(runs)
+    for _ in range(3):  # interleaved, so drifting machine load hits all alike
+        best = [min(b, best_of(run, repeats)) for b, run in zip(best, runs, strict=True)]
+    return best
+
+
+def _cells(times: list[float]) -> str:
+    """ms of each variant and the ratios: F.linear / prepacked, prepacked / bfloat16."""
+    cells = f"{times[0] * 1e3:>9.3f} {times[1] * 1e3:>9.3f} {times[0] / times[1]:>5.2f}x"
+    if len(times) > 2:
+        cells += f" {times[2] * 1e3:>9.3f} {times[1] / times[2]:>5.2f}x"
+    return cells
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,22 +87,28 @@ def main(argv: list[str] | None = None) -> int:
                         default=[1, 2, 4, 8, 16, 32, 64, 128, 512])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument("--bf16", action="store_true",
+                        help="time the bfloat16 GEMM also where the CPU emulates bfloat16")
     args = parser.parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     if not torch.backends.mkldnn.is_available():
         print("this PyTorch has no oneDNN: nothing to compare")
         return 1
+    bf16 = has_native_bf16() or args.bf16
     print(f"CPU: {_cpu()}; {torch.get_num_threads()} threads; torch {torch.__version__}")
-    print("ms per call, best of interleaved runs; ratio = F.linear / prepacked (>1: oneDNN wins)")
-    print(f"{'rows':>5} {'layer F.linear':>15} {'prepacked':>10} {'ratio':>6}   "
-          f"{'LM head F.linear':>17} {'prepacked':>10} {'ratio':>6}")
+    print("ms per call, best of interleaved runs; F.linear / f32 = how much oneDNN prepacking "
+          "wins" + ("; f32 / bf16 = how much multiplying in bfloat16 wins on top" if bf16
+                    else " (no bfloat16 in hardware: --bf16 times it anyway)"))
+    extra = f" {'bf16 GEMM':>9} {'f32/bf16':>6}" if bf16 else ""
+    head = f"{'F.linear':>9} {'f32':>9} {'ratio':>6}{extra}"
+    print(f"{'':>5} {'one decoder layer':^{len(head)}}   {'LM head':^{len(head)}}")
+    print(f"{'rows':>5} {head}   {head}")
     with torch.inference_mode():
         for rows in args.rows:
-            la, lo = _pair(LAYER_SHAPES, rows, args.repeats)
-            ha, ho = _pair((HEAD_SHAPE,), rows, max(2, args.repeats // 3))
-            print(f"{rows:>5} {la * 1e3:>15.3f} {lo * 1e3:>10.3f} {la / lo:>5.2f}x   "
-                  f"{ha * 1e3:>17.3f} {ho * 1e3:>10.3f} {ha / ho:>5.2f}x", flush=True)
+            layer = _times(LAYER_SHAPES, rows, args.repeats, bf16)
+            lm_head = _times((HEAD_SHAPE,), rows, max(2, args.repeats // 3), bf16)
+            print(f"{rows:>5} {_cells(layer)}   {_cells(lm_head)}", flush=True)
     return 0
 
 
