@@ -51,6 +51,8 @@
 #                       the GGUF by benchmarks/gguf_to_hf.py)
 #   VLLM_CPU_BIND       VLLM_CPU_OMP_THREADS_BIND: auto, nobind or a core list (default: auto)
 #   VLLM_KV_GIB         VLLM_CPU_KVCACHE_SPACE in GiB (default: 4)
+#   VLLM_DTYPE          vLLM's --dtype (default: float32; vLLM's own default on CPU is
+#                       bfloat16)
 #   INPUT_LEN OUTPUT_LEN            random workload lengths (default: 128 128)
 #   PREFIX_LEN SUFFIX_LEN PREFIX_OUTPUT_LEN  prefix workload (default: 512 32 64)
 #   EOS_TOKEN_ID        blocked through logit_bias for llama-cpp-python (default: 2)
@@ -95,6 +97,7 @@ VLLM_PY="${VLLM_PY:-$VLLM_DIR/venv/bin/python}"
 VLLM_MODEL_DIR="${VLLM_MODEL_DIR:-$VLLM_DIR/model-hf}"
 VLLM_CPU_BIND="${VLLM_CPU_BIND:-auto}"
 VLLM_KV_GIB="${VLLM_KV_GIB:-4}"
+VLLM_DTYPE="${VLLM_DTYPE:-float32}"
 
 STAMP="$(date -u +%Y%m%d-%H%M%S)"
 OUT="${1:-$ROOT/results/side_by_side-$STAMP}"
@@ -283,7 +286,7 @@ start_vllm() {
     log "starting vllm-cpu on port $port (start-up takes minutes: it compiles)"
     VLLM_CPU_KVCACHE_SPACE="$VLLM_KV_GIB" VLLM_CPU_OMP_THREADS_BIND="$VLLM_CPU_BIND" \
         "$VLLM_PY" "$ROOT/benchmarks/vllm_cpu_launch.py" serve "$VLLM_MODEL_DIR" \
-        --served-model-name vllm-cpu --dtype float32 --host 127.0.0.1 --port "$port" \
+        --served-model-name vllm-cpu --dtype "$VLLM_DTYPE" --host 127.0.0.1 --port "$port" \
         --max-num-seqs "$max_seqs" --max-model-len "$CTX_PER_SLOT" > "$logfile" 2>&1 &
     SERVER_PID=$!
     STARTED_PIDS+=("$SERVER_PID")
@@ -321,12 +324,13 @@ write_machine_info() {
         echo "kernel: $(uname -srm)"
         echo "cpus: $(nproc)"
         lscpu 2>/dev/null | grep -E '^(Model name|Thread|Core|Socket)' || true
-        echo "cpu features: $(grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_tile|amx_bf16' \
+        echo "cpu features: $(grep -o -w -E 'avx2|fma|avx_vnni|avx512f|avx512_vnni|avx512_bf16|amx_tile|amx_bf16|amx_int8' \
             /proc/cpuinfo 2>/dev/null | sort -u | tr '\n' ' ')"
         echo "memory: $(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
         echo "model: $MODEL"
         echo "threads per server: $THREADS"
         echo "tokenmill commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+        echo "tokenmill serve args: ${TOKENMILL_SERVE_ARGS:-(none)}; dense GEMM dtype: $(cd "$ROOT" && "$TOKENMILL_PY" -c 'from tokenmill.model.dequant_matmul import default_dense_dtype as d; print(d())' 2>/dev/null || echo unknown)"
         echo "tokenmill python: $("$TOKENMILL_PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)' 2>/dev/null || echo unknown)"
         if has_peer llama-cpp-python || has_peer llama-server; then
             echo "llama-cpp-python: $LLAMA_CPP_PYTHON_VERSION (AMX disabled: $NO_AMX)"
@@ -336,7 +340,7 @@ write_machine_info() {
         fi
         echo "peers: $PEERS"
         if has_peer vllm-cpu; then
-            echo "vllm-cpu: $VLLM_CPU_VERSION (OMP bind: $VLLM_CPU_BIND, KV cache: ${VLLM_KV_GIB} GiB, float32)"
+            echo "vllm-cpu: $VLLM_CPU_VERSION (OMP bind: $VLLM_CPU_BIND, KV cache: ${VLLM_KV_GIB} GiB, $VLLM_DTYPE)"
         fi
     } > "$OUT/machine.txt"
 }
