@@ -1,14 +1,14 @@
 """Dense float32 linear layers by input rows: F.linear (MKL) vs oneDNN on prepacked weights,
-in float32 and (where the CPU has bfloat16 in hardware) multiplying in bfloat16.
+in float32 and (where the CPU has bfloat16 in hardware) in bfloat16.
 
     python benchmarks/cpu_gemm.py [--rows 1 2 4 8 16 32 64 128 512] [--num-threads 2]
 
 For SmolLM2-135M's layer shapes (the four matmuls of one decoder layer summed,
-and the tied LM head on its own) times ``F.linear``,
-:class:`tokenmill.model.prepacked.PrepackedLinear` and the same with
-``gemm_dtype=bfloat16`` (float32 in and out; what the loader picks on CPUs with
-AVX512_BF16/AMX), interleaved, best of ``--repeats``, and prints ms and the
-ratios per row count. Random weights: speed does not depend on the values.
+and the tied LM head on its own) times ``F.linear`` and
+:class:`tokenmill.model.prepacked.PrepackedLinear` in float32, and the prepacked
+layer in bfloat16 (what ``--dtype auto`` runs on CPUs with AVX512_BF16/AMX),
+interleaved, best of ``--repeats``, and prints ms and the ratios per row count.
+Random weights: speed does not depend on the values.
 """
 
 from __future__ import annotations
@@ -47,24 +47,25 @@ def _cpu() -> str:
 def _times(shapes: tuple[tuple[int, int], ...], rows: int, repeats: int,
            bf16: bool) -> list[float]:
     """Seconds for one call of each shape, summed: F.linear, prepacked float32 and, with
-    ``bf16``, prepacked multiplying in bfloat16."""
+    ``bf16``, prepacked bfloat16 (bfloat16 weights and inputs)."""
     weights = [torch.randn(n, k) * 0.05 for k, n in shapes]
     inputs = [torch.randn(rows, k) for k, _ in shapes]
-    layers = [[PrepackedLinear(w) for w in weights]]
+    layers = [([PrepackedLinear(w) for w in weights], inputs)]
     if bf16:
-        layers.append([PrepackedLinear(w, gemm_dtype=torch.bfloat16) for w in weights])
+        layers.append(([PrepackedLinear(w.bfloat16()) for w in weights],
+                       [x.bfloat16() for x in inputs]))
 
     def aten() -> None:
         for w, x in zip(weights, inputs, strict=True):
             F.linear(x, w)
 
-    def packed(group: list[PrepackedLinear]):
+    def packed(group: list[PrepackedLinear], xs: list[torch.Tensor]):
         def run() -> None:
-            for layer, x in zip(group, inputs, strict=True):
+            for layer, x in zip(group, xs, strict=True):
                 layer(x)
         return run
 
-    runs = [aten, *(packed(group) for group in layers)]
+    runs = [aten, *(packed(group, xs) for group, xs in layers)]
     for run in runs:  # warm up (oneDNN builds its kernel per shape on first use)
         run()
     best = [float("inf")] * len(runs)
@@ -98,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = has_native_bf16() or args.bf16
     print(f"CPU: {_cpu()}; {torch.get_num_threads()} threads; torch {torch.__version__}")
     print("ms per call, best of interleaved runs; F.linear / f32 = how much oneDNN prepacking "
-          "wins" + ("; f32 / bf16 = how much multiplying in bfloat16 wins on top" if bf16
+          "wins" + ("; f32 / bf16 = how much bfloat16 wins on top" if bf16
                     else " (no bfloat16 in hardware: --bf16 times it anyway)"))
-    extra = f" {'bf16 GEMM':>9} {'f32/bf16':>6}" if bf16 else ""
+    extra = f" {'bf16':>9} {'f32/bf16':>6}" if bf16 else ""
     head = f"{'F.linear':>9} {'f32':>9} {'ratio':>6}{extra}"
     print(f"{'':>5} {'one decoder layer':^{len(head)}}   {'LM head':^{len(head)}}")
     print(f"{'rows':>5} {head}   {head}")

@@ -89,28 +89,6 @@ def test_bfloat16_matches_f_linear(rows: int) -> None:
     torch.testing.assert_close(got.float(), want, rtol=1.6e-2, atol=1e-2)
 
 
-@needs_native_bf16
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 8, 32, 300])
-def test_float32_layer_multiplying_in_bfloat16(rows: int, bias: bool) -> None:
-    dense = _linear(96, 64, bias)
-    packed = PrepackedLinear.from_linear(dense, torch.bfloat16)
-    assert (packed.dtype, packed.gemm_dtype) == (torch.float32, torch.bfloat16)
-    # The weight it multiplies by: the float32 weight rounded to bfloat16.
-    assert torch.equal(packed.weight, dense.weight.bfloat16().float())
-    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
-    got = packed(x)
-    assert got.dtype == torch.float32
-    # Products of the rounded input and weight, summed in float32, the output rounded
-    # to bfloat16 once; the bias added afterwards in float32.
-    exact = F.linear(x.bfloat16().float(), packed.weight)
-    want = exact.bfloat16().float() + (dense.bias if bias else 0)
-    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
-    # Closer to the float32 product than a bfloat16 model would be: only the GEMM rounds.
-    torch.testing.assert_close(got, F.linear(x, dense.weight, dense.bias), rtol=3e-2,
-                               atol=3e-2)
-
-
 def _tiny(tmp_path, arch: str):
     path, _ = _save_tiny(tmp_path, arch)
     return resolve_model(path)
@@ -162,35 +140,6 @@ def test_bfloat16_model_is_packed_and_close(tmp_path) -> None:
     assert got.dtype == want.dtype
     # Both round every layer's output to bfloat16, in different summation orders.
     torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
-
-
-@needs_native_bf16
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_float32_model_with_bfloat16_gemms(tmp_path, monkeypatch, arch: str) -> None:
-    """The loader's default on CPUs with bfloat16 in hardware (TOKENMILL_DENSE_DTYPE
-    unset): float32 activations, bfloat16 GEMMs; logits close to pure float32."""
-    monkeypatch.delenv("TOKENMILL_DENSE_DTYPE", raising=False)
-    resolved = _tiny(tmp_path, arch)
-    plain = load_model(resolved, torch.float32, "cpu", TorchAttentionBackend(), prepack=False)
-    mixed = load_model(resolved, torch.float32, "cpu", TorchAttentionBackend())
-    layer = mixed.model.model.layers[0].self_attn.qkv_proj
-    assert isinstance(layer, PrepackedLinear) and layer.gemm_dtype == torch.bfloat16
-    head = mixed.model.tied_lm_head if arch == "qwen2" else mixed.model.lm_head
-    assert head.gemm_dtype == torch.bfloat16
-    assert mixed.model.model.embed_tokens.weight.dtype == torch.float32
-    prompt = [5, 17, 99, 3, 250, 42, 7]
-    want = tokenmill_logits(plain, [prompt])[0]
-    got = tokenmill_logits(mixed, [prompt])[0]
-    assert got.dtype == torch.float32
-    # The bound test_model_arch puts on a bfloat16 model.
-    assert (got - want).abs().max() < 0.05 * want.abs().max()
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
-
-
-def test_float32_gemms_under_the_suite_setting(tmp_path) -> None:
-    """tests/conftest.py keeps float32 GEMMs, so float32 comparisons stay exact."""
-    loaded = load_model(_tiny(tmp_path, "llama"), torch.float32, "cpu", TorchAttentionBackend())
-    assert loaded.model.model.layers[0].mlp.down_proj.gemm_dtype == torch.float32
 
 
 def test_quantized_layers_stay_quantized(tmp_path) -> None:

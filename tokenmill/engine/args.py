@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +19,34 @@ from tokenmill.config import (
     parse_dtype,
     parse_memory,
 )
+from tokenmill.kernels.cpu_features import has_native_bf16
 
 _AUTO = "auto"
+
+# Overrides what ``--dtype auto`` picks on the CPU (e.g. float32 on every machine: the
+# test suite compares against float32 references).
+CPU_DTYPE_ENV = "TOKENMILL_CPU_DTYPE"
+
+
+def default_cpu_dtype(quantization: str | None, native_bf16: bool | None = None) -> torch.dtype:
+    """What ``--dtype auto`` means on the CPU.
+
+    bfloat16 where the CPU multiplies it in hardware (AVX512_BF16, AMX-BF16;
+    ``native_bf16`` overrides the detection) and the weights are not quantized:
+    oneDNN's bfloat16 GEMMs there run 2-3x faster than float32 and read half the
+    bytes (perplexity change -0.08% on SmolLM2, docs/performance.md). float32
+    elsewhere - emulated bfloat16 is ~3x slower than float32 - and for int4/int8
+    weights, whose integer kernels take float32 activations. ``TOKENMILL_CPU_DTYPE``
+    (float32 / bfloat16) overrides the choice.
+    """
+    override = os.environ.get(CPU_DTYPE_ENV, "")
+    if override:
+        dtype = parse_dtype(override)
+        if dtype == torch.float16:
+            raise ValueError(f"{CPU_DTYPE_ENV}={override!r}: choose float32 or bfloat16")
+        return dtype
+    native = has_native_bf16() if native_bf16 is None else native_bf16
+    return torch.bfloat16 if native and quantization is None else torch.float32
 
 
 @dataclass
@@ -29,9 +56,7 @@ class EngineArgs:
     model: str | None = None  # None = the bundled SmolLM2-135M-Instruct GGUF
     tokenizer: str | None = None  # defaults to the model's own tokenizer
     load_format: str = _AUTO  # auto | safetensors | gguf | dummy
-    # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16. A float32 CPU
-    # model multiplies its dense layers in bfloat16 where the CPU has bfloat16 in
-    # hardware (tokenmill.model.dequant_matmul.default_dense_dtype).
+    # auto: bfloat16 on GPU; on CPU see default_cpu_dtype | float32 | bfloat16 | float16
     dtype: str = _AUTO
     quantization: str | None = None  # None | "int4" | "int8" (weight-only, CPU)
     device: str = _AUTO  # auto | cpu | cuda | cuda:N
@@ -88,7 +113,9 @@ class EngineArgs:
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == _AUTO:
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            if device.type == "cuda":
+                return torch.bfloat16
+            return default_cpu_dtype(self.quantization)
         dtype = parse_dtype(self.dtype)
         if dtype == torch.float16 and device.type == "cpu":
             raise ValueError("float16 is supported on GPU only; use float32 or bfloat16 on CPU")
@@ -186,10 +213,9 @@ class EngineArgs:
         g.add_argument("--load-format", default=_AUTO,
                        choices=[_AUTO, "safetensors", "gguf", "dummy"])
         g.add_argument("--dtype", default=_AUTO,
-                       help="auto | float32 | bfloat16 | float16 (GPU only); auto = float32 "
-                            "on CPU (its dense layers multiply in bfloat16 on CPUs with "
-                            "AVX512_BF16/AMX; TOKENMILL_DENSE_DTYPE=float32 keeps float32), "
-                            "bfloat16 on GPU")
+                       help="auto | float32 | bfloat16 | float16 (GPU only); auto = bfloat16 on "
+                            "GPU and on CPUs with bfloat16 in hardware (AVX512_BF16/AMX) "
+                            "unless --quantization is set, else float32")
         g.add_argument("--quantization", default=None, choices=["int4", "int8"],
                        help="weight-only quantization (CPU): int4 = 4-bit groups of 32 "
                             "(a Q4_0/Q4_1 GGUF keeps its own codes), 8-bit LM head; "

@@ -27,7 +27,6 @@ from tokenmill.attention.base import AttentionBackend
 from tokenmill.config import ModelConfig
 from tokenmill.distributed import TPGroup
 from tokenmill.model.decoder import DecoderModel
-from tokenmill.model.dequant_matmul import default_dense_dtype
 from tokenmill.model.layers import RMSNorm
 from tokenmill.model.native_stack import NativeDecoderStack
 from tokenmill.model.prepacked import default_prepack, prepack_linears
@@ -192,9 +191,7 @@ def load_model(
 
     ``prepack`` (default: :func:`~tokenmill.model.prepacked.default_prepack`, float32
     on the CPU) moves the dense linear layers left after quantization to oneDNN
-    with prepacked weights; float32 layers multiply in
-    :func:`~tokenmill.model.dequant_matmul.default_dense_dtype` (bfloat16 where the
-    CPU has it in hardware). A float32 CPU model whose layers the native kernels cover
+    with prepacked weights. A float32 CPU model whose layers the native kernels cover
     gets a :class:`~tokenmill.model.native_stack.NativeDecoderStack` (quantized
     llama-style models: one C call for all layers on decode steps).
     """
@@ -212,7 +209,7 @@ def load_model(
         loaded = LoadedModel(config=config, model=model.eval())
     quantize_model(loaded.model, quantization)
     if default_prepack(device, dtype) if prepack is None else prepack:
-        prepack_linears(loaded.model, default_dense_dtype())
+        prepack_linears(loaded.model)
     decoder = getattr(loaded.model, "model", None)
     if (isinstance(decoder, DecoderModel) and torch.device(device).type == "cpu"
             and dtype == torch.float32):

@@ -16,21 +16,14 @@ output row did not depend on how many rows were multiplied with it, where
 MKL's sgemm switches kernels below 8 rows; so batching a request with others
 changes nothing in its linear layers.
 
-Where the CPU multiplies bfloat16 in hardware (AVX512_BF16 / AMX-BF16; oneDNN
-then runs AMX tiles), a float32 layer can multiply in bfloat16 instead
-(``gemm_dtype``; the loader asks
-:func:`~tokenmill.model.dequant_matmul.default_dense_dtype`, which says so on
-those CPUs): its weight is packed in bfloat16 (half the bytes), the input is
-rounded to bfloat16 on the way in, and the output comes back as float32, so
-norms, residuals, rotary, attention and the KV cache stay float32 - the choice
-PyTorch's "medium" float32 matmul precision makes, and what the quantized
-layers' dense path already did. On a 2-core Xeon with AMX, SmolLM2's 30 layers
-and head at 1 / 8 / 32 / 128 / 512 rows took 7.2 / 9.9 / 14.8 / 33 / 176 ms
-this way against 14.0 / 20.5 / 46.3 / 149 / 613 ms in float32 (perplexity
-change +0.0x%, docs/performance.md). A bfloat16 model's layers are packed as
-they are. Unlike float32, a bfloat16 product's output row can differ in its
-last bits with the number of rows multiplied with it (oneDNN picks another AMX
-blocking): batching is exact only up to bfloat16 rounding.
+bfloat16 weights (``--dtype auto`` on CPUs with AVX512_BF16 / AMX-BF16) are
+packed the same way, and oneDNN then runs AMX tiles: on a 2-core Xeon with AMX,
+one SmolLM2 decoder layer's matmuls ran 1.7x / 2.6x / 2.8x / 5.5x faster in
+bfloat16 than in packed float32 at 1 / 8 / 32 / 512 rows
+(``benchmarks/cpu_gemm.py``). A bfloat16 model on a CPU without bfloat16 in
+hardware keeps ``F.linear``. Unlike float32, a bfloat16 output row can differ
+in its last bit with the number of rows multiplied with it (oneDNN picks
+another AMX blocking): batching is exact only up to bfloat16 rounding.
 
 Used only on the CPU, when PyTorch was built with oneDNN.
 ``TOKENMILL_CPU_GEMM=aten`` keeps ``F.linear`` (A/B measurements).
@@ -73,52 +66,34 @@ class PrepackedLinear(nn.Module):
     inference-only once packed).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 gemm_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.dtype = weight.dtype
-        # The type the product runs in: the weight's own, or bfloat16 for a float32
-        # layer (input rounded to bfloat16 on the way in, output back to float32).
-        self.gemm_dtype = weight.dtype if gemm_dtype is None else gemm_dtype
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(
-            weight.detach().to(self.gemm_dtype).contiguous())
-        # Kept in the layer's dtype: a mixed layer adds it after the product, in float32.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: Linear, gemm_dtype: torch.dtype | None = None
-                    ) -> PrepackedLinear:
-        return cls(linear.weight.data, linear.bias, gemm_dtype)
+    def from_linear(cls, linear: Linear) -> PrepackedLinear:
+        return cls(linear.weight.data, linear.bias)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The weight ``[out, in]`` in the plain layout and the layer's dtype: an exact
-        copy of what the product uses, unpacked on each access (writing to it changes
-        nothing)."""
-        return self.packed.to_dense().to(self.dtype)
+        """The weight ``[out, in]`` in the plain layout: an exact copy, unpacked on each
+        access (writing to it changes nothing)."""
+        return self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemm_dtype == x.dtype:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        y = torch.ops.mkldnn._linear_pointwise(x.to(self.gemm_dtype), self.packed, None,
-                                               "none", [], "").to(x.dtype)
-        return y if self.bias is None else y.add_(self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        gemm = "" if self.gemm_dtype == self.dtype else f", gemm={self.gemm_dtype}"
-        return (f"in={self.in_features}, out={self.out_features}, "
-                f"bias={self.bias is not None}{gemm}")
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
 
 @torch.no_grad()
-def prepack_linears(model: nn.Module, gemm_dtype: torch.dtype | None = None) -> int:
+def prepack_linears(model: nn.Module) -> int:
     """Replace the float32 and bfloat16 :class:`Linear` layers of ``model`` in place;
     returns how many (the caller decides whether this CPU should: :func:`default_prepack`).
-
-    ``gemm_dtype`` bfloat16 makes float32 layers multiply in bfloat16 (see
-    :func:`default_gemm_dtype`); None keeps each layer's own dtype.
 
     A model whose LM head is tied to its embedding (and not already replaced by
     a quantized copy) gets a packed copy of the embedding as its head.
@@ -127,16 +102,14 @@ def prepack_linears(model: nn.Module, gemm_dtype: torch.dtype | None = None) -> 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear) and child.weight.dtype in _PACKED_DTYPES:
-                gemm = gemm_dtype if child.weight.dtype == torch.float32 else None
-                setattr(parent, name, PrepackedLinear.from_linear(child, gemm))
+                setattr(parent, name, PrepackedLinear.from_linear(child))
                 replaced += 1
     set_head = getattr(model, "set_quantized_lm_head", None)
     if (set_head is not None and getattr(model, "lm_head", False) is None
             and getattr(model, "tied_lm_head", None) is None):
         embedding = model.lm_head_weight
         if embedding.dtype in _PACKED_DTYPES:
-            gemm = gemm_dtype if embedding.dtype == torch.float32 else None
-            set_head(PrepackedLinear(embedding, gemm_dtype=gemm))
+            set_head(PrepackedLinear(embedding))
             replaced += 1
     logger.info("oneDNN prepacked linear layers: %d", replaced)
     return replaced
