@@ -330,7 +330,7 @@ write_machine_info() {
         echo "model: $MODEL"
         echo "threads per server: $THREADS"
         echo "tokenmill commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-        echo "tokenmill serve args: ${TOKENMILL_SERVE_ARGS:-(none)}; dense GEMM dtype: $(cd "$ROOT" && "$TOKENMILL_PY" -c 'from tokenmill.model.dequant_matmul import default_dense_dtype as d; print(d())' 2>/dev/null || echo unknown)"
+        echo "tokenmill serve args: ${TOKENMILL_SERVE_ARGS:-(none)}; --dtype auto here: $(cd "$ROOT" && "$TOKENMILL_PY" -c 'from tokenmill.engine.args import default_cpu_dtype as d; print(d(None), "(unquantized),", d("int4"), "(quantized)")' 2>/dev/null || echo unknown)"
         echo "tokenmill python: $("$TOKENMILL_PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)' 2>/dev/null || echo unknown)"
         if has_peer llama-cpp-python || has_peer llama-server; then
             echo "llama-cpp-python: $LLAMA_CPP_PYTHON_VERSION (AMX disabled: $NO_AMX)"

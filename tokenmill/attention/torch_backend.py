@@ -170,8 +170,10 @@ class TorchAttentionBackend:
         first_block = window_start(seq_len - q_len, window) // k_cache.shape[1]
         keys = to_model_rows(gather_kv(k_cache, block_table, seq_len, first_block), q.dtype)
         values = to_model_rows(gather_kv(v_cache, block_table, seq_len, first_block), q.dtype)
-        # [heads, tokens, dim] layout for SDPA; GQA handled by enable_gqa.
-        qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
+        # [1, heads, tokens, dim] for SDPA; GQA handled by enable_gqa. The batch dimension
+        # matters: on the CPU, 3-D inputs took a path 2.6x (float32) to 4.4x (bfloat16)
+        # slower for a 128-token prompt (docs/performance.md).
+        qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, keys, values))
         if q_len == seq_len and (window is None or window >= seq_len):
             o = F.scaled_dot_product_attention(
                 qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True
@@ -186,7 +188,7 @@ class TorchAttentionBackend:
             o = F.scaled_dot_product_attention(
                 qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
             )
-        return o.transpose(0, 1).to(out_dtype)
+        return o[0].transpose(0, 1).to(out_dtype)
 
     @staticmethod
     def _decode(
