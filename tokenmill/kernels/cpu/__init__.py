@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c",
             "dequantize.c", "rope_kv_write.c", "decoder_stack.c")
-_HEADERS = ("q8_input.h",)  # part of the cache key, not compiled on their own
+_HEADERS = ("q8_input.h", "paged_attention_avx2.inc")  # cache key only, not compiled alone
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 

@@ -120,115 +120,72 @@ void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_c
 }
 
 DEFINE_PAGED_ATTENTION(paged_attention_f32_generic, float, f32)
-DEFINE_PAGED_ATTENTION(paged_attention_bf16, uint16_t, bf16)
+DEFINE_PAGED_ATTENTION(paged_attention_bf16_generic, uint16_t, bf16)
 
 #ifdef TM_AVX2
-/* Eight dot products at once: rows k0..k7 (each D floats) with q; returns the eight sums. */
-static inline __m256 dot8(const float *q, const float *k, int64_t row, int D) {
-    __m256 a[8];
-    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
-    for (int d = 0; d < D; d += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + d);
-        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * row + d), a[j]);
-    }
-    /* transpose-reduce: lane j of the result = horizontal sum of a[j] */
-    const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
-    const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
-    const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
-    const __m256 lo = _mm256_permute2f128_ps(h0123, h4567, 0x20);
-    const __m256 hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
-    return _mm256_add_ps(lo, hi);
+/* exp of eight floats <= 0 (softmax after subtracting the maximum): x = n ln2 + r with
+   |r| <= ln2 / 2, exp(r) by a degree-7 minimax polynomial, times 2^n built in the
+   exponent bits. Within 2 ulp of expf; inputs below -87.3 give 2^-126 (the weight of a
+   score that far below the maximum is lost in the sum either way). */
+static inline __m256 tm_exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    /* ln2 split in two so that n * hi is exact: r = x - n * ln2 to full precision */
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
-/* float32, head_dim % 8 == 0: per query, all scores first (two-pass softmax), then the
-   weighted sum of V with the accumulator in registers. Scores live in a per-thread
-   buffer of the longest context. Same results as the generic kernel up to rounding. */
-static void paged_attention_f32_avx2(const float *q, int64_t q_stride, float *out,
-                                     int64_t out_stride, const float *k_cache,
-                                     const float *v_cache, const int32_t *query_start,
-                                     const int32_t *seq_lens, const int32_t *block_tables,
-                                     int num_seqs, int max_blocks, int num_heads,
-                                     int num_kv_heads, int D, int block_size, float scale,
-                                     int max_q_len, int window) {
-    const int group = num_heads / num_kv_heads;
-    const int64_t row = (int64_t)num_kv_heads * D;
-    int max_len = 0;
-    for (int b = 0; b < num_seqs; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
-    #pragma omp parallel
-    {
-        float *sc = malloc(sizeof(float) * ((size_t)max_len + 8));
-        float *qs = malloc(sizeof(float) * (size_t)D);
-        float *acc = malloc(sizeof(float) * (size_t)D);
-        #pragma omp for collapse(2) schedule(dynamic, 1)
-        for (int b = 0; b < num_seqs; b++) {
-            for (int hk = 0; hk < num_kv_heads; hk++) {
-                const int q0 = query_start[b], qlen = query_start[b + 1] - q0;
-                if (qlen <= 0 || qlen > max_q_len || !sc) continue;
-                const int len = seq_lens[b];
-                const int32_t *table = block_tables + (int64_t)b * max_blocks;
-                for (int i = 0; i < qlen; i++) {
-                    const int visible = len - qlen + i + 1;
-                    const int lo = window > 0 && visible > window ? visible - window : 0;
-                    const int first = lo - lo % block_size; /* block-aligned start */
-                    for (int g = 0; g < group; g++) {
-                        const int head = hk * group + g;
-                        const float *qp = q + (int64_t)(q0 + i) * q_stride + (int64_t)head * D;
-                        for (int d = 0; d < D; d++) qs[d] = qp[d] * scale;
-                        /* scores, 8 keys at a time inside each block */
-                        float mx = -INFINITY;
-                        for (int start = first; start < visible; start += block_size) {
-                            const float *kb = k_cache
-                                + (int64_t)table[start / block_size] * block_size * row
-                                + (int64_t)hk * D;
-                            const int n = visible - start < block_size ? visible - start
-                                                                       : block_size;
-                            int j = start < lo ? lo - start : 0;
-                            for (; j + 8 <= n; j += 8)
-                                _mm256_storeu_ps(sc + start + j, dot8(qs, kb + j * row, row, D));
-                            for (; j < n; j++) {
-                                float dot = 0.0f;
-                                for (int d = 0; d < D; d++) dot += qs[d] * kb[j * row + d];
-                                sc[start + j] = dot;
-                            }
-                        }
-                        for (int t = lo; t < visible; t++) mx = sc[t] > mx ? sc[t] : mx;
-                        float sum = 0.0f;
-                        for (int t = lo; t < visible; t++) {
-                            sc[t] = expf(sc[t] - mx);
-                            sum += sc[t];
-                        }
-                        /* weighted sum of V rows, accumulator in registers (D <= 128) */
-                        for (int d0 = 0; d0 < D; d0 += 64) {
-                            const int w = D - d0 < 64 ? D - d0 : 64; /* multiple of 8 */
-                            __m256 a[8];
-                            for (int c = 0; c < 8; c++) a[c] = _mm256_setzero_ps();
-                            for (int start = first; start < visible; start += block_size) {
-                                const float *vb = v_cache
-                                    + (int64_t)table[start / block_size] * block_size * row
-                                    + (int64_t)hk * D + d0;
-                                const int n = visible - start < block_size ? visible - start
-                                                                           : block_size;
-                                for (int j = start < lo ? lo - start : 0; j < n; j++) {
-                                    const __m256 p = _mm256_set1_ps(sc[start + j]);
-                                    for (int c = 0; c < w / 8; c++)
-                                        a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vb + j * row + 8 * c),
-                                                               a[c]);
-                                }
-                            }
-                            for (int c = 0; c < w / 8; c++) _mm256_storeu_ps(acc + d0 + 8 * c, a[c]);
-                        }
-                        float *op = out + (int64_t)(q0 + i) * out_stride + (int64_t)head * D;
-                        const float inv = 1.0f / sum;
-                        for (int d = 0; d < D; d++) op[d] = acc[d] * inv;
-                    }
-                }
-            }
-        }
-        free(sc);
-        free(qs);
-        free(acc);
-    }
+static inline float tm_hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
 }
+
+/* bfloat16 -> float32 for eight elements: the 16 bits become the high half (exact). */
+static inline __m256 tm_load8_bf16(const uint16_t *p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+#define TM_T float
+#define TM_LOAD8(p) _mm256_loadu_ps(p)
+#define TM_LOAD1(x) (x)
+#define TM_STORE1(f) (f)
+#define TM_DOT8 dot8_f32
+#define TM_KERNEL paged_attention_f32_avx2
+#include "paged_attention_avx2.inc"
+#undef TM_T
+#undef TM_LOAD8
+#undef TM_LOAD1
+#undef TM_STORE1
+#undef TM_DOT8
+#undef TM_KERNEL
+
+#define TM_T uint16_t
+#define TM_LOAD8(p) tm_load8_bf16(p)
+#define TM_LOAD1(x) bf16_to_f32(x)
+#define TM_STORE1(f) f32_to_bf16(f)
+#define TM_DOT8 dot8_bf16
+#define TM_KERNEL paged_attention_bf16_avx2
+#include "paged_attention_avx2.inc"
+#undef TM_T
+#undef TM_LOAD8
+#undef TM_LOAD1
+#undef TM_STORE1
+#undef TM_DOT8
+#undef TM_KERNEL
 #endif
 
 void paged_attention_f32(const float *q, int64_t q_stride, float *out, int64_t out_stride,
@@ -247,4 +204,23 @@ void paged_attention_f32(const float *q, int64_t q_stride, float *out, int64_t o
     paged_attention_f32_generic(q, q_stride, out, out_stride, k_cache, v_cache, query_start,
                                 seq_lens, block_tables, num_seqs, max_blocks, num_heads,
                                 num_kv_heads, head_dim, block_size, scale, max_q_len, window);
+}
+
+void paged_attention_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out,
+                          int64_t out_stride, const uint16_t *k_cache, const uint16_t *v_cache,
+                          const int32_t *query_start, const int32_t *seq_lens,
+                          const int32_t *block_tables, int num_seqs, int max_blocks,
+                          int num_heads, int num_kv_heads, int head_dim, int block_size,
+                          float scale, int max_q_len, int window) {
+#ifdef TM_AVX2
+    if (head_dim % 8 == 0) {
+        paged_attention_bf16_avx2(q, q_stride, out, out_stride, k_cache, v_cache, query_start,
+                                  seq_lens, block_tables, num_seqs, max_blocks, num_heads,
+                                  num_kv_heads, head_dim, block_size, scale, max_q_len, window);
+        return;
+    }
+#endif
+    paged_attention_bf16_generic(q, q_stride, out, out_stride, k_cache, v_cache, query_start,
+                                 seq_lens, block_tables, num_seqs, max_blocks, num_heads,
+                                 num_kv_heads, head_dim, block_size, scale, max_q_len, window);
 }
