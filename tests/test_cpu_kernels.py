@@ -259,3 +259,20 @@ def test_vnni_dot_products_equal_plain_avx2(monkeypatch):
     assert all(a is not None for a in native + plain)
     for a, b in zip(native, plain, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spread", [1.0, 30.0, 300.0])
+def test_paged_attention_softmax_over_wide_score_ranges(spread):
+    """The vectorised exp: scores from near-equal to hundreds apart (weights that
+    underflow), float32 and bfloat16, still match the reference softmax."""
+    q, kc, vc, qsl, lens, tables = _paged_case([1, 1, 3], [9, 40, 77], seed=12)
+    q = q * spread
+    out = torch.zeros_like(q)
+    assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, DIM**-0.5, 16)
+    ref = reference_attention(q, kc, vc, qsl, lens, tables, DIM**-0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    qb, kb, vb = q.bfloat16(), kc.bfloat16(), vc.bfloat16()
+    outb = torch.zeros_like(qb)
+    assert cpu.paged_attention(qb, outb, kb, vb, qsl, lens, tables, DIM**-0.5, 16)
+    refb = reference_attention(qb.float(), kb.float(), vb.float(), qsl, lens, tables, DIM**-0.5)
+    torch.testing.assert_close(outb.float(), refb, rtol=2e-2, atol=2e-2)
