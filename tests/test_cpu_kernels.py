@@ -276,3 +276,25 @@ def test_paged_attention_softmax_over_wide_score_ranges(spread):
     assert cpu.paged_attention(qb, outb, kb, vb, qsl, lens, tables, DIM**-0.5, 16)
     refb = reference_attention(qb.float(), kb.float(), vb.float(), qsl, lens, tables, DIM**-0.5)
     torch.testing.assert_close(outb.float(), refb, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 100])
+def test_rms_norm_bfloat16_rounds_like_pytorch(rows):
+    """The bfloat16 C norm against RMSNorm's PyTorch formula: the residual sum exactly,
+    the norm within one bfloat16 step (only the sum of squares' order differs)."""
+    from tokenmill.model.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(576, 1e-5, dtype=torch.bfloat16)
+    norm.weight.data.copy_((torch.rand(576, generator=g) + 0.5).bfloat16())
+    x = (torch.randn(rows, 576, generator=g) * 3).bfloat16()
+    residual = (torch.randn(rows, 576, generator=g) * 3).bfloat16()
+    got = cpu.rms_norm(x, norm.weight, 1e-5)
+    want = norm._norm(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=8e-3, atol=0)
+    assert (got != want).float().mean() < 0.01
+    got_norm, got_sum = cpu.rms_norm(x, norm.weight, 1e-5, residual)
+    assert torch.equal(got_sum, x + residual)
+    torch.testing.assert_close(got_norm, norm._norm(x + residual), rtol=8e-3, atol=0)
+    assert cpu.rms_norm(x, norm.weight.float(), 1e-5) is None  # mixed dtypes: PyTorch

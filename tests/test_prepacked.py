@@ -134,6 +134,9 @@ def test_bfloat16_model_is_packed_and_close(tmp_path) -> None:
     packed = load_model(resolved, torch.bfloat16, "cpu", TorchAttentionBackend())
     assert isinstance(packed.model.model.layers[0].mlp.down_proj, PrepackedLinear)
     assert isinstance(packed.model.tied_lm_head, PrepackedLinear)
+    # The loader also moves a bfloat16 CPU model's norms (not its SiLU-mul) to C kernels.
+    layer = packed.model.model.layers[0]
+    assert layer.input_layernorm.native_cpu and not layer.mlp.native_cpu_act
     prompt = [5, 17, 99, 3, 250, 42, 7]
     want = tokenmill_logits(plain, [prompt])[0].float()
     got = tokenmill_logits(packed, [prompt])[0].float()

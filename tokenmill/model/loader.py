@@ -28,7 +28,7 @@ from tokenmill.config import ModelConfig
 from tokenmill.distributed import TPGroup
 from tokenmill.model.decoder import DecoderModel
 from tokenmill.model.layers import RMSNorm
-from tokenmill.model.native_stack import NativeDecoderStack
+from tokenmill.model.native_stack import NativeDecoderStack, use_native_elementwise
 from tokenmill.model.prepacked import default_prepack, prepack_linears
 from tokenmill.model.quantization import check_quantization, quantize_model
 from tokenmill.model.registry import get_model_class
@@ -211,9 +211,11 @@ def load_model(
     if default_prepack(device, dtype) if prepack is None else prepack:
         prepack_linears(loaded.model)
     decoder = getattr(loaded.model, "model", None)
-    if (isinstance(decoder, DecoderModel) and torch.device(device).type == "cpu"
-            and dtype == torch.float32):
-        decoder.native_stack = NativeDecoderStack.build(decoder)
+    if isinstance(decoder, DecoderModel) and torch.device(device).type == "cpu":
+        if dtype == torch.float32:
+            decoder.native_stack = NativeDecoderStack.build(decoder)
+        elif dtype == torch.bfloat16:
+            use_native_elementwise(decoder, activation=False)
     return loaded
 
 

@@ -35,7 +35,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c",
-            "dequantize.c", "rope_kv_write.c", "decoder_stack.c")
+            "dequantize.c", "rope_kv_write.c", "decoder_stack.c", "bf16_ops.c")
 _HEADERS = ("q8_input.h", "paged_attention_avx2.inc")  # cache key only, not compiled alone
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
@@ -154,6 +154,8 @@ def cpu_kernels() -> ctypes.CDLL | None:
     lib.rms_norm_f32.restype = None
     lib.silu_mul_f32.argtypes = _SILU_MUL_ARGTYPES
     lib.silu_mul_f32.restype = None
+    lib.rms_norm_bf16.argtypes = _RMS_NORM_ARGTYPES
+    lib.rms_norm_bf16.restype = None
     lib.decoder_stack_f32.argtypes = _DECODER_STACK_ARGTYPES
     lib.decoder_stack_f32.restype = ctypes.c_int
     return lib
@@ -300,31 +302,38 @@ def rope_kv_write(
     return q
 
 
+_ELEMENTWISE_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
-    """RMS norm of float32 rows ``x`` ``[T, N]`` (unit stride in the last dimension).
+    """RMS norm of float32 or bfloat16 rows ``x`` ``[T, N]`` (unit stride in the last
+    dimension), ``weight`` of the same dtype.
 
     With ``residual`` (``[T, N]``) the norm is of ``x + residual``, and that sum
     is returned too as a new tensor: ``(norm, sum)``, the fused residual add of
     :class:`~tokenmill.model.layers.RMSNorm`. None when the kernel cannot run
-    these inputs (the caller uses PyTorch). The same arithmetic as the decoder
-    stack's own norms (``decoder_stack.c``).
+    these inputs (the caller uses PyTorch). float32: the same arithmetic as the
+    decoder stack's own norms (``decoder_stack.c``); bfloat16: rounded where
+    PyTorch's bfloat16 ops round (``bf16_ops.c``).
     """
     lib = cpu_kernels()
+    dtype = x.dtype
     if (lib is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1
-            or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or dtype not in _ELEMENTWISE_DTYPES or weight.dtype != dtype
             or not weight.is_contiguous() or weight.shape != (x.shape[1],)):
         return None
-    if residual is not None and (residual.dtype != torch.float32 or residual.shape != x.shape
+    if residual is not None and (residual.dtype != dtype or residual.shape != x.shape
                                  or not residual.is_contiguous()):
         return None
     tokens, n = x.shape
-    out = torch.empty(tokens, n, dtype=torch.float32)
-    total = None if residual is None else torch.empty(tokens, n, dtype=torch.float32)
-    lib.rms_norm_f32(x.data_ptr(), x.stride(0), None if residual is None else residual.data_ptr(),
-                     None if total is None else total.data_ptr(), weight.data_ptr(),
-                     out.data_ptr(), tokens, n, float(eps))
+    out = torch.empty(tokens, n, dtype=dtype)
+    total = None if residual is None else torch.empty(tokens, n, dtype=dtype)
+    kernel = getattr(lib, f"rms_norm_{_ELEMENTWISE_DTYPES[dtype]}")
+    kernel(x.data_ptr(), x.stride(0), None if residual is None else residual.data_ptr(),
+           None if total is None else total.data_ptr(), weight.data_ptr(),
+           out.data_ptr(), tokens, n, float(eps))
     return out if total is None else (out, total)
 
 
