@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,17 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from quantized_prefill import best_of  # noqa: E402  (this directory is on sys.path)
+
 from tokenmill.kernels.cpu_features import cpu_flags, has_native_bf16  # noqa: E402
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm up: page faults, oneDNN kernel creation
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_of(fn, repeats)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c",
             "dequantize.c", "rope_kv_write.c", "decoder_stack.c", "bf16_ops.c")
-_HEADERS = ("q8_input.h", "paged_attention_avx2.inc")  # cache key only, not compiled alone
+# Included by the sources: part of the cache key, not compiled on their own.
+_HEADERS = ("q8_input.h", "bf16.h", "paged_attention_avx2.inc")
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 

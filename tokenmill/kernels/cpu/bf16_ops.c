@@ -6,29 +6,14 @@
  * y = bf16(w * bf16(s * (1 / sqrt(mean(s^2) + eps)))), the mean taken in float32
  * (tokenmill.model.layers.RMSNorm._norm).
  *
- * bfloat16 values are uint16_t here: widening is exact, narrowing rounds to
- * nearest even (NaN kept quiet).
+ * bfloat16 values are uint16_t here (bf16.h).
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
+
+#include "bf16.h"
 
 #pragma GCC optimize("fp-contract=off")
-
-static inline float bf_load(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t bf_round(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *res_in,
                    uint16_t *res_out, const uint16_t *w, uint16_t *y, int T, int N, float eps) {
@@ -39,24 +24,24 @@ void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *res_in,
         if (res_in) {
             const uint16_t *r = res_in + (int64_t)t * N;
             uint16_t *sum = res_out + (int64_t)t * N;
-            for (int k = 0; k < N; k++) sum[k] = bf_round(bf_load(src[k]) + bf_load(r[k]));
+            for (int k = 0; k < N; k++) sum[k] = tm_f32_to_bf16(tm_bf16_to_f32(src[k]) + tm_bf16_to_f32(r[k]));
             src = sum;
         }
         float lanes[8] = {0};
         int i = 0;
         for (; i + 8 <= N; i += 8)
             for (int j = 0; j < 8; j++) {
-                const float v = bf_load(src[i + j]);
+                const float v = tm_bf16_to_f32(src[i + j]);
                 lanes[j] += v * v;
             }
         float ss = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
                    + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
         for (; i < N; i++) {
-            const float v = bf_load(src[i]);
+            const float v = tm_bf16_to_f32(src[i]);
             ss += v * v;
         }
         const float inv = 1.0f / sqrtf(ss / (float)N + eps);
         for (int k = 0; k < N; k++)
-            dst[k] = bf_round(bf_load(w[k]) * bf_load(bf_round(bf_load(src[k]) * inv)));
+            dst[k] = tm_f32_to_bf16(tm_bf16_to_f32(w[k]) * tm_bf16_to_f32(tm_f32_to_bf16(tm_bf16_to_f32(src[k]) * inv)));
     }
 }

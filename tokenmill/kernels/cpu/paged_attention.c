@@ -26,29 +26,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define TM_AVX2 1
 #endif
 
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
-
 #define LOAD_f32(p) (p)
 #define STORE_f32(x) (x)
-#define LOAD_bf16(p) bf16_to_f32(p)
-#define STORE_bf16(x) f32_to_bf16(x)
+#define LOAD_bf16(p) tm_bf16_to_f32(p)
+#define STORE_bf16(x) tm_f32_to_bf16(x)
 
 #define DEFINE_PAGED_ATTENTION(NAME, T, SFX)                                                  \
 void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_cache,          \
@@ -175,8 +163,8 @@ static inline __m256 tm_load8_bf16(const uint16_t *p) {
 
 #define TM_T uint16_t
 #define TM_LOAD8(p) tm_load8_bf16(p)
-#define TM_LOAD1(x) bf16_to_f32(x)
-#define TM_STORE1(f) f32_to_bf16(f)
+#define TM_LOAD1(x) tm_bf16_to_f32(x)
+#define TM_STORE1(f) tm_f32_to_bf16(f)
 #define TM_DOT8 dot8_bf16
 #define TM_KERNEL paged_attention_bf16_avx2
 #include "paged_attention_avx2.inc"
@@ -188,39 +176,26 @@ static inline __m256 tm_load8_bf16(const uint16_t *p) {
 #undef TM_KERNEL
 #endif
 
-void paged_attention_f32(const float *q, int64_t q_stride, float *out, int64_t out_stride,
-                         const float *k_cache, const float *v_cache, const int32_t *query_start,
-                         const int32_t *seq_lens, const int32_t *block_tables, int num_seqs,
-                         int max_blocks, int num_heads, int num_kv_heads, int head_dim,
-                         int block_size, float scale, int max_q_len, int window) {
+/* The entry points: the AVX2 kernel where it runs (head_dim a multiple of 8), the
+   generic loop elsewhere. */
 #ifdef TM_AVX2
-    if (head_dim % 8 == 0) {
-        paged_attention_f32_avx2(q, q_stride, out, out_stride, k_cache, v_cache, query_start,
-                                 seq_lens, block_tables, num_seqs, max_blocks, num_heads,
-                                 num_kv_heads, head_dim, block_size, scale, max_q_len, window);
-        return;
-    }
+#define TM_PICK(AVX2, GENERIC, D) ((D) % 8 == 0 ? AVX2 : GENERIC)
+#else
+#define TM_PICK(AVX2, GENERIC, D) GENERIC
 #endif
-    paged_attention_f32_generic(q, q_stride, out, out_stride, k_cache, v_cache, query_start,
-                                seq_lens, block_tables, num_seqs, max_blocks, num_heads,
-                                num_kv_heads, head_dim, block_size, scale, max_q_len, window);
+#define DEFINE_DISPATCH(NAME, T, AVX2, GENERIC)                                               \
+void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_cache,          \
+          const T *v_cache, const int32_t *query_start, const int32_t *seq_lens,              \
+          const int32_t *block_tables, int num_seqs, int max_blocks, int num_heads,            \
+          int num_kv_heads, int head_dim, int block_size, float scale, int max_q_len,          \
+          int window) {                                                                        \
+    TM_PICK(AVX2, GENERIC, head_dim)(q, q_stride, out, out_stride, k_cache, v_cache,           \
+                                     query_start, seq_lens, block_tables, num_seqs,            \
+                                     max_blocks, num_heads, num_kv_heads, head_dim,            \
+                                     block_size, scale, max_q_len, window);                    \
 }
 
-void paged_attention_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out,
-                          int64_t out_stride, const uint16_t *k_cache, const uint16_t *v_cache,
-                          const int32_t *query_start, const int32_t *seq_lens,
-                          const int32_t *block_tables, int num_seqs, int max_blocks,
-                          int num_heads, int num_kv_heads, int head_dim, int block_size,
-                          float scale, int max_q_len, int window) {
-#ifdef TM_AVX2
-    if (head_dim % 8 == 0) {
-        paged_attention_bf16_avx2(q, q_stride, out, out_stride, k_cache, v_cache, query_start,
-                                  seq_lens, block_tables, num_seqs, max_blocks, num_heads,
-                                  num_kv_heads, head_dim, block_size, scale, max_q_len, window);
-        return;
-    }
-#endif
-    paged_attention_bf16_generic(q, q_stride, out, out_stride, k_cache, v_cache, query_start,
-                                 seq_lens, block_tables, num_seqs, max_blocks, num_heads,
-                                 num_kv_heads, head_dim, block_size, scale, max_q_len, window);
-}
+DEFINE_DISPATCH(paged_attention_f32, float, paged_attention_f32_avx2,
+                paged_attention_f32_generic)
+DEFINE_DISPATCH(paged_attention_bf16, uint16_t, paged_attention_bf16_avx2,
+                paged_attention_bf16_generic)
