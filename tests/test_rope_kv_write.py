@@ -15,21 +15,22 @@ pytestmark = pytest.mark.skipif(cpu.cpu_kernels() is None, reason="no C compiler
 H, KVH, D, BLOCK = 6, 2, 64, 16
 
 
-def _case(tokens: int, seed: int = 0):
+def _case(tokens: int, seed: int = 0, dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(tokens, (H + 2 * KVH) * D, generator=g) * 3
-    rotary = RotaryEmbedding(D, 128, 10000.0, dtype=torch.float32)
+    qkv = (torch.randn(tokens, (H + 2 * KVH) * D, generator=g) * 3).to(dtype)
+    rotary = RotaryEmbedding(D, 128, 10000.0, dtype=dtype)
     positions = torch.randint(0, 128, (tokens,), generator=g)
-    cos, sin = rotary.cos_sin(positions, torch.float32)
-    k_cache = torch.zeros(8, BLOCK, KVH, D)
-    v_cache = torch.zeros(8, BLOCK, KVH, D)
+    cos, sin = rotary.cos_sin(positions, dtype)
+    k_cache = torch.zeros(8, BLOCK, KVH, D, dtype=dtype)
+    v_cache = torch.zeros(8, BLOCK, KVH, D, dtype=dtype)
     slots = torch.randperm(8 * BLOCK, generator=g)[:tokens].to(torch.int64)
     return qkv, cos, fold_rotary_sign(sin), k_cache, v_cache, slots
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 5, 40])  # 40: split over threads
-def test_matches_eager_rotation_and_write(tokens):
-    qkv, cos, sin_f, k_cache, v_cache, slots = _case(tokens, tokens)
+def test_matches_eager_rotation_and_write(tokens, dtype):
+    qkv, cos, sin_f, k_cache, v_cache, slots = _case(tokens, tokens, dtype)
     q = cpu.rope_kv_write(qkv, H, KVH, cos, sin_f, k_cache, v_cache, slots)
     qk = rotate_eager(qkv[:, : (H + KVH) * D].view(tokens, H + KVH, D), cos, sin_f)
     assert torch.equal(q, qk[:, :H])
@@ -54,8 +55,9 @@ def test_declines_what_it_cannot_run():
     assert not k_cache.any()
 
 
-@pytest.mark.parametrize("quantization", [None, "int4"])
-def test_engine_output_identical_without_it(tmp_path, monkeypatch, quantization):
+@pytest.mark.parametrize(("quantization", "dtype"),
+                         [(None, "float32"), ("int4", "float32"), (None, "bfloat16")])
+def test_engine_output_identical_without_it(tmp_path, monkeypatch, quantization, dtype):
     """Greedy tokens and their logprobs are the same with the fused call and without."""
     from test_engine_tiny import _prompts, _save_tiny
 
@@ -64,7 +66,8 @@ def test_engine_output_identical_without_it(tmp_path, monkeypatch, quantization)
     prompts = _prompts(4, seed=3)
 
     def run() -> list[tuple[list[int], list[float]]]:
-        llm = LLM(path, block_size=4, max_num_batched_tokens=32, quantization=quantization)
+        llm = LLM(path, block_size=4, max_num_batched_tokens=32, quantization=quantization,
+                  dtype=dtype)
         outs = llm.generate(prompts, params, use_tqdm=False)
         return [(o.outputs[0].token_ids,
                  [next(iter(lp.values())).logprob if isinstance(lp, dict) else lp

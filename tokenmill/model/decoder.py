@@ -170,8 +170,9 @@ class DecoderAttention(nn.Module):
         self, qkv: torch.Tensor, rope: RopeTables, kv_cache: KVCache,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor | None:
-        """CPU, float32: rotary, K/V write and attention in two native calls instead of
-        about ten PyTorch ops (bit-identical); None where the eager path must run."""
+        """CPU, float32 or bfloat16: rotary, K/V write and attention in two native calls
+        instead of about ten PyTorch ops (bit-identical); None where the eager path must
+        run."""
         forward_cached = getattr(self.attn_backend, "forward_cached", None)
         if forward_cached is None or attn_metadata.has_padding_slots is not False:
             return None

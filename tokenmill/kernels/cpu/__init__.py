@@ -149,8 +149,9 @@ def cpu_kernels() -> ctypes.CDLL | None:
     lib.q4_dequantize_f32.restype = None
     lib.q8_dequantize_f32.argtypes = _Q8_DEQUANTIZE_ARGTYPES
     lib.q8_dequantize_f32.restype = None
-    lib.rope_kv_write_f32.argtypes = _ROPE_KV_WRITE_ARGTYPES
-    lib.rope_kv_write_f32.restype = None
+    for name in ("rope_kv_write_f32", "rope_kv_write_bf16"):
+        getattr(lib, name).argtypes = _ROPE_KV_WRITE_ARGTYPES
+        getattr(lib, name).restype = None
     lib.rms_norm_f32.argtypes = _RMS_NORM_ARGTYPES
     lib.rms_norm_f32.restype = None
     lib.silu_mul_f32.argtypes = _SILU_MUL_ARGTYPES
@@ -261,17 +262,22 @@ def int8_matmul(
                        codes.data_ptr(), scales.data_ptr(), None, bias)
 
 
+# Kernels built for both float dtypes: dtype -> name suffix.
+_ELEMENTWISE_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
 def rope_kv_write(
     qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor,
     sin_folded: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> torch.Tensor | None:
-    """Rotate Q and K of a fused float32 QKV output, store K/V into their cache slots.
+    """Rotate Q and K of a fused float32 or bfloat16 QKV output, store K/V into their
+    cache slots.
 
     ``qkv`` ``[T, (H + 2 KVH) * D]`` (unit stride in its last dimension); ``cos`` /
     ``sin_folded`` ``[T, 1, D]`` from the rotary table (``sin_folded`` as
     :func:`~tokenmill.model.layers.fold_rotary_sign` makes it); caches
-    ``[num_blocks, block_size, KVH, D]`` float32, contiguous; ``slot_mapping``
+    ``[num_blocks, block_size, KVH, D]`` of the same dtype, contiguous; ``slot_mapping``
     ``[T]`` int64 with no padding (every slot >= 0). Returns the rotated Q
     ``[T, H, D]`` - bit-identical to :func:`~tokenmill.model.layers.rotate_eager`
     - or None, having done nothing, when these inputs need the PyTorch path (or
@@ -282,8 +288,8 @@ def rope_kv_write(
     head_dim = k_cache.shape[-1] if k_cache.dim() == 4 else 0
     if (
         lib is None or qkv.device.type != "cpu" or head_dim == 0 or head_dim % 2
-        or not (qkv.dtype == cos.dtype == sin_folded.dtype == k_cache.dtype
-                == v_cache.dtype == torch.float32)
+        or qkv.dtype not in _ELEMENTWISE_DTYPES
+        or not (qkv.dtype == cos.dtype == sin_folded.dtype == k_cache.dtype == v_cache.dtype)
         or qkv.dim() != 2 or qkv.stride(1) != 1
         or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim
         or k_cache.shape[2] != num_kv_heads
@@ -294,16 +300,14 @@ def rope_kv_write(
         or not slot_mapping.is_contiguous()
     ):
         return None
-    q = torch.empty(tokens, num_heads, head_dim, dtype=torch.float32)
-    lib.rope_kv_write_f32(
+    q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype)
+    kernel = getattr(lib, f"rope_kv_write_{_ELEMENTWISE_DTYPES[qkv.dtype]}")
+    kernel(
         qkv.data_ptr(), qkv.stride(0), tokens, num_heads, num_kv_heads, head_dim,
         cos.data_ptr(), sin_folded.data_ptr(), q.data_ptr(), k_cache.data_ptr(),
         v_cache.data_ptr(), slot_mapping.data_ptr(),
     )
     return q
-
-
-_ELEMENTWISE_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def rms_norm(

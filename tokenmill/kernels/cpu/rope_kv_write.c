@@ -11,12 +11,17 @@
  *
  * qkv [T, (H + 2 KVH) D] (row stride qkv_stride); cos, sin_f [T, D];
  * q_out [T, H, D]; k/v_cache [num_blocks * block_size, KVH, D] contiguous;
- * slots [T] int64, every slot >= 0. One thread: the work is a few microseconds
+ * slots [T] int64, every slot >= 0. rope_kv_write_bf16 is the same on bfloat16
+ * tensors, rounding each product and the sum to bfloat16 as PyTorch's bfloat16
+ * ops do (bit-identical to the eager path in a bfloat16 model). One thread: the
+ * work is a few microseconds
  * per token, and an OpenMP region here (from 16 tokens) made batch-32 decode
  * steps 10x slower in a measurement (docs/performance.md).
  */
 #include <stdint.h>
 #include <string.h>
+
+#include "bf16.h"
 
 #pragma GCC optimize("fp-contract=off")
 
@@ -47,5 +52,34 @@ void rope_kv_write_f32(const float *qkv, int64_t qkv_stride, int T, int H, int K
         for (int h = 0; h < KVH; h++)
             rotate_row(src + (int64_t)(H + h) * D, c, s, k_dst + (int64_t)h * D, D);
         memcpy(v_cache + slots[t] * kv_row, src + (int64_t)(H + KVH) * D, sizeof(float) * kv_row);
+    }
+}
+
+static void rotate_row_bf16(const uint16_t *x, const uint16_t *c, const uint16_t *s,
+                            uint16_t *dst, int D) {
+    const int half = D / 2;
+    for (int i = 0; i < D; i++) {
+        const int j = i < half ? i + half : i - half;
+        const uint16_t a = tm_f32_to_bf16(tm_bf16_to_f32(x[i]) * tm_bf16_to_f32(c[i]));
+        const uint16_t b = tm_f32_to_bf16(tm_bf16_to_f32(x[j]) * tm_bf16_to_f32(s[i]));
+        dst[i] = tm_f32_to_bf16(tm_bf16_to_f32(a) + tm_bf16_to_f32(b));
+    }
+}
+
+void rope_kv_write_bf16(const uint16_t *qkv, int64_t qkv_stride, int T, int H, int KVH, int D,
+                        const uint16_t *cos, const uint16_t *sin_f, uint16_t *q_out,
+                        uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots) {
+    const int64_t kv_row = (int64_t)KVH * D;
+    for (int t = 0; t < T; t++) {
+        const uint16_t *src = qkv + (int64_t)t * qkv_stride;
+        const uint16_t *c = cos + (int64_t)t * D, *s = sin_f + (int64_t)t * D;
+        uint16_t *q_dst = q_out + (int64_t)t * H * D;
+        uint16_t *k_dst = k_cache + slots[t] * kv_row;
+        for (int h = 0; h < H; h++)
+            rotate_row_bf16(src + (int64_t)h * D, c, s, q_dst + (int64_t)h * D, D);
+        for (int h = 0; h < KVH; h++)
+            rotate_row_bf16(src + (int64_t)(H + h) * D, c, s, k_dst + (int64_t)h * D, D);
+        memcpy(v_cache + slots[t] * kv_row, src + (int64_t)(H + KVH) * D,
+               sizeof(uint16_t) * kv_row);
     }
 }
