@@ -24,7 +24,8 @@ void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *res_in,
         if (res_in) {
             const uint16_t *r = res_in + (int64_t)t * N;
             uint16_t *sum = res_out + (int64_t)t * N;
-            for (int k = 0; k < N; k++) sum[k] = tm_f32_to_bf16(tm_bf16_to_f32(src[k]) + tm_bf16_to_f32(r[k]));
+            for (int k = 0; k < N; k++)
+                sum[k] = tm_f32_to_bf16(tm_bf16_to_f32(src[k]) + tm_bf16_to_f32(r[k]));
             src = sum;
         }
         float lanes[8] = {0};
@@ -41,7 +42,9 @@ void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *res_in,
             ss += v * v;
         }
         const float inv = 1.0f / sqrtf(ss / (float)N + eps);
-        for (int k = 0; k < N; k++)
-            dst[k] = tm_f32_to_bf16(tm_bf16_to_f32(w[k]) * tm_bf16_to_f32(tm_f32_to_bf16(tm_bf16_to_f32(src[k]) * inv)));
+        for (int k = 0; k < N; k++) {
+            const uint16_t normed = tm_f32_to_bf16(tm_bf16_to_f32(src[k]) * inv);
+            dst[k] = tm_f32_to_bf16(tm_bf16_to_f32(w[k]) * tm_bf16_to_f32(normed));
+        }
     }
 }

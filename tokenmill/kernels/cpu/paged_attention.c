@@ -154,12 +154,6 @@ static inline __m256 tm_load8_bf16(const uint16_t *p) {
 #define TM_DOT8 dot8_f32
 #define TM_KERNEL paged_attention_f32_avx2
 #include "paged_attention_avx2.inc"
-#undef TM_T
-#undef TM_LOAD8
-#undef TM_LOAD1
-#undef TM_STORE1
-#undef TM_DOT8
-#undef TM_KERNEL
 
 #define TM_T uint16_t
 #define TM_LOAD8(p) tm_load8_bf16(p)
@@ -168,12 +162,6 @@ static inline __m256 tm_load8_bf16(const uint16_t *p) {
 #define TM_DOT8 dot8_bf16
 #define TM_KERNEL paged_attention_bf16_avx2
 #include "paged_attention_avx2.inc"
-#undef TM_T
-#undef TM_LOAD8
-#undef TM_LOAD1
-#undef TM_STORE1
-#undef TM_DOT8
-#undef TM_KERNEL
 #endif
 
 /* The entry points: the AVX2 kernel where it runs (head_dim a multiple of 8), the

@@ -26,6 +26,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define TM_Q8_AVX2 1
@@ -132,22 +134,14 @@ static inline void axpy_codes(float *acc, float w, const uint8_t *c, int D, int 
 }
 
 static inline float load_q(const void *base, int64_t i, int bf16) {
-    if (!bf16) return ((const float *)base)[i];
-    const uint32_t u = (uint32_t)((const uint16_t *)base)[i] << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
+    return bf16 ? tm_bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
 static inline void store_out(void *base, int64_t i, float x, int bf16) {
-    if (!bf16) {
+    if (bf16)
+        ((uint16_t *)base)[i] = tm_f32_to_bf16(x);
+    else
         ((float *)base)[i] = x;
-        return;
-    }
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest even */
-    ((uint16_t *)base)[i] = (uint16_t)(u >> 16);
 }
 
 /* q/out are float32 (io_bf16 = 0) or bfloat16 (io_bf16 = 1); strides in elements. */

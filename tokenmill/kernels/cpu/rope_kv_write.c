@@ -39,22 +39,6 @@ static void rotate_row(const float *x, const float *c, const float *s, float *ds
     }
 }
 
-void rope_kv_write_f32(const float *qkv, int64_t qkv_stride, int T, int H, int KVH, int D,
-                       const float *cos, const float *sin_f, float *q_out, float *k_cache,
-                       float *v_cache, const int64_t *slots) {
-    const int64_t kv_row = (int64_t)KVH * D;
-    for (int t = 0; t < T; t++) {
-        const float *src = qkv + (int64_t)t * qkv_stride;
-        const float *c = cos + (int64_t)t * D, *s = sin_f + (int64_t)t * D;
-        float *q_dst = q_out + (int64_t)t * H * D;
-        float *k_dst = k_cache + slots[t] * kv_row;
-        for (int h = 0; h < H; h++) rotate_row(src + (int64_t)h * D, c, s, q_dst + (int64_t)h * D, D);
-        for (int h = 0; h < KVH; h++)
-            rotate_row(src + (int64_t)(H + h) * D, c, s, k_dst + (int64_t)h * D, D);
-        memcpy(v_cache + slots[t] * kv_row, src + (int64_t)(H + KVH) * D, sizeof(float) * kv_row);
-    }
-}
-
 static void rotate_row_bf16(const uint16_t *x, const uint16_t *c, const uint16_t *s,
                             uint16_t *dst, int D) {
     const int half = D / 2;
@@ -66,20 +50,22 @@ static void rotate_row_bf16(const uint16_t *x, const uint16_t *c, const uint16_t
     }
 }
 
-void rope_kv_write_bf16(const uint16_t *qkv, int64_t qkv_stride, int T, int H, int KVH, int D,
-                        const uint16_t *cos, const uint16_t *sin_f, uint16_t *q_out,
-                        uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots) {
-    const int64_t kv_row = (int64_t)KVH * D;
-    for (int t = 0; t < T; t++) {
-        const uint16_t *src = qkv + (int64_t)t * qkv_stride;
-        const uint16_t *c = cos + (int64_t)t * D, *s = sin_f + (int64_t)t * D;
-        uint16_t *q_dst = q_out + (int64_t)t * H * D;
-        uint16_t *k_dst = k_cache + slots[t] * kv_row;
-        for (int h = 0; h < H; h++)
-            rotate_row_bf16(src + (int64_t)h * D, c, s, q_dst + (int64_t)h * D, D);
-        for (int h = 0; h < KVH; h++)
-            rotate_row_bf16(src + (int64_t)(H + h) * D, c, s, k_dst + (int64_t)h * D, D);
-        memcpy(v_cache + slots[t] * kv_row, src + (int64_t)(H + KVH) * D,
-               sizeof(uint16_t) * kv_row);
-    }
+/* One driver per storage type: ROTATE rotates one head's row. */
+#define DEFINE_ROPE_KV_WRITE(NAME, T, ROTATE)                                                  \
+void NAME(const T *qkv, int64_t qkv_stride, int T_, int H, int KVH, int D, const T *cos,      \
+          const T *sin_f, T *q_out, T *k_cache, T *v_cache, const int64_t *slots) {            \
+    const int64_t kv_row = (int64_t)KVH * D;                                                   \
+    for (int t = 0; t < T_; t++) {                                                             \
+        const T *src = qkv + (int64_t)t * qkv_stride;                                          \
+        const T *c = cos + (int64_t)t * D, *s = sin_f + (int64_t)t * D;                        \
+        T *q_dst = q_out + (int64_t)t * H * D;                                                 \
+        T *k_dst = k_cache + slots[t] * kv_row;                                                \
+        for (int h = 0; h < H; h++) ROTATE(src + (int64_t)h * D, c, s, q_dst + (int64_t)h * D, D); \
+        for (int h = 0; h < KVH; h++)                                                          \
+            ROTATE(src + (int64_t)(H + h) * D, c, s, k_dst + (int64_t)h * D, D);               \
+        memcpy(v_cache + slots[t] * kv_row, src + (int64_t)(H + KVH) * D, sizeof(T) * kv_row); \
+    }                                                                                          \
 }
+
+DEFINE_ROPE_KV_WRITE(rope_kv_write_f32, float, rotate_row)
+DEFINE_ROPE_KV_WRITE(rope_kv_write_bf16, uint16_t, rotate_row_bf16)
