@@ -68,6 +68,9 @@ def profile(llm: LLM, batch: int, steps: int, seed: int = 0) -> tuple[float, dic
         from tokenmill.model.prepacked import PrepackedLinear
 
         linear_types += (PrepackedLinear,)
+        from tokenmill.model.prepacked import AmxLinear
+
+        linear_types += (AmxLinear,)
     except ImportError:  # a checkout from before quantization (profiling a baseline)
         linear_types = (Linear,)
 

@@ -13,7 +13,13 @@ from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.kernels.cpu_features import has_native_bf16
 from tokenmill.model.layers import Linear
 from tokenmill.model.loader import LoadedModel, load_model, resolve_model
-from tokenmill.model.prepacked import PrepackedLinear, default_prepack, prepack_linears
+from tokenmill.model.prepacked import (
+    AmxLinear,
+    PrepackedLinear,
+    amx_usable,
+    default_prepack,
+    prepack_linears,
+)
 from tokenmill.model.quantization import Int8Linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
@@ -63,6 +69,8 @@ def test_default_follows_device_dtype_and_env(monkeypatch: pytest.MonkeyPatch) -
     assert default_prepack("cpu", torch.float32)
     assert default_prepack("cpu", torch.bfloat16) == has_native_bf16()
     assert not default_prepack("cuda", torch.float32)
+    monkeypatch.setenv("TOKENMILL_CPU_GEMM", "onednn")
+    assert default_prepack("cpu", torch.float32)
     monkeypatch.setenv("TOKENMILL_CPU_GEMM", "aten")
     assert not default_prepack("cpu", torch.float32)
     monkeypatch.setenv("TOKENMILL_CPU_GEMM", "mkl")
@@ -132,8 +140,11 @@ def test_bfloat16_model_is_packed_and_close(tmp_path) -> None:
     resolved = _tiny(tmp_path, "qwen2")
     plain = load_model(resolved, torch.bfloat16, "cpu", TorchAttentionBackend(), prepack=False)
     packed = load_model(resolved, torch.bfloat16, "cpu", TorchAttentionBackend())
-    assert isinstance(packed.model.model.layers[0].mlp.down_proj, PrepackedLinear)
-    assert isinstance(packed.model.tied_lm_head, PrepackedLinear)
+    # tokenmill's AMX kernel where the CPU has AMX-BF16 (the tiny sizes are multiples of
+    # 32), oneDNN's otherwise.
+    kind = AmxLinear if amx_usable(plain.model.lm_head_weight) else PrepackedLinear
+    assert isinstance(packed.model.model.layers[0].mlp.down_proj, kind)
+    assert isinstance(packed.model.tied_lm_head, kind)
     # The loader also moves a bfloat16 CPU model's norms (not its SiLU-mul) to C kernels.
     layer = packed.model.model.layers[0]
     assert layer.input_layernorm.native_cpu and not layer.mlp.native_cpu_act

@@ -35,7 +35,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c",
-            "dequantize.c", "rope_kv_write.c", "decoder_stack.c", "bf16_ops.c")
+            "dequantize.c", "rope_kv_write.c", "decoder_stack.c", "bf16_ops.c",
+            "bf16_matmul.c")
 # Included by the sources: part of the cache key, not compiled on their own.
 _HEADERS = ("q8_input.h", "bf16.h", "paged_attention_avx2.inc")
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
@@ -62,6 +63,7 @@ _ROPE_KV_WRITE_ARGTYPES = [_ptr, _i64, _i32, _i32, _i32, _i32, _ptr, _ptr, _ptr,
 _RMS_NORM_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i32, _i32, _f32]
 _SILU_MUL_ARGTYPES = [_ptr, _i64, _ptr, _i32, _i32]
 _DECODER_STACK_ARGTYPES = [_ptr, _ptr, _i32, _ptr, _ptr, _ptr]
+_BF16_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 
 
 # TOKENMILL_CPU_FUSED_ROPE=0: rotary and K/V write as PyTorch ops (for A/B measurements).
@@ -160,7 +162,66 @@ def cpu_kernels() -> ctypes.CDLL | None:
     lib.rms_norm_bf16.restype = None
     lib.decoder_stack_f32.argtypes = _DECODER_STACK_ARGTYPES
     lib.decoder_stack_f32.restype = ctypes.c_int
+    lib.bf16_matmul_amx.argtypes = _BF16_MATMUL_ARGTYPES
+    lib.bf16_matmul_amx.restype = ctypes.c_int
+    lib.bf16_matmul_amx_init.argtypes = []
+    lib.bf16_matmul_amx_init.restype = ctypes.c_int
     return lib
+
+
+@functools.cache
+def amx_bf16_available() -> bool:
+    """Whether :func:`bf16_matmul_amx` runs here: the library was built with AMX-BF16
+    (``-march`` of a CPU that has it) and Linux lets this process use the tiles."""
+    lib = cpu_kernels()
+    return lib is not None and lib.bf16_matmul_amx_init() == 1
+
+
+def amx_shape_supported(out_features: int, in_features: int) -> bool:
+    """Whether a ``[out, in]`` weight fits the AMX kernel's blocking (both multiples of 32)."""
+    return out_features % 32 == 0 and in_features % 32 == 0
+
+
+def pack_bf16_amx(weight: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 weight ``[N, K]`` as AMX B tiles, in the order the kernel reads them:
+    ``[N / 16, K / 32, 16, 16, 2]`` with ``packed[nb, kb, r, c, e] = W[16 nb + c, 32 kb + 2 r
+    + e]`` (``bf16_matmul.c``). :func:`unpack_bf16_amx` inverts it."""
+    n, k = weight.shape
+    return (weight.detach().reshape(n // 16, 16, k // 32, 16, 2)
+            .permute(0, 2, 3, 1, 4).contiguous())
+
+
+def unpack_bf16_amx(packed: torch.Tensor) -> torch.Tensor:
+    """The ``[N, K]`` weight of a :func:`pack_bf16_amx` result (a new tensor)."""
+    nb, kb = packed.shape[:2]
+    return packed.permute(0, 3, 1, 2, 4).reshape(nb * 16, kb * 32)
+
+
+def bf16_matmul_amx(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``x @ W.T + bias`` on AMX tiles for bfloat16 ``x`` ``[M, K]`` (unit stride in the
+    last dimension) and ``packed`` from :func:`pack_bf16_amx`; ``bias`` bfloat16 ``[N]``.
+
+    Each output is a float32 sum of exact products plus the bias, rounded to
+    bfloat16 once (oneDNN's AMX arithmetic; a row's result does not depend on the
+    others). None, having done nothing, when the kernel cannot run these inputs.
+    """
+    n, k = packed.shape[0] * 16, packed.shape[1] * 32
+    if (not amx_bf16_available() or x.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1
+            or packed.dtype != torch.bfloat16 or not amx_shape_supported(n, k)
+            or (bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (n,)
+                                      or not bias.is_contiguous()))):
+        return None
+    m = x.shape[0]
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    if m == 0:
+        return out
+    status = cpu_kernels().bf16_matmul_amx(
+        x.data_ptr(), x.stride(0), packed.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k)
+    return out if status == 0 else None
 
 
 def _run_matmul(
