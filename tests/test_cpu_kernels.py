@@ -298,3 +298,22 @@ def test_rms_norm_bfloat16_rounds_like_pytorch(rows):
     assert torch.equal(got_sum, x + residual)
     torch.testing.assert_close(got_norm, norm._norm(x + residual), rtol=8e-3, atol=0)
     assert cpu.rms_norm(x, norm.weight.float(), 1e-5) is None  # mixed dtypes: PyTorch
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (3, 8), (32, 49152), (5, 1001)])
+def test_argmax_rows_matches_torch(shape: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(shape[1])
+    x = torch.randn(*shape, generator=g)
+    if shape[1] > 8:
+        x[0, 3] = x[0, shape[1] - 2] = x[0].max() + 1  # a tie: the first index wins
+        x[-1, :] = -float("inf")                        # all -inf: index 0
+    if shape[0] > 2:
+        x[1, shape[1] // 2] = float("nan")              # NaN counts as the largest
+        x[1, shape[1] - 1] = float("nan")
+    got = cpu.argmax_rows(x)
+    assert got is not None and got.dtype == torch.int64
+    assert torch.equal(got, x.argmax(dim=-1))
+    strided = torch.randn(4, 2 * shape[1], generator=g)[:, ::2]  # rows must be unit-stride
+    assert cpu.argmax_rows(strided) is None
+    wide = torch.randn(4, 2 * shape[1], generator=g)[:, :shape[1]]  # rows ld apart
+    assert torch.equal(cpu.argmax_rows(wide), wide.argmax(dim=-1))

@@ -49,7 +49,7 @@ from tokenmill.engine.structured import StructuredOutputManager
 from tokenmill.engine.validation import EngineLimits, validate_request
 from tokenmill.outputs import EngineStats, TokenLogprob
 from tokenmill.sampling import Sampler, SamplingBatch, SamplingParams
-from tokenmill.sampling.sampler import compute_prompt_logprobs, device_tensor
+from tokenmill.sampling.sampler import argmax_rows, compute_prompt_logprobs, device_tensor
 from tokenmill.step_types import (
     PLACEHOLDER_TOKEN,
     ModelOutput,
@@ -441,7 +441,7 @@ class EngineCore:
         if not rows:
             tokens = torch.empty(0, dtype=torch.long, device=self.device)
         elif not self._num_not_plain:
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax_rows(logits)
         else:
             seqs = [self._seqs[sid] for sid in sampled_ids]
             batch = SamplingBatch(
@@ -523,7 +523,9 @@ class EngineCore:
         sampled: dict[str, SampledTokens] = {}
         logprobs: dict[str, list[TokenLogprob | None]] = {}
         if sample_seqs and not self._num_not_plain:
-            tokens = self.sampler.greedy(logits[sample_rows])
+            # every row sampled in order (a decode step): no copy of the logits
+            every_row = sample_rows == list(range(logits.shape[0]))
+            tokens = self.sampler.greedy(logits if every_row else logits[sample_rows])
             for seq, token in zip(sample_seqs, tokens, strict=True):
                 sampled[seq.seq_id] = SampledTokens([token])
                 logprobs[seq.seq_id] = [None]

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c",
             "dequantize.c", "rope_kv_write.c", "decoder_stack.c", "bf16_ops.c",
-            "bf16_matmul.c")
+            "bf16_matmul.c", "argmax.c")
 # Included by the sources: part of the cache key, not compiled on their own.
 _HEADERS = ("q8_input.h", "bf16.h", "paged_attention_avx2.inc")
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
@@ -166,7 +166,23 @@ def cpu_kernels() -> ctypes.CDLL | None:
     lib.bf16_matmul_amx.restype = ctypes.c_int
     lib.bf16_matmul_amx_init.argtypes = []
     lib.bf16_matmul_amx_init.restype = ctypes.c_int
+    lib.argmax_rows_f32.argtypes = [_ptr, _i64, _i32, _i32, _ptr]
+    lib.argmax_rows_f32.restype = None
     return lib
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """``x.argmax(dim=-1)`` (int64 ``[rows]``) for float32 ``x`` ``[rows, n]`` with unit
+    stride in its last dimension: the same indices (first maximum; a row with a NaN
+    gives its first NaN). None when the kernel cannot run these inputs."""
+    lib = cpu_kernels()
+    if (lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2
+            or x.stride(1) != 1 or x.shape[1] == 0):
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    if x.shape[0]:
+        lib.argmax_rows_f32(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
+    return out
 
 
 @functools.cache
