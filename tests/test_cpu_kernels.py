@@ -317,3 +317,32 @@ def test_argmax_rows_matches_torch(shape: tuple[int, int]) -> None:
     assert cpu.argmax_rows(strided) is None
     wide = torch.randn(4, 2 * shape[1], generator=g)[:, :shape[1]]  # rows ld apart
     assert torch.equal(cpu.argmax_rows(wide), wide.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,block,window", [
+    (9, 3, 64, 16, 0),    # SmolLM2's shape
+    (8, 1, 128, 8, 0),    # a group of 8 (two passes of 6 heads), two 64-wide V passes
+    (4, 2, 256, 32, 37),  # the widest head; blocks of 32; a window inside a block
+    (6, 2, 32, 16, 17),   # one 32-wide chunk; a window one past a block
+    (2, 2, 64, 5, 0),     # no GQA; blocks of 5: 16-key tiles straddle blocks
+])
+def test_paged_attention_bfloat16_shapes(heads, kv_heads, dim, block, window):
+    """bfloat16 caches over the shapes the kernels branch on (the AVX-512 kernel on CPUs
+    with AVX512-BF16, the AVX2 one elsewhere): head widths, GQA groups, block sizes,
+    multi-token queries and windows whose earlier blocks hold NaN (never read)."""
+    g = torch.Generator().manual_seed(heads * dim + block)
+    q_lens, seq_lens = [1, 4, 1, 16, 1], [1, 70, 33, 50, 129]
+    num_blocks = sum(-(-n // block) for n in seq_lens) + 1
+    kc = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
+    vc = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
+    q, qsl, lens, tables = paged_layout(q_lens, seq_lens, num_blocks - 1, block, heads, dim, g)
+    q, kc, vc = q.bfloat16(), kc.bfloat16(), vc.bfloat16()
+    want = _densereference_attention(q.float(), kc.float(), vc.float(), qsl, lens, tables,
+                                     dim**-0.5, window or 10**9)
+    if window:  # blocks wholly before every query's window point at a NaN block
+        kc[-1], vc[-1] = float("nan"), float("nan")
+        for i, (n, ql) in enumerate(zip(seq_lens, q_lens, strict=True)):
+            tables[i, : max(0, n - ql - window + 1) // block] = num_blocks - 1
+    out = torch.zeros_like(q)
+    assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, dim**-0.5, 16, window)
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)

@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #include "bf16.h"
 
@@ -147,6 +148,74 @@ static inline __m256 tm_load8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
+/* Ask for a work item's K and V rows (one KV head, the keys from lo on) in L2 before
+   reading them: a head's row is 2-4 cache lines every num_kv_heads * D elements, in
+   blocks scattered over the pool, which the hardware prefetchers do not follow; without
+   this the AVX-512 kernel waited on memory at a quarter of the read bandwidth. Byte
+   offsets; a prefetch never faults. */
+static inline void tm_prefetch_kv(const void *k_cache, const void *v_cache,
+                                  const int32_t *table, int lo, int len, int block_size,
+                                  int64_t row_bytes, int64_t head_bytes, int head_row_bytes) {
+    const char *k = (const char *)k_cache + head_bytes, *v = (const char *)v_cache + head_bytes;
+    for (int start = lo - lo % block_size; start < len; start += block_size) {
+        const int n = len - start < block_size ? len - start : block_size;
+        const int64_t base = (int64_t)table[start / block_size] * block_size * row_bytes;
+        for (int j = start < lo ? lo - start : 0; j < n; j++)
+            for (int l = 0; l < head_row_bytes; l += 64) {
+                _mm_prefetch(k + base + j * row_bytes + l, _MM_HINT_T1);
+                _mm_prefetch(v + base + j * row_bytes + l, _MM_HINT_T1);
+            }
+    }
+}
+
+/* Keys a sequence's query rows read, for splitting work between threads. */
+static inline int64_t tm_item_keys(const int32_t *query_start, const int32_t *seq_lens, int b,
+                                   int max_q_len) {
+    const int qlen = query_start[b + 1] - query_start[b];
+    return qlen <= 0 || qlen > max_q_len ? 1 : (int64_t)qlen * seq_lens[b] + 16;
+}
+
+/* This thread's work items (sequence b, KV head hk) = b * num_kv_heads + hk in
+   [*it0, *it1): a contiguous run with an even share of the keys read, so that a thread
+   knows its next item and can prefetch it (tm_prefetch_item) while computing this one. */
+static void tm_thread_items(const int32_t *query_start, const int32_t *seq_lens, int num_seqs,
+                            int num_kv_heads, int max_q_len, int *it0, int *it1) {
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int items = num_seqs * num_kv_heads;
+    int64_t total = 0;
+    for (int b = 0; b < num_seqs; b++) total += tm_item_keys(query_start, seq_lens, b, max_q_len);
+    total *= num_kv_heads;
+    const int64_t from = total * tid / nt, to = total * (tid + 1) / nt;
+    int64_t seen = 0;
+    *it0 = *it1 = items;
+    for (int it = 0; it < items; it++) {
+        if (*it0 == items && seen >= from) *it0 = it;
+        if (seen >= to) {
+            *it1 = it;
+            break;
+        }
+        seen += tm_item_keys(query_start, seq_lens, it / num_kv_heads, max_q_len);
+    }
+    if (tid == nt - 1) *it1 = items;
+    if (*it1 < *it0) *it1 = *it0;
+}
+
+/* tm_prefetch_kv for work item it (elem: bytes per cache element). */
+static inline void tm_prefetch_item(int it, const void *k_cache, const void *v_cache,
+                                    const int32_t *query_start, const int32_t *seq_lens,
+                                    const int32_t *block_tables, int max_blocks,
+                                    int num_kv_heads, int D, int block_size, int max_q_len,
+                                    int window, int elem) {
+    const int b = it / num_kv_heads, hk = it % num_kv_heads;
+    const int qlen = query_start[b + 1] - query_start[b];
+    if (qlen <= 0 || qlen > max_q_len) return;
+    const int visible0 = seq_lens[b] - qlen + 1;
+    tm_prefetch_kv(k_cache, v_cache, block_tables + (int64_t)b * max_blocks,
+                   window > 0 && visible0 > window ? visible0 - window : 0, seq_lens[b],
+                   block_size, (int64_t)elem * num_kv_heads * D, (int64_t)elem * hk * D,
+                   elem * D);
+}
+
 #define TM_T float
 #define TM_LOAD8(p) _mm256_loadu_ps(p)
 #define TM_LOAD1(x) (x)
@@ -162,6 +231,192 @@ static inline __m256 tm_load8_bf16(const uint16_t *p) {
 #define TM_DOT8 dot8_bf16
 #define TM_KERNEL paged_attention_bf16_avx2
 #include "paged_attention_avx2.inc"
+#endif
+
+#if defined(TM_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define TM_AVX512_BF16 1
+#define TM_MAX_GROUP 16 /* query heads per KV head the AVX-512 kernel takes */
+
+/* tm_exp_nonpositive on sixteen lanes (the same polynomial). */
+static inline __m512 tm_exp16_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i bits = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+/* v[0..15] -> one vector whose lane j is the sum of v[(j % 4) * 4 + j / 4]'s lanes: a
+   4-level tree of 45 shuffles and adds, against 16 separate horizontal sums. */
+static inline __m512 tm_reduce16(const __m512 *v) {
+    __m512 s[8], u[4], w[2];
+    for (int k = 0; k < 8; k++)
+        s[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; k++)
+        u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * k], s[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(s[2 * k], s[2 * k + 1], 0xDD));
+    for (int k = 0; k < 2; k++)
+        w[k] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * k], u[2 * k + 1], 0x44),
+                             _mm512_shuffle_ps(u[2 * k], u[2 * k + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
+}
+
+static inline __m512 tm_load16_bf16(const uint16_t *p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+/* bfloat16 caches on AVX512-BF16 CPUs, head_dim % 32 == 0 and <= 256, at most
+   TM_MAX_GROUP query heads per KV head. One work item is a (sequence, KV head) pair and
+   its whole GQA group, so a K or V row comes from memory once for all the group's heads.
+   Scores: vdpbf16ps (32 exact products per instruction, summed in float32), 16 keys per
+   head reduced together, times the scale afterwards; softmax as the AVX2 kernel (two
+   passes, the same exp); weighted V sums in float32 FMAs, each V row widened once for
+   up to 6 heads, 64 columns at a time. Per layer at batch 32 x 160 keys (SmolLM2, 2-core
+   Sapphire Rapids): 0.87 ms on the AVX2 kernel, 0.49 ms here. */
+static void paged_attention_bf16_avx512(
+        const uint16_t *q, int64_t q_stride, uint16_t *out, int64_t out_stride,
+        const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *query_start,
+        const int32_t *seq_lens, const int32_t *block_tables, int num_seqs, int max_blocks,
+        int num_heads, int num_kv_heads, int D, int block_size, float scale, int max_q_len,
+        int window) {
+    const int group = num_heads / num_kv_heads, chunks = D / 32;
+    const int64_t row = (int64_t)num_kv_heads * D;
+    int max_len = 0;
+    for (int b = 0; b < num_seqs; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    const int64_t sc_stride = max_len + 16;
+    #pragma omp parallel
+    {
+        float *sc = malloc(sizeof(float) * (size_t)(group * sc_stride));
+        int it0, it1;
+        tm_thread_items(query_start, seq_lens, num_seqs, num_kv_heads, max_q_len, &it0, &it1);
+        for (int it = it0; it < it1 && sc; it++) {
+            for (int ahead = it == it0 ? 0 : 1; ahead <= 1 && it + ahead < it1; ahead++)
+                tm_prefetch_item(it + ahead, k_cache, v_cache, query_start, seq_lens,
+                                 block_tables, max_blocks, num_kv_heads, D, block_size,
+                                 max_q_len, window, (int)sizeof(uint16_t));
+            {
+                const int b = it / num_kv_heads, hk = it % num_kv_heads;
+                const int q0 = query_start[b], qlen = query_start[b + 1] - q0;
+                if (qlen <= 0 || qlen > max_q_len) continue;
+                const int len = seq_lens[b];
+                const int32_t *table = block_tables + (int64_t)b * max_blocks;
+                for (int i = 0; i < qlen; i++) {
+                    const int visible = len - qlen + i + 1;
+                    const int lo = window > 0 && visible > window ? visible - window : 0;
+                    const int first = lo - lo % block_size;
+                    const uint16_t *qrow = q + (int64_t)(q0 + i) * q_stride
+                                           + (int64_t)hk * group * D;
+                    __m512bh qv[TM_MAX_GROUP][8];
+                    for (int g = 0; g < group; g++)
+                        for (int c = 0; c < chunks; c++)
+                            qv[g][c] = (__m512bh)_mm512_loadu_si512(qrow + g * D + 32 * c);
+                    /* scores, 16 keys at a time: each head's 16 dot products reduced
+                       together (tm_reduce16), the K rows read from L1 once per head */
+                    for (int t0 = lo; t0 < visible; t0 += 16) {
+                        const int cnt = visible - t0 < 16 ? visible - t0 : 16;
+                        const uint16_t *kp[16];
+                        for (int j = 0, blk = t0 / block_size, off = t0 % block_size; j < cnt;
+                             j++) {
+                            kp[j] = k_cache + ((int64_t)table[blk] * block_size + off) * row
+                                    + (int64_t)hk * D;
+                            if (++off == block_size) {
+                                off = 0;
+                                blk++;
+                            }
+                        }
+                        for (int g = 0; g < group; g++) {
+                            __m512 acc[16];
+                            for (int j = 0; j < 16; j++) {
+                                __m512 a = _mm512_setzero_ps();
+                                if (j < cnt)
+                                    for (int c = 0; c < chunks; c++)
+                                        a = _mm512_dpbf16_ps(
+                                            a, qv[g][c],
+                                            (__m512bh)_mm512_loadu_si512(kp[j] + 32 * c));
+                                acc[(j % 4) * 4 + j / 4] = a;
+                            }
+                            const __m512 dots = _mm512_mul_ps(tm_reduce16(acc),
+                                                              _mm512_set1_ps(scale));
+                            _mm512_mask_storeu_ps(sc + g * sc_stride + t0,
+                                                  (__mmask16)((1u << cnt) - 1u), dots);
+                        }
+                    }
+                    float inv[TM_MAX_GROUP];
+                    for (int g = 0; g < group; g++) {
+                        float *s = sc + g * sc_stride;
+                        float mx = -INFINITY;
+                        for (int t = lo; t < visible; t++) mx = s[t] > mx ? s[t] : mx;
+                        const __m512 mx16 = _mm512_set1_ps(mx);
+                        __m512 sum16 = _mm512_setzero_ps();
+                        int t = lo;
+                        for (; t + 16 <= visible; t += 16) {
+                            const __m512 e = tm_exp16_nonpositive(
+                                _mm512_sub_ps(_mm512_loadu_ps(s + t), mx16));
+                            _mm512_storeu_ps(s + t, e);
+                            sum16 = _mm512_add_ps(sum16, e);
+                        }
+                        float sum = _mm512_reduce_add_ps(sum16);
+                        for (; t < visible; t++) {
+                            s[t] = expf(s[t] - mx);
+                            sum += s[t];
+                        }
+                        inv[g] = 1.0f / sum;
+                    }
+                    /* weighted sums of V: 64 columns of up to 6 heads in 24 registers */
+                    for (int d0 = 0; d0 < D; d0 += 64) {
+                        const int w16 = (D - d0 < 64 ? D - d0 : 64) / 16;
+                        for (int g0 = 0; g0 < group; g0 += 6) {
+                            const int gn = group - g0 < 6 ? group - g0 : 6;
+                            __m512 acc[6][4];
+                            for (int g = 0; g < 6; g++)
+                                for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
+                            for (int start = first; start < visible; start += block_size) {
+                                const uint16_t *vb = v_cache
+                                    + (int64_t)table[start / block_size] * block_size * row
+                                    + (int64_t)hk * D + d0;
+                                const int n = visible - start < block_size ? visible - start
+                                                                           : block_size;
+                                for (int j = start < lo ? lo - start : 0; j < n; j++) {
+                                    __m512 v[4];
+                                    for (int c = 0; c < w16; c++)
+                                        v[c] = tm_load16_bf16(vb + j * row + 16 * c);
+                                    for (int g = 0; g < gn; g++) {
+                                        const __m512 p = _mm512_set1_ps(
+                                            sc[(g0 + g) * sc_stride + start + j]);
+                                        for (int c = 0; c < w16; c++)
+                                            acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
+                                    }
+                                }
+                            }
+                            for (int g = 0; g < gn; g++) {
+                                uint16_t *op = out + (int64_t)(q0 + i) * out_stride
+                                               + (int64_t)(hk * group + g0 + g) * D + d0;
+                                float vals[64];
+                                for (int c = 0; c < w16; c++)
+                                    _mm512_storeu_ps(vals + 16 * c, acc[g][c]);
+                                for (int d = 0; d < 16 * w16; d++)
+                                    op[d] = tm_f32_to_bf16(vals[d] * inv[g0 + g]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        free(sc);
+    }
+}
 #endif
 
 /* The entry points: the AVX2 kernel where it runs (head_dim a multiple of 8), the
@@ -185,5 +440,24 @@ void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_c
 
 DEFINE_DISPATCH(paged_attention_f32, float, paged_attention_f32_avx2,
                 paged_attention_f32_generic)
+#ifdef TM_AVX512_BF16
+/* The AVX-512 kernel where its limits allow, else as float32. */
+static void paged_attention_bf16_avx(
+        const uint16_t *q, int64_t q_stride, uint16_t *out, int64_t out_stride,
+        const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *query_start,
+        const int32_t *seq_lens, const int32_t *block_tables, int num_seqs, int max_blocks,
+        int num_heads, int num_kv_heads, int head_dim, int block_size, float scale,
+        int max_q_len, int window) {
+    const int fits = head_dim % 32 == 0 && head_dim <= 256
+                     && num_heads / num_kv_heads <= TM_MAX_GROUP;
+    (fits ? paged_attention_bf16_avx512 : paged_attention_bf16_avx2)(
+        q, q_stride, out, out_stride, k_cache, v_cache, query_start, seq_lens, block_tables,
+        num_seqs, max_blocks, num_heads, num_kv_heads, head_dim, block_size, scale, max_q_len,
+        window);
+}
+DEFINE_DISPATCH(paged_attention_bf16, uint16_t, paged_attention_bf16_avx,
+                paged_attention_bf16_generic)
+#else
 DEFINE_DISPATCH(paged_attention_bf16, uint16_t, paged_attention_bf16_avx2,
                 paged_attention_bf16_generic)
+#endif
