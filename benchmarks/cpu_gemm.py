@@ -1,14 +1,20 @@
-"""Dense float32 linear layers by input rows: F.linear (MKL) vs oneDNN on prepacked weights,
-in float32 and (where the CPU has bfloat16 in hardware) in bfloat16.
+"""Dense linear layers by input rows: F.linear (MKL) vs oneDNN on prepacked weights, in
+float32 and (where the CPU has bfloat16 in hardware) in bfloat16, and tokenmill's own AMX
+kernel where the CPU has AMX-BF16.
 
     python benchmarks/cpu_gemm.py [--rows 1 2 4 8 16 32 64 128 512] [--num-threads 2]
+                                  [--copies 30]
 
 For SmolLM2-135M's layer shapes (the four matmuls of one decoder layer summed,
 and the tied LM head on its own) times ``F.linear`` and
-:class:`tokenmill.model.prepacked.PrepackedLinear` in float32, and the prepacked
-layer in bfloat16 (what ``--dtype auto`` runs on CPUs with AVX512_BF16/AMX),
-interleaved, best of ``--repeats``, and prints ms and the ratios per row count.
-Random weights: speed does not depend on the values.
+:class:`tokenmill.model.prepacked.PrepackedLinear` in float32, the prepacked
+layer in bfloat16 (what ``--dtype auto`` ran on CPUs with AVX512_BF16/AMX before
+the AMX kernel) and :class:`tokenmill.model.prepacked.AmxLinear` (what it runs
+where the CPU has AMX-BF16), interleaved, best of ``--repeats``, and prints ms and
+the ratios per row count. Each timed call walks ``--copies`` copies of the layer
+(a model's 30 layers by default), so the weights stream from memory as they do in
+a decode step instead of sitting in the cache. Random weights: speed does not depend
+on the values.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantized_prefill import best_of  # noqa: E402  (this directory is on sys.path)
 
+from tokenmill.kernels.cpu import amx_bf16_available  # noqa: E402
 from tokenmill.kernels.cpu_features import cpu_flags, has_native_bf16  # noqa: E402
-from tokenmill.model.prepacked import PrepackedLinear  # noqa: E402
+from tokenmill.model.prepacked import AmxLinear, PrepackedLinear  # noqa: E402
 
 # (in, out) of qkv, o, gate_up and down in SmolLM2-135M (9 heads, 3 KV heads of 64)
 LAYER_SHAPES = ((576, 960), (576, 576), (576, 3072), (1536, 576))
@@ -44,41 +51,51 @@ def _cpu() -> str:
     return f"{model} ({' '.join(f for f in wanted if f in cpu_flags()) or 'no AVX2'})"
 
 
-def _times(shapes: tuple[tuple[int, int], ...], rows: int, repeats: int,
-           bf16: bool) -> list[float]:
+def _times(shapes: tuple[tuple[int, int], ...], rows: int, repeats: int, bf16: bool,
+           amx: bool, copies: int) -> list[float]:
     """Seconds for one call of each shape, summed: F.linear, prepacked float32 and, with
-    ``bf16``, prepacked bfloat16 (bfloat16 weights and inputs)."""
-    weights = [torch.randn(n, k) * 0.05 for k, n in shapes]
+    ``bf16``, prepacked bfloat16 (bfloat16 weights and inputs), with ``amx`` the AMX
+    kernel too; each averaged over ``copies`` copies of the weights."""
+    weights = [[torch.randn(n, k) * 0.05 for k, n in shapes] for _ in range(copies)]
     inputs = [torch.randn(rows, k) for k, _ in shapes]
-    layers = [([PrepackedLinear(w) for w in weights], inputs)]
+    bf16_inputs = [x.bfloat16() for x in inputs]
+    variants = [([[PrepackedLinear(w) for w in ws] for ws in weights], inputs)]
     if bf16:
-        layers.append(([PrepackedLinear(w.bfloat16()) for w in weights],
-                       [x.bfloat16() for x in inputs]))
+        variants.append(([[PrepackedLinear(w.bfloat16()) for w in ws] for ws in weights],
+                         bf16_inputs))
+    if amx:
+        variants.append(([[AmxLinear(w.bfloat16()) for w in ws] for ws in weights],
+                         bf16_inputs))
 
     def aten() -> None:
-        for w, x in zip(weights, inputs, strict=True):
-            F.linear(x, w)
+        for ws in weights:
+            for w, x in zip(ws, inputs, strict=True):
+                F.linear(x, w)
 
-    def packed(group: list[PrepackedLinear], xs: list[torch.Tensor]):
+    def packed(groups: list[list[torch.nn.Module]], xs: list[torch.Tensor]):
         def run() -> None:
-            for layer, x in zip(group, xs, strict=True):
-                layer(x)
+            for group in groups:
+                for layer, x in zip(group, xs, strict=True):
+                    layer(x)
         return run
 
-    runs = [aten, *(packed(group, xs) for group, xs in layers)]
+    runs = [aten, *(packed(groups, xs) for groups, xs in variants)]
     for run in runs:  # warm up (oneDNN builds its kernel per shape on first use)
         run()
     best = [float("inf")] * len(runs)
     for _ in range(3):  # interleaved, so drifting machine load hits all alike
         best = [min(b, best_of(run, repeats)) for b, run in zip(best, runs, strict=True)]
-    return best
+    return [b / copies for b in best]
 
 
-def _cells(times: list[float]) -> str:
-    """ms of each variant and the ratios: F.linear / prepacked, prepacked / bfloat16."""
+def _cells(times: list[float], bf16: bool) -> str:
+    """ms of each variant and the ratios: F.linear / prepacked, prepacked / bfloat16,
+    oneDNN bfloat16 / AMX kernel."""
     cells = f"{times[0] * 1e3:>9.3f} {times[1] * 1e3:>9.3f} {times[0] / times[1]:>5.2f}x"
-    if len(times) > 2:
+    if bf16:
         cells += f" {times[2] * 1e3:>9.3f} {times[1] / times[2]:>5.2f}x"
+    if len(times) > 2 + bf16:
+        cells += f" {times[-1] * 1e3:>9.3f} {times[-2] / times[-1]:>5.2f}x"
     return cells
 
 
@@ -90,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--bf16", action="store_true",
                         help="time the bfloat16 GEMM also where the CPU emulates bfloat16")
+    parser.add_argument("--copies", type=int, default=30,
+                        help="copies of the weights each timed call walks (1: cache-hot)")
     args = parser.parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -97,19 +116,23 @@ def main(argv: list[str] | None = None) -> int:
         print("this PyTorch has no oneDNN: nothing to compare")
         return 1
     bf16 = has_native_bf16() or args.bf16
+    amx = amx_bf16_available()
     print(f"CPU: {_cpu()}; {torch.get_num_threads()} threads; torch {torch.__version__}")
     print("ms per call, best of interleaved runs; F.linear / f32 = how much oneDNN prepacking "
           "wins" + ("; f32 / bf16 = how much bfloat16 wins on top" if bf16
-                    else " (no bfloat16 in hardware: --bf16 times it anyway)"))
+                    else " (no bfloat16 in hardware: --bf16 times it anyway)")
+          + ("; bf16 / amx = tokenmill's AMX kernel against oneDNN's bfloat16" if amx else ""))
     extra = f" {'bf16':>9} {'f32/bf16':>6}" if bf16 else ""
+    extra += f" {'amx':>9} {'bf16/amx':>6}" if amx else ""
     head = f"{'F.linear':>9} {'f32':>9} {'ratio':>6}{extra}"
     print(f"{'':>5} {'one decoder layer':^{len(head)}}   {'LM head':^{len(head)}}")
     print(f"{'rows':>5} {head}   {head}")
     with torch.inference_mode():
         for rows in args.rows:
-            layer = _times(LAYER_SHAPES, rows, args.repeats, bf16)
-            lm_head = _times((HEAD_SHAPE,), rows, max(2, args.repeats // 3), bf16)
-            print(f"{rows:>5} {_cells(layer)}   {_cells(lm_head)}", flush=True)
+            layer = _times(LAYER_SHAPES, rows, args.repeats, bf16, amx, args.copies)
+            lm_head = _times((HEAD_SHAPE,), rows, max(2, args.repeats // 3), bf16, amx,
+                             min(args.copies, 2))
+            print(f"{rows:>5} {_cells(layer, bf16)}   {_cells(lm_head, bf16)}", flush=True)
     return 0
 
 

@@ -15,13 +15,15 @@ from tokenmill.model.layers import RMSNorm, fold_rotary_sign
 from tokenmill.model.llama import LlamaCausalLM, Qwen2CausalLM
 from tokenmill.model.loader import init_dummy_weights
 from tokenmill.model.native_stack import NativeDecoderStack
+from tokenmill.model.prepacked import PrepackedLinear, prepack_linears
 from tokenmill.model.quantization import quantize_model
 
 pytestmark = pytest.mark.skipif(cpu_kernels.cpu_kernels() is None,
                                 reason="no C compiler: native kernels unavailable")
 
 
-def _model(cls: type[LlamaCausalLM], quantization: str | None, window: int | None = None):
+def _model(cls: type[LlamaCausalLM], quantization: str | None, window: int | None = None,
+           dtype: torch.dtype = torch.float32):
     config = ModelConfig(
         architecture="Qwen2ForCausalLM" if cls is Qwen2CausalLM else "LlamaForCausalLM",
         vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -29,16 +31,20 @@ def _model(cls: type[LlamaCausalLM], quantization: str | None, window: int | Non
         max_position_embeddings=256, attention_bias=cls is Qwen2CausalLM,
         sliding_window=window,
     )
-    model = cls(config, TorchAttentionBackend()).eval()
+    model = cls(config, TorchAttentionBackend(), dtype).eval()
     init_dummy_weights(model, std=0.2, seed=5)
     quantize_model(model, quantization)
+    if dtype == torch.bfloat16:
+        prepack_linears(model)  # AmxLinear where the CPU has AMX-BF16
     return model
 
 
 def _kv(model: LlamaCausalLM) -> list[tuple[torch.Tensor, torch.Tensor]]:
     cfg = model.config
     shape = (NUM_BLOCKS, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim)
-    return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_hidden_layers)]
+    dtype = model.model.embed_tokens.weight.dtype
+    return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+            for _ in range(cfg.num_hidden_layers)]
 
 
 def _spied(stack: NativeDecoderStack) -> list[bool]:
@@ -63,10 +69,16 @@ def _step(model, kv, works, stack):
         return model.compute_logits(model(ids, positions, kv, meta))
 
 
-@pytest.mark.parametrize("quantization", ["int4", "int8"])
+needs_amx = pytest.mark.skipif(not cpu_kernels.amx_bf16_available(),
+                               reason="the bfloat16 stack needs AMX-BF16")
+
+
+@pytest.mark.parametrize("quantization", [
+    "int4", "int8", pytest.param("bfloat16", marks=needs_amx)])  # bfloat16: AMX projections
 @pytest.mark.parametrize("cls", [LlamaCausalLM, Qwen2CausalLM])  # Qwen2: QKV bias
 def test_bit_identical_to_per_layer_path(cls, quantization: str) -> None:
-    model = _model(cls, quantization)
+    model = (_model(cls, None, dtype=torch.bfloat16) if quantization == "bfloat16"
+             else _model(cls, quantization))
     stack = NativeDecoderStack.build(model.model)
     assert stack is not None
     ran = _spied(stack)
@@ -91,8 +103,10 @@ def test_bit_identical_to_per_layer_path(cls, quantization: str) -> None:
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
 
 
-def test_sliding_window_layers() -> None:
-    model = _model(LlamaCausalLM, "int4", window=5)
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_amx)])
+def test_sliding_window_layers(dtype: torch.dtype) -> None:
+    model = _model(LlamaCausalLM, "int4" if dtype == torch.float32 else None, window=5,
+                   dtype=dtype)
     stack = NativeDecoderStack.build(model.model)
     assert stack is not None
     ran = _spied(stack)
@@ -126,6 +140,11 @@ def test_steps_it_does_not_cover_fall_back() -> None:
 
 def test_models_it_does_not_cover() -> None:
     assert NativeDecoderStack.build(_model(LlamaCausalLM, None).model) is None  # dense
+    bf16 = _model(LlamaCausalLM, None, dtype=torch.bfloat16)
+    if cpu_kernels.amx_bf16_available():  # one projection off AMX: the whole stack is off
+        bf16.model.layers[2].mlp.down_proj = PrepackedLinear(
+            bf16.model.layers[2].mlp.down_proj.weight)
+    assert NativeDecoderStack.build(bf16.model) is None
     model = _model(LlamaCausalLM, "int4")
     model.model.layers[1].mlp.down_proj.dense_min_rows = 9
     assert NativeDecoderStack.build(model.model).max_rows == 8
@@ -148,6 +167,24 @@ def test_native_norm_and_silu_match_pytorch() -> None:
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(cpu_kernels.silu_and_mul(gate_up),
                                torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_bfloat16_silu_rounds_like_pytorch(rows: int) -> None:
+    """The bfloat16 stack's SiLU-mul against F.silu(g) * u in bfloat16: equal almost
+    everywhere, elsewhere one bfloat16 step apart (its exp is within 2 ulp of
+    PyTorch's); infinities and NaN as PyTorch gives them."""
+    g = torch.Generator().manual_seed(rows)
+    gate_up = (torch.randn(rows, 2 * 1000, generator=g) * 4).bfloat16()
+    gate_up[0, :6] = torch.tensor([float("nan"), float("inf"), -30.0, 30.0, 0.0, -0.0])
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = cpu_kernels.silu_and_mul(gate_up)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    same = (got == want) | (got.isnan() & want.isnan())
+    assert same.float().mean() > 0.999
+    step = want.float().abs() * 2.0**-7 + 1e-30
+    assert ((got.float() - want.float()).abs()[~same] <= step[~same]).all()
 
 
 def test_build_switches_the_per_layer_path_to_its_kernels() -> None:

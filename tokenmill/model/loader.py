@@ -212,9 +212,9 @@ def load_model(
         prepack_linears(loaded.model)
     decoder = getattr(loaded.model, "model", None)
     if isinstance(decoder, DecoderModel) and torch.device(device).type == "cpu":
-        if dtype == torch.float32:
+        if dtype in (torch.float32, torch.bfloat16):
             decoder.native_stack = NativeDecoderStack.build(decoder)
-        elif dtype == torch.bfloat16:
+        if dtype == torch.bfloat16 and decoder.native_stack is None:
             use_native_elementwise(decoder, activation=False)
     return loaded
 

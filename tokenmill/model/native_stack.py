@@ -1,4 +1,5 @@
-"""The decoder layers of a quantized llama-style model as one native call per step.
+"""The decoder layers of a quantized or bfloat16 llama-style model as one native call per
+step.
 
 At batch 1 on a CPU a small model's decode step is short (SmolLM2 int4: tens of
 milliseconds for 30 layers), and about a quarter of it went to Python and
@@ -13,8 +14,14 @@ and SiLU-and-multiply to the stack's C kernels for the steps it does not take
 bit-identical either way: a request decodes the same whether its step went
 through the stack or, batched with a long prefill chunk, through the layers.
 
+A bfloat16 model whose projections all run tokenmill's AMX kernel
+(:class:`~tokenmill.model.prepacked.AmxLinear`, CPUs with AMX-BF16) gets the same
+treatment from ``decoder_stack_bf16`` (``decoder_stack_bf16.c``), on the bfloat16
+kernels: a batch-8 decode step of SmolLM2 spent 8-10 ms of ~30 in dispatch.
+
 It covers what those kernels cover: float32 activations and KV cache on the
-CPU; every projection quantized with the native int4 or int8 kernel; RMSNorm
+CPU with every projection quantized with the native int4 or int8 kernel, or
+bfloat16 activations and KV cache with every projection on AMX; RMSNorm
 pre-norm layers with a SwiGLU MLP, full-width rotary from one table, no
 QK-norm, no sandwich norms, no mixture of experts, no tensor parallelism. A
 step takes it when each sequence has at most ``SHORT_QUERY_LEN`` new tokens
@@ -35,6 +42,7 @@ import torch
 from tokenmill.attention.torch_backend import SHORT_QUERY_LEN
 from tokenmill.kernels import cpu as cpu_kernels
 from tokenmill.model.layers import silu_and_mul
+from tokenmill.model.prepacked import AmxLinear
 from tokenmill.model.quantization import Int4Linear, Int8Linear
 
 if TYPE_CHECKING:
@@ -67,13 +75,22 @@ class _Step(ctypes.Structure):
                 ("query_start", _ptr), ("seq_lens", _ptr), ("block_tables", _ptr)]
 
 
+# Projection kinds (tm_qlinear.kind) each stack takes, by activation dtype.
+_KINDS = {torch.float32: (0, 1), torch.bfloat16: (2,)}
+
+
 def _qlinear(module: torch.nn.Module) -> _QLinear | None:
-    """The kernel arguments of a quantized projection, or None if it is not one the
-    native kernels run."""
+    """The kernel arguments of a projection, or None if it is not one the native
+    kernels run: kind 0 int4, 1 int8 (float32 bias), 2 AMX bfloat16 (bfloat16 bias)."""
     bias = getattr(module, "bias", None)
-    if not _float32_contiguous(bias):
-        return None
     bias_ptr = None if bias is None else bias.data_ptr()
+    if isinstance(module, AmxLinear):
+        if not _contiguous(torch.bfloat16, bias):
+            return None
+        return _QLinear(2, module.out_features, module.in_features, 0,
+                        module.packed.data_ptr(), None, None, bias_ptr)
+    if not _contiguous(torch.float32, bias):
+        return None
     if isinstance(module, Int4Linear) and module.kernel == "native":
         return _QLinear(0, module.out_features, module.in_features, 0, module.packed.data_ptr(),
                         module.scales.data_ptr(), module.mins.data_ptr(), bias_ptr)
@@ -83,20 +100,20 @@ def _qlinear(module: torch.nn.Module) -> _QLinear | None:
     return None
 
 
-def _float32_contiguous(*tensors: torch.Tensor | None) -> bool:
-    return all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in tensors)
+def _contiguous(dtype: torch.dtype, *tensors: torch.Tensor | None) -> bool:
+    return all(t is None or (t.dtype == dtype and t.is_contiguous()) for t in tensors)
 
 
 def use_native_elementwise(model: torch.nn.Module, activation: bool = True) -> int:
     """Run the RMSNorms of ``model``'s (a DecoderModel) layers, and with ``activation``
-    their SiLU-mul (float32 only), on the C kernels of :mod:`tokenmill.kernels.cpu`
+    their SiLU-mul, on the C kernels of :mod:`tokenmill.kernels.cpu`
     (inputs they cannot take fall back to PyTorch per call). Returns how many modules
     were switched.
 
-    Two users: the float32 stack below (so its per-layer steps round as it does) and
-    bfloat16 CPU models, where one C call replaces the seven PyTorch ops of a norm
-    (about 27 -> 9 us per call at one token). A bfloat16 SiLU-mul in C was slower than
-    PyTorch's vectorised ops (0.42 ms per call at 32 tokens, scalar exp): not built.
+    Two users: the stacks below (so their per-layer steps round as they do) and
+    bfloat16 CPU models without a stack, where one C call replaces the seven PyTorch
+    ops of a norm (about 27 -> 9 us per call at one token); those keep PyTorch's
+    SiLU-mul (``activation=False``), which as a separate call is as fast as the C one.
     """
     switched = 0
     for layer in model.layers:
@@ -117,11 +134,12 @@ class NativeDecoderStack:
     """
 
     def __init__(self, model: torch.nn.Module, layers: list[_Layer], dims: _Dims,
-                 max_rows: int) -> None:
+                 max_rows: int, dtype: torch.dtype = torch.float32) -> None:
         self._model = model  # keeps the weights the pointers point into alive
         self._layers = (_Layer * len(layers))(*layers)
         self._dims = dims
         self.max_rows = max_rows
+        self.dtype = dtype  # of the activations and the KV cache
         self._caches: list | None = None
 
     @classmethod
@@ -137,6 +155,9 @@ class NativeDecoderStack:
         layers: list[_Layer] = []
         dims = None
         max_rows = 1 << 30
+        dtype = model.layers[0].input_layernorm.weight.dtype if len(model.layers) else None
+        if dtype not in _KINDS:
+            return None
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             if (layer.sandwich_norms or attn.q_norm is not None or attn.tp.sharded
@@ -145,13 +166,13 @@ class NativeDecoderStack:
                 return None
             projections = [_qlinear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                                  mlp.down_proj)]
-            if any(p is None for p in projections):
+            if any(p is None or p.kind not in _KINDS[dtype] for p in projections):
                 return None
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if not _float32_contiguous(*(n.weight for n in norms)) or norms[0].eps != norms[1].eps:
+            if not _contiguous(dtype, *(n.weight for n in norms)) or norms[0].eps != norms[1].eps:
                 return None
             for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                if m.dense_min_rows > 0:
+                if getattr(m, "dense_min_rows", 0) > 0:
                     max_rows = min(max_rows, m.dense_min_rows - 1)
             here = _Dims(norms[0].weight.shape[0], attn.num_heads, attn.num_kv_heads,
                          attn.head_dim, mlp.down_proj.in_features, 0, norms[0].eps, attn.scale)
@@ -167,18 +188,18 @@ class NativeDecoderStack:
         if dims is None:
             return None
         use_native_elementwise(model)  # steps the stack does not take round as it does
-        logger.info("native decoder stack: %d layers, steps of up to %d rows", len(layers),
-                    max_rows)
-        return cls(model, layers, dims, max_rows)
+        logger.info("native %s decoder stack: %d layers, steps of up to %d rows", dtype,
+                    len(layers), max_rows)
+        return cls(model, layers, dims, max_rows, dtype)
 
     def _bind_caches(self, kv_caches: list) -> bool:
-        """Point the layers at this step's KV caches (float32, contiguous)."""
+        """Point the layers at this step's KV caches (the stack's dtype, contiguous)."""
         if self._caches is not None and len(kv_caches) == len(self._caches) and all(
                 a is b for a, b in zip(kv_caches, self._caches, strict=True)):
             return True
         block_size = None
         for entry, (k_cache, v_cache) in zip(self._layers, kv_caches, strict=True):
-            if (k_cache.dim() != 4 or not _float32_contiguous(k_cache, v_cache)
+            if (k_cache.dim() != 4 or not _contiguous(self.dtype, k_cache, v_cache)
                     or k_cache.device.type != "cpu"):
                 return False
             entry.k_cache, entry.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
@@ -198,7 +219,8 @@ class NativeDecoderStack:
         tokens = hidden.shape[0]
         if (tokens == 0 or tokens > self.max_rows or meta.max_query_len > SHORT_QUERY_LEN
                 or meta.has_padding_slots is not False or sin_folded is None
-                or hidden.device.type != "cpu" or not _float32_contiguous(hidden, cos, sin_folded)
+                or hidden.device.type != "cpu"
+                or not _contiguous(self.dtype, hidden, cos, sin_folded)
                 or cos.shape != (tokens, 1, self._dims.head_dim)
                 or sin_folded.shape != cos.shape
                 or meta.slot_mapping.dtype != torch.int64 or not meta.slot_mapping.is_contiguous()
@@ -215,10 +237,10 @@ class NativeDecoderStack:
                      SHORT_QUERY_LEN, cos.data_ptr(), sin_folded.data_ptr(),
                      meta.slot_mapping.data_ptr(), meta.query_start_loc.data_ptr(),
                      meta.seq_lens.data_ptr(), tables.data_ptr())
-        lib = cpu_kernels.cpu_kernels()
-        status = lib.decoder_stack_f32(ctypes.byref(self._dims), self._layers, len(self._layers),
-                                       ctypes.byref(step), hidden.data_ptr(),
-                                       residual.data_ptr())
+        name = "decoder_stack_bf16" if self.dtype == torch.bfloat16 else "decoder_stack_f32"
+        status = getattr(cpu_kernels.cpu_kernels(), name)(
+            ctypes.byref(self._dims), self._layers, len(self._layers), ctypes.byref(step),
+            hidden.data_ptr(), residual.data_ptr())
         if status != 0:
-            raise MemoryError("decoder_stack_f32: out of memory for its scratch buffers")
+            raise MemoryError(f"{name}: out of memory for its scratch buffers")
         return hidden, residual

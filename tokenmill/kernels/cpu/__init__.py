@@ -36,9 +36,9 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c",
             "dequantize.c", "rope_kv_write.c", "decoder_stack.c", "bf16_ops.c",
-            "bf16_matmul.c", "argmax.c")
+            "bf16_matmul.c", "argmax.c", "decoder_stack_bf16.c")
 # Included by the sources: part of the cache key, not compiled on their own.
-_HEADERS = ("q8_input.h", "bf16.h", "paged_attention_avx2.inc")
+_HEADERS = ("q8_input.h", "bf16.h", "vec_math.h", "decoder_stack.h", "paged_attention_avx2.inc")
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 
@@ -156,12 +156,14 @@ def cpu_kernels() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     lib.rms_norm_f32.argtypes = _RMS_NORM_ARGTYPES
     lib.rms_norm_f32.restype = None
-    lib.silu_mul_f32.argtypes = _SILU_MUL_ARGTYPES
-    lib.silu_mul_f32.restype = None
+    for name in ("silu_mul_f32", "silu_mul_bf16"):
+        getattr(lib, name).argtypes = _SILU_MUL_ARGTYPES
+        getattr(lib, name).restype = None
     lib.rms_norm_bf16.argtypes = _RMS_NORM_ARGTYPES
     lib.rms_norm_bf16.restype = None
-    lib.decoder_stack_f32.argtypes = _DECODER_STACK_ARGTYPES
-    lib.decoder_stack_f32.restype = ctypes.c_int
+    for name in ("decoder_stack_f32", "decoder_stack_bf16"):
+        getattr(lib, name).argtypes = _DECODER_STACK_ARGTYPES
+        getattr(lib, name).restype = ctypes.c_int
     lib.bf16_matmul_amx.argtypes = _BF16_MATMUL_ARGTYPES
     lib.bf16_matmul_amx.restype = ctypes.c_int
     lib.bf16_matmul_amx_init.argtypes = []
@@ -420,15 +422,18 @@ def rms_norm(
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
-    """``silu(gate) * up`` for float32 rows ``[T, 2 I]`` holding ``[gate | up]``; None when
-    the kernel cannot run these inputs. The decoder stack's own arithmetic."""
+    """``silu(gate) * up`` for float32 or bfloat16 rows ``[T, 2 I]`` holding ``[gate |
+    up]``; None when the kernel cannot run these inputs. The native decoder stacks' own
+    arithmetic: float32 ``g / (1 + exp(-g)) * u``; bfloat16 rounded where PyTorch's
+    ``F.silu(g) * u`` rounds, with an exp within 2 ulp of PyTorch's (``bf16_ops.c``)."""
     lib = cpu_kernels()
     if (lib is None or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1
-            or x.dtype != torch.float32 or x.shape[1] % 2):
+            or x.dtype not in _ELEMENTWISE_DTYPES or x.shape[1] % 2):
         return None
     tokens, inter = x.shape[0], x.shape[1] // 2
-    out = torch.empty(tokens, inter, dtype=torch.float32)
-    lib.silu_mul_f32(x.data_ptr(), x.stride(0), out.data_ptr(), tokens, inter)
+    out = torch.empty(tokens, inter, dtype=x.dtype)
+    kernel = getattr(lib, f"silu_mul_{_ELEMENTWISE_DTYPES[x.dtype]}")
+    kernel(x.data_ptr(), x.stride(0), out.data_ptr(), tokens, inter)
     return out
 
 

@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "decoder_stack.h"
+
 #pragma GCC optimize("fp-contract=off")
 
 int q4_matmul_f32(const float *x, int64_t x_stride, const uint8_t *packed, const float *d,
@@ -79,33 +81,6 @@ void silu_mul_f32(const float *gate_up, int64_t gu_stride, float *y, int T, int 
         for (int i = 0; i < I; i++) dst[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
-
-/* One quantized linear layer: kind 0 = Q4_1 (w0 packed codes, w1 scales, w2 mins),
-   kind 1 = Q8_0 (w0 codes, w1 scales). */
-typedef struct {
-    int32_t kind, n, k, _pad;
-    const void *w0;
-    const float *w1, *w2, *bias;
-} tm_qlinear;
-
-typedef struct {
-    tm_qlinear qkv, o, gate_up, down;
-    const float *attn_norm, *mlp_norm;
-    float *k_cache, *v_cache;
-    int32_t window, _pad;
-} tm_layer;
-
-typedef struct {
-    int32_t hidden, heads, kv_heads, head_dim, inter, block_size;
-    float eps, scale;
-} tm_dims;
-
-typedef struct {
-    int32_t tokens, num_seqs, max_blocks, max_q_len;
-    const float *cos, *sin_folded;       /* [T, D] */
-    const int64_t *slot_mapping;         /* [T] */
-    const int32_t *query_start, *seq_lens, *block_tables;
-} tm_step;
 
 static int linear(const tm_qlinear *l, const float *x, float *out, int M) {
     if (l->kind == 0)

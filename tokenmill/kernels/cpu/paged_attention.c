@@ -28,6 +28,7 @@
 #include <omp.h>
 
 #include "bf16.h"
+#include "vec_math.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -112,42 +113,6 @@ DEFINE_PAGED_ATTENTION(paged_attention_f32_generic, float, f32)
 DEFINE_PAGED_ATTENTION(paged_attention_bf16_generic, uint16_t, bf16)
 
 #ifdef TM_AVX2
-/* exp of eight floats <= 0 (softmax after subtracting the maximum): x = n ln2 + r with
-   |r| <= ln2 / 2, exp(r) by a degree-7 minimax polynomial, times 2^n built in the
-   exponent bits. Within 2 ulp of expf; inputs below -87.3 give 2^-126 (the weight of a
-   score that far below the maximum is lost in the sum either way). */
-static inline __m256 tm_exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    /* ln2 split in two so that n * hi is exact: r = x - n * ln2 to full precision */
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i bits = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-
-static inline float tm_hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
-/* bfloat16 -> float32 for eight elements: the 16 bits become the high half (exact). */
-static inline __m256 tm_load8_bf16(const uint16_t *p) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
 /* Ask for a work item's K and V rows (one KV head, the keys from lo on) in L2 before
    reading them: a head's row is 2-4 cache lines every num_kv_heads * D elements, in
    blocks scattered over the pool, which the hardware prefetchers do not follow; without

@@ -1,0 +1,41 @@
+/*
+ * The argument structs of the native decoder stacks (decoder_stack.c: float32 with
+ * quantized projections; decoder_stack_bf16.c: bfloat16 with AMX projections), mirrored
+ * by ctypes structures in tokenmill/model/native_stack.py. Pointers are void where the
+ * element type depends on the stack.
+ */
+#ifndef TOKENMILL_DECODER_STACK_H
+#define TOKENMILL_DECODER_STACK_H
+
+#include <stdint.h>
+
+/* One linear layer: kind 0 = Q4_1 (w0 packed codes, w1 scales, w2 mins), 1 = Q8_0 (w0
+   codes, w1 scales), 2 = bfloat16 AMX tiles (w0 from pack_bf16_amx); bias in the
+   activations' dtype or NULL. */
+typedef struct {
+    int32_t kind, n, k, _pad;
+    const void *w0;
+    const float *w1, *w2;
+    const void *bias;
+} tm_qlinear;
+
+typedef struct {
+    tm_qlinear qkv, o, gate_up, down;
+    const void *attn_norm, *mlp_norm;
+    void *k_cache, *v_cache;
+    int32_t window, _pad;
+} tm_layer;
+
+typedef struct {
+    int32_t hidden, heads, kv_heads, head_dim, inter, block_size;
+    float eps, scale;
+} tm_dims;
+
+typedef struct {
+    int32_t tokens, num_seqs, max_blocks, max_q_len;
+    const void *cos, *sin_folded;        /* [T, D] */
+    const int64_t *slot_mapping;         /* [T] */
+    const int32_t *query_start, *seq_lens, *block_tables;
+} tm_step;
+
+#endif
