@@ -21,14 +21,15 @@ def _case(tokens: int, seed: int = 0, dtype: torch.dtype = torch.float32):
     rotary = RotaryEmbedding(D, 128, 10000.0, dtype=dtype)
     positions = torch.randint(0, 128, (tokens,), generator=g)
     cos, sin = rotary.cos_sin(positions, dtype)
-    k_cache = torch.zeros(8, BLOCK, KVH, D, dtype=dtype)
-    v_cache = torch.zeros(8, BLOCK, KVH, D, dtype=dtype)
-    slots = torch.randperm(8 * BLOCK, generator=g)[:tokens].to(torch.int64)
+    blocks = 24
+    k_cache = torch.zeros(blocks, BLOCK, KVH, D, dtype=dtype)
+    v_cache = torch.zeros(blocks, BLOCK, KVH, D, dtype=dtype)
+    slots = torch.randperm(blocks * BLOCK, generator=g)[:tokens].to(torch.int64)
     return qkv, cos, fold_rotary_sign(sin), k_cache, v_cache, slots
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 5, 40])  # 40: split over threads
+@pytest.mark.parametrize("tokens", [1, 5, 300])  # 300: split over threads
 def test_matches_eager_rotation_and_write(tokens, dtype):
     qkv, cos, sin_f, k_cache, v_cache, slots = _case(tokens, tokens, dtype)
     q = cpu.rope_kv_write(qkv, H, KVH, cos, sin_f, k_cache, v_cache, slots)

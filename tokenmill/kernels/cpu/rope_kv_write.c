@@ -13,10 +13,11 @@
  * q_out [T, H, D]; k/v_cache [num_blocks * block_size, KVH, D] contiguous;
  * slots [T] int64, every slot >= 0. rope_kv_write_bf16 is the same on bfloat16
  * tensors, rounding each product and the sum to bfloat16 as PyTorch's bfloat16
- * ops do (bit-identical to the eager path in a bfloat16 model). One thread: the
- * work is a few microseconds
- * per token, and an OpenMP region here (from 16 tokens) made batch-32 decode
- * steps 10x slower in a measurement (docs/performance.md).
+ * ops do (bit-identical to the eager path in a bfloat16 model). One thread below
+ * 256 tokens: the work is a few microseconds per token, and an OpenMP region here
+ * (from 16 tokens) made batch-32 decode steps 10x slower in a measurement
+ * (docs/performance.md); prompt chunks split their tokens over the threads (each
+ * token writes its own slots).
  */
 #include <stdint.h>
 #include <string.h>
@@ -55,6 +56,7 @@ static void rotate_row_bf16(const uint16_t *x, const uint16_t *c, const uint16_t
 void NAME(const T *qkv, int64_t qkv_stride, int T_, int H, int KVH, int D, const T *cos,      \
           const T *sin_f, T *q_out, T *k_cache, T *v_cache, const int64_t *slots) {            \
     const int64_t kv_row = (int64_t)KVH * D;                                                   \
+    _Pragma("omp parallel for schedule(static) if (T_ >= 256)")                                \
     for (int t = 0; t < T_; t++) {                                                             \
         const T *src = qkv + (int64_t)t * qkv_stride;                                          \
         const T *c = cos + (int64_t)t * D, *s = sin_f + (int64_t)t * D;                        \
