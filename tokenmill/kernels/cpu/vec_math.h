@@ -1,7 +1,7 @@
 /*
  * Eight-lane float32 helpers for the AVX2 kernels (paged_attention.c, bf16_ops.c): exp,
- * a horizontal sum, bfloat16 loads, rounding and stores eight at a time. Empty without
- * AVX2 and FMA.
+ * a horizontal sum, bfloat16 loads, rounding and stores eight at a time; the same exp on
+ * sixteen lanes where the compiler targets AVX-512. Empty without AVX2 and FMA.
  */
 #ifndef TOKENMILL_VEC_MATH_H
 #define TOKENMILL_VEC_MATH_H
@@ -10,26 +10,33 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-/* exp of eight floats in [-87.3, 88.3]: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a
-   degree-7 minimax polynomial, times 2^n built in the exponent bits. Within 2 ulp of
-   expf. */
-static inline __m256 tm_exp_in_range(__m256 x) {
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    /* ln2 split in two so that n * hi is exact: r = x - n * ln2 to full precision */
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i bits = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+/* exp of floats in [-87.3, 88.3], one definition per vector width (P: _mm256 or
+   _mm512; W: 256 or 512; ROUND: that width's round-to-integer): x = n ln2 + r with
+   |r| <= ln2 / 2, exp(r) by a degree-7 minimax polynomial, times 2^n built in the
+   exponent bits. Within 2 ulp of expf. */
+#define TM_DEFINE_EXP_IN_RANGE(NAME, V, VI, P, W, ROUND)                                     \
+static inline V NAME(V x) {                                                                  \
+    const V n = ROUND(P##_mul_ps(x, P##_set1_ps(1.44269504088896341f)),                     \
+                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);                        \
+    /* ln2 split in two so that n * hi is exact: r = x - n * ln2 to full precision */       \
+    V r = P##_fnmadd_ps(n, P##_set1_ps(0.693359375f), x);                                    \
+    r = P##_fnmadd_ps(n, P##_set1_ps(-2.12194440e-4f), r);                                   \
+    V p = P##_set1_ps(1.9875691500e-4f);                                                     \
+    p = P##_fmadd_ps(p, r, P##_set1_ps(1.3981999507e-3f));                                   \
+    p = P##_fmadd_ps(p, r, P##_set1_ps(8.3334519073e-3f));                                   \
+    p = P##_fmadd_ps(p, r, P##_set1_ps(4.1665795894e-2f));                                   \
+    p = P##_fmadd_ps(p, r, P##_set1_ps(1.6666665459e-1f));                                   \
+    p = P##_fmadd_ps(p, r, P##_set1_ps(5.0000001201e-1f));                                   \
+    p = P##_fmadd_ps(p, P##_mul_ps(r, r), P##_add_ps(r, P##_set1_ps(1.0f)));                 \
+    const VI bits = P##_slli_epi32(P##_add_epi32(P##_cvtps_epi32(n), P##_set1_epi32(127)),  \
+                                   23);                                                      \
+    return P##_mul_ps(p, P##_castsi##W##_ps(bits));                                          \
 }
+
+TM_DEFINE_EXP_IN_RANGE(tm_exp_in_range, __m256, __m256i, _mm256, 256, _mm256_round_ps)
+#if defined(__AVX512F__)
+TM_DEFINE_EXP_IN_RANGE(tm_exp16_in_range, __m512, __m512i, _mm512, 512, _mm512_roundscale_ps)
+#endif
 
 /* exp of eight floats <= 0 (softmax after subtracting the maximum); inputs below -87.3
    give 2^-126 (the weight of a score that far below the maximum is lost in the sum
