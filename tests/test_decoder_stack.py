@@ -199,12 +199,14 @@ def test_build_switches_the_per_layer_path_to_its_kernels() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantization", ["int4"])
+@pytest.mark.parametrize("quantization", ["int4", pytest.param("bfloat16", marks=needs_amx)])
 def test_smollm2_same_tokens_with_and_without_the_stack(quantization: str) -> None:
-    """The bundled model, quantized: batched greedy decode with the stack on and off."""
+    """The bundled model, quantized or in bfloat16 on AMX: batched greedy decode with the
+    stack on and off."""
     from tokenmill import LLM, SamplingParams
 
-    llm = LLM(quantization=quantization, num_threads=2)
+    llm = (LLM(dtype="bfloat16", num_threads=2) if quantization == "bfloat16"
+           else LLM(quantization=quantization, num_threads=2))
     decoder = llm.engine.core.runner.model.model
     stack = decoder.native_stack
     assert stack is not None
