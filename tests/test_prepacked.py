@@ -145,9 +145,12 @@ def test_bfloat16_model_is_packed_and_close(tmp_path) -> None:
     kind = AmxLinear if amx_usable(plain.model.lm_head_weight) else PrepackedLinear
     assert isinstance(packed.model.model.layers[0].mlp.down_proj, kind)
     assert isinstance(packed.model.tied_lm_head, kind)
-    # The loader also moves a bfloat16 CPU model's norms (not its SiLU-mul) to C kernels.
+    # The loader also moves a bfloat16 CPU model's norms to C kernels, and its SiLU-mul
+    # where the model gets the native stack (on AMX), whose per-layer path rounds as it.
     layer = packed.model.model.layers[0]
-    assert layer.input_layernorm.native_cpu and not layer.mlp.native_cpu_act
+    assert layer.input_layernorm.native_cpu
+    assert layer.mlp.native_cpu_act == (packed.model.model.native_stack is not None)
+    assert (packed.model.model.native_stack is not None) == (kind is AmxLinear)
     prompt = [5, 17, 99, 3, 250, 42, 7]
     want = tokenmill_logits(plain, [prompt])[0].float()
     got = tokenmill_logits(packed, [prompt])[0].float()
