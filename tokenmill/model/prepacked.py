@@ -29,8 +29,9 @@ Where the CPU has AMX-BF16 (and the layer's sizes are multiples of 32), a
 bfloat16 layer becomes an :class:`AmxLinear` instead: tokenmill's own AMX kernel
 (``kernels/cpu/bf16_matmul.c``) on a weight packed as AMX tiles in the order it
 streams them. On a 2-core Sapphire Rapids VM one decoder layer's matmuls ran
-1.6-2.0x faster than oneDNN's at 1-32 rows and even at 128 (15% slower at 512),
-with outputs bit-identical to oneDNN's up to 32 rows (``benchmarks/cpu_gemm.py``).
+1.3-1.8x faster than oneDNN's at 1-32 rows and 10-25% slower from 128 rows (a
+whole 1,024-token prefill step was still faster on it), with outputs
+bit-identical to oneDNN's up to 32 rows (``benchmarks/cpu_gemm.py``).
 
 Used only on the CPU, when PyTorch was built with oneDNN.
 ``TOKENMILL_CPU_GEMM``: ``auto`` (the default, as above), ``onednn`` (no AMX
