@@ -38,7 +38,8 @@ _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_ma
             "dequantize.c", "rope_kv_write.c", "decoder_stack.c", "bf16_ops.c",
             "bf16_matmul.c", "argmax.c", "decoder_stack_bf16.c")
 # Included by the sources: part of the cache key, not compiled on their own.
-_HEADERS = ("q8_input.h", "bf16.h", "vec_math.h", "decoder_stack.h", "paged_attention_avx2.inc")
+_HEADERS = ("q8_input.h", "bf16.h", "vec_math.h", "decoder_stack.h", "paged_attention_avx2.inc",
+            "paged_attention_items.h")
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 

@@ -25,9 +25,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <omp.h>
 
 #include "bf16.h"
+#include "paged_attention_items.h"
 #include "vec_math.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -113,74 +113,6 @@ DEFINE_PAGED_ATTENTION(paged_attention_f32_generic, float, f32)
 DEFINE_PAGED_ATTENTION(paged_attention_bf16_generic, uint16_t, bf16)
 
 #ifdef TM_AVX2
-/* Ask for a work item's K and V rows (one KV head, the keys from lo on) in L2 before
-   reading them: a head's row is 2-4 cache lines every num_kv_heads * D elements, in
-   blocks scattered over the pool, which the hardware prefetchers do not follow; without
-   this the AVX-512 kernel waited on memory at a quarter of the read bandwidth. Byte
-   offsets; a prefetch never faults. */
-static inline void tm_prefetch_kv(const void *k_cache, const void *v_cache,
-                                  const int32_t *table, int lo, int len, int block_size,
-                                  int64_t row_bytes, int64_t head_bytes, int head_row_bytes) {
-    const char *k = (const char *)k_cache + head_bytes, *v = (const char *)v_cache + head_bytes;
-    for (int start = lo - lo % block_size; start < len; start += block_size) {
-        const int n = len - start < block_size ? len - start : block_size;
-        const int64_t base = (int64_t)table[start / block_size] * block_size * row_bytes;
-        for (int j = start < lo ? lo - start : 0; j < n; j++)
-            for (int l = 0; l < head_row_bytes; l += 64) {
-                _mm_prefetch(k + base + j * row_bytes + l, _MM_HINT_T1);
-                _mm_prefetch(v + base + j * row_bytes + l, _MM_HINT_T1);
-            }
-    }
-}
-
-/* Keys a sequence's query rows read, for splitting work between threads. */
-static inline int64_t tm_item_keys(const int32_t *query_start, const int32_t *seq_lens, int b,
-                                   int max_q_len) {
-    const int qlen = query_start[b + 1] - query_start[b];
-    return qlen <= 0 || qlen > max_q_len ? 1 : (int64_t)qlen * seq_lens[b] + 16;
-}
-
-/* This thread's work items (sequence b, KV head hk) = b * num_kv_heads + hk in
-   [*it0, *it1): a contiguous run with an even share of the keys read, so that a thread
-   knows its next item and can prefetch it (tm_prefetch_item) while computing this one. */
-static void tm_thread_items(const int32_t *query_start, const int32_t *seq_lens, int num_seqs,
-                            int num_kv_heads, int max_q_len, int *it0, int *it1) {
-    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int items = num_seqs * num_kv_heads;
-    int64_t total = 0;
-    for (int b = 0; b < num_seqs; b++) total += tm_item_keys(query_start, seq_lens, b, max_q_len);
-    total *= num_kv_heads;
-    const int64_t from = total * tid / nt, to = total * (tid + 1) / nt;
-    int64_t seen = 0;
-    *it0 = *it1 = items;
-    for (int it = 0; it < items; it++) {
-        if (*it0 == items && seen >= from) *it0 = it;
-        if (seen >= to) {
-            *it1 = it;
-            break;
-        }
-        seen += tm_item_keys(query_start, seq_lens, it / num_kv_heads, max_q_len);
-    }
-    if (tid == nt - 1) *it1 = items;
-    if (*it1 < *it0) *it1 = *it0;
-}
-
-/* tm_prefetch_kv for work item it (elem: bytes per cache element). */
-static inline void tm_prefetch_item(int it, const void *k_cache, const void *v_cache,
-                                    const int32_t *query_start, const int32_t *seq_lens,
-                                    const int32_t *block_tables, int max_blocks,
-                                    int num_kv_heads, int D, int block_size, int max_q_len,
-                                    int window, int elem) {
-    const int b = it / num_kv_heads, hk = it % num_kv_heads;
-    const int qlen = query_start[b + 1] - query_start[b];
-    if (qlen <= 0 || qlen > max_q_len) return;
-    const int visible0 = seq_lens[b] - qlen + 1;
-    tm_prefetch_kv(k_cache, v_cache, block_tables + (int64_t)b * max_blocks,
-                   window > 0 && visible0 > window ? visible0 - window : 0, seq_lens[b],
-                   block_size, (int64_t)elem * num_kv_heads * D, (int64_t)elem * hk * D,
-                   elem * D);
-}
-
 #define TM_T float
 #define TM_LOAD8(p) _mm256_loadu_ps(p)
 #define TM_LOAD1(x) (x)
@@ -253,10 +185,9 @@ static void paged_attention_bf16_avx512(
         int it0, it1;
         tm_thread_items(query_start, seq_lens, num_seqs, num_kv_heads, max_q_len, &it0, &it1);
         for (int it = it0; it < it1 && sc; it++) {
-            for (int ahead = it == it0 ? 0 : 1; ahead <= 1 && it + ahead < it1; ahead++)
-                tm_prefetch_item(it + ahead, k_cache, v_cache, query_start, seq_lens,
-                                 block_tables, max_blocks, num_kv_heads, D, block_size,
-                                 max_q_len, window, (int)sizeof(uint16_t));
+            tm_prefetch_ahead(it, it0, it1, k_cache, v_cache, query_start, seq_lens,
+                              block_tables, max_blocks, num_kv_heads, block_size, max_q_len,
+                              window, (int64_t)sizeof(uint16_t) * D);
             {
                 const int b = it / num_kv_heads, hk = it % num_kv_heads;
                 const int q0 = query_start[b], qlen = query_start[b + 1] - q0;

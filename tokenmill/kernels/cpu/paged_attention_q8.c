@@ -15,6 +15,7 @@
  * bottom-right aligned, optional sliding window) as paged_attention.c.
  * Sequences with more than max_q_len query tokens are skipped.
  *
+ * Work is split and prefetched as in paged_attention.c (paged_attention_items.h).
  * Per query and head: all scores first into a per-thread buffer (two-pass
  * softmax), then the weighted sum of V rows. The AVX2 path widens 8 codes at a
  * time (int8: sign-extend + convert; fp8: rebuilt as fp16 bits and converted with
@@ -27,6 +28,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "paged_attention_items.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -162,9 +164,14 @@ void paged_attention_q8(const void *q, int64_t q_stride, void *out, int64_t out_
         float *sc = malloc(sizeof(float) * ((size_t)max_len + 8));
         float *qs = malloc(sizeof(float) * (size_t)D);
         float *acc = malloc(sizeof(float) * (size_t)D);
-        #pragma omp for collapse(2) schedule(dynamic, 1)
-        for (int b = 0; b < num_seqs; b++) {
-            for (int hk = 0; hk < num_kv_heads; hk++) {
+        int it0, it1;
+        tm_thread_items(query_start, seq_lens, num_seqs, num_kv_heads, max_q_len, &it0, &it1);
+        for (int it = it0; it < it1; it++) {
+            tm_prefetch_ahead(it, it0, it1, k_cache, v_cache, query_start, seq_lens,
+                              block_tables, max_blocks, num_kv_heads, block_size, max_q_len,
+                              window, width);
+            {
+                const int b = it / num_kv_heads, hk = it % num_kv_heads;
                 const int q0 = query_start[b], qlen = query_start[b + 1] - q0;
                 if (qlen <= 0 || qlen > max_q_len || !sc || !qs || !acc) continue;
                 const int len = seq_lens[b];
