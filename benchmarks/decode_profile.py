@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--num-threads", type=int, default=None)
-    parser.add_argument("--cpu-gemm", nargs="+", default=[None], choices=["onednn", "aten"],
-                        help="dense float32 GEMM (TOKENMILL_CPU_GEMM); several = side by side")
+    parser.add_argument("--cpu-gemm", nargs="+", default=[None],
+                        choices=["auto", "native", "onednn", "aten"],
+                        help="dense GEMM (TOKENMILL_CPU_GEMM); several = side by side")
     args = parser.parse_args(argv)
 
     rows = []

@@ -73,12 +73,26 @@ needs_amx = pytest.mark.skipif(not cpu_kernels.amx_bf16_available(),
                                reason="the bfloat16 stack needs AMX-BF16")
 
 
+needs_f32_panel = pytest.mark.skipif(not cpu_kernels.f32_panel_available(),
+                                     reason="the float32 panel kernel needs AVX2/FMA")
+
+
 @pytest.mark.parametrize("quantization", [
-    "int4", "int8", pytest.param("bfloat16", marks=needs_amx)])  # bfloat16: AMX projections
+    "int4", "int8",
+    pytest.param("bfloat16", marks=needs_amx),  # bfloat16: AMX projections
+    pytest.param("float32", marks=needs_f32_panel),  # dense float32 on the panel kernel
+])
 @pytest.mark.parametrize("cls", [LlamaCausalLM, Qwen2CausalLM])  # Qwen2: QKV bias
-def test_bit_identical_to_per_layer_path(cls, quantization: str) -> None:
-    model = (_model(cls, None, dtype=torch.bfloat16) if quantization == "bfloat16"
-             else _model(cls, quantization))
+def test_bit_identical_to_per_layer_path(cls, quantization: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    if quantization == "bfloat16":
+        model = _model(cls, None, dtype=torch.bfloat16)
+    elif quantization == "float32":
+        monkeypatch.setenv("TOKENMILL_CPU_GEMM", "native")  # the panel kernel, any AVX2 CPU
+        model = _model(cls, None)
+        prepack_linears(model)
+    else:
+        model = _model(cls, quantization)
     stack = NativeDecoderStack.build(model.model)
     assert stack is not None
     ran = _spied(stack)

@@ -10,11 +10,13 @@ from test_engine_tiny import _save_tiny
 from test_model_arch import tokenmill_logits
 
 from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.kernels import cpu as cpu_kernels
 from tokenmill.kernels.cpu_features import has_native_bf16
 from tokenmill.model.layers import Linear
 from tokenmill.model.loader import LoadedModel, load_model, resolve_model
 from tokenmill.model.prepacked import (
     AmxLinear,
+    F32PanelLinear,
     PrepackedLinear,
     amx_usable,
     default_prepack,
@@ -114,7 +116,9 @@ def _greedy(loaded: LoadedModel, prompt: list[int], steps: int) -> tuple[list[in
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied head; tied head with QKV bias
-def test_loaded_model_is_packed_and_agrees(tmp_path, arch: str) -> None:
+def test_loaded_model_is_packed_and_agrees(tmp_path, arch: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENMILL_CPU_GEMM", "onednn")  # not the panel kernel of AVX2 CPUs
     resolved = _tiny(tmp_path, arch)
     plain = load_model(resolved, torch.float32, "cpu", TorchAttentionBackend(), prepack=False)
     packed = load_model(resolved, torch.float32, "cpu", TorchAttentionBackend(), prepack=True)
@@ -128,6 +132,28 @@ def test_loaded_model_is_packed_and_agrees(tmp_path, arch: str) -> None:
                            packed.model.model.embed_tokens.weight)
     else:
         assert isinstance(packed.model.lm_head, PrepackedLinear)
+    prompt = [5, 17, 99, 3, 250, 42, 7]
+    want_tokens, want_logits = _greedy(plain, prompt, 12)
+    got_tokens, got_logits = _greedy(packed, prompt, 12)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert got_tokens == want_tokens
+
+
+@pytest.mark.skipif(not cpu_kernels.f32_panel_available(), reason="needs AVX2/FMA")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_float32_panel_model_agrees(tmp_path, arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 layers on tokenmill's panel kernel (auto on AVX2 CPUs without AVX-512;
+    ``native`` forces it here): the same greedy tokens as F.linear, and the native stack."""
+    monkeypatch.setenv("TOKENMILL_CPU_GEMM", "native")
+    resolved = _tiny(tmp_path, arch)
+    plain = load_model(resolved, torch.float32, "cpu", TorchAttentionBackend(), prepack=False)
+    packed = load_model(resolved, torch.float32, "cpu", TorchAttentionBackend(), prepack=True)
+    layer = packed.model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, F32PanelLinear)
+    assert isinstance(layer.mlp.down_proj, F32PanelLinear)
+    head = packed.model.tied_lm_head if arch == "qwen2" else packed.model.lm_head
+    assert isinstance(head, F32PanelLinear)
+    assert packed.model.model.native_stack is not None  # every projection is C now
     prompt = [5, 17, 99, 3, 250, 42, 7]
     want_tokens, want_logits = _greedy(plain, prompt, 12)
     got_tokens, got_logits = _greedy(packed, prompt, 12)

@@ -19,9 +19,13 @@ A bfloat16 model whose projections all run tokenmill's AMX kernel
 treatment from ``decoder_stack_bf16`` (``decoder_stack_bf16.c``), on the bfloat16
 kernels: a batch-8 decode step of SmolLM2 spent 8-10 ms of ~30 in dispatch.
 
+A float32 model whose dense projections all run tokenmill's panel kernel
+(:class:`~tokenmill.model.prepacked.F32PanelLinear`, AVX2 CPUs without AVX-512)
+runs on ``decoder_stack_f32`` too.
+
 It covers what those kernels cover: float32 activations and KV cache on the
-CPU with every projection quantized with the native int4 or int8 kernel, or
-bfloat16 activations and KV cache with every projection on AMX; RMSNorm
+CPU with every projection quantized with the native int4 or int8 kernel or on
+float32 panels, or bfloat16 activations and KV cache with every projection on AMX; RMSNorm
 pre-norm layers with a SwiGLU MLP, full-width rotary from one table, no
 QK-norm, no sandwich norms, no mixture of experts, no tensor parallelism. A
 step takes it when each sequence has at most ``SHORT_QUERY_LEN`` new tokens
@@ -42,7 +46,7 @@ import torch
 from tokenmill.attention.torch_backend import SHORT_QUERY_LEN
 from tokenmill.kernels import cpu as cpu_kernels
 from tokenmill.model.layers import silu_and_mul
-from tokenmill.model.prepacked import AmxLinear
+from tokenmill.model.prepacked import AmxLinear, F32PanelLinear
 from tokenmill.model.quantization import Int4Linear, Int8Linear
 
 if TYPE_CHECKING:
@@ -76,12 +80,13 @@ class _Step(ctypes.Structure):
 
 
 # Projection kinds (tm_qlinear.kind) each stack takes, by activation dtype.
-_KINDS = {torch.float32: (0, 1), torch.bfloat16: (2,)}
+_KINDS = {torch.float32: (0, 1, 3), torch.bfloat16: (2,)}
 
 
 def _qlinear(module: torch.nn.Module) -> _QLinear | None:
     """The kernel arguments of a projection, or None if it is not one the native
-    kernels run: kind 0 int4, 1 int8 (float32 bias), 2 AMX bfloat16 (bfloat16 bias)."""
+    kernels run: kind 0 int4, 1 int8, 3 float32 panels (float32 bias), 2 AMX bfloat16
+    (bfloat16 bias)."""
     bias = getattr(module, "bias", None)
     bias_ptr = None if bias is None else bias.data_ptr()
     if isinstance(module, AmxLinear):
@@ -91,6 +96,9 @@ def _qlinear(module: torch.nn.Module) -> _QLinear | None:
                         module.packed.data_ptr(), None, None, bias_ptr)
     if not _contiguous(torch.float32, bias):
         return None
+    if isinstance(module, F32PanelLinear):
+        return _QLinear(3, module.out_features, module.in_features, 0,
+                        module.packed.data_ptr(), None, None, bias_ptr)
     if isinstance(module, Int4Linear) and module.kernel == "native":
         return _QLinear(0, module.out_features, module.in_features, 0, module.packed.data_ptr(),
                         module.scales.data_ptr(), module.mins.data_ptr(), bias_ptr)

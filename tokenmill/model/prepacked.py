@@ -33,9 +33,18 @@ streams them. On a 2-core Sapphire Rapids VM one decoder layer's matmuls ran
 whole 1,024-token prefill step was still faster on it), with outputs
 bit-identical to oneDNN's up to 32 rows (``benchmarks/cpu_gemm.py``).
 
+On CPUs with AVX2 but no AVX-512, a float32 layer (output size a multiple of 16)
+becomes an :class:`F32PanelLinear`: tokenmill's own FMA kernel
+(``kernels/cpu/f32_matmul.c``) on a weight packed in 16-column panels. Against
+oneDNN's AVX2 kernels, SmolLM2's layer matmuls ran 1.2-1.3x faster at 1-32 rows, even
+at 128 and 0.9x at 512 (``benchmarks/cpu_gemm.py``), and being C, the float32 layers
+can join the native decoder stack. Where the CPU has AVX-512, oneDNN's 512-bit kernels
+win from 16 rows on and keep float32.
+
 Used only on the CPU, when PyTorch was built with oneDNN.
-``TOKENMILL_CPU_GEMM``: ``auto`` (the default, as above), ``onednn`` (no AMX
-kernel) or ``aten`` (``F.linear``) for A/B measurements.
+``TOKENMILL_CPU_GEMM``: ``auto`` (the default, as above), ``native`` (tokenmill's
+kernels wherever they run, AVX-512 CPUs included), ``onednn`` (no tokenmill kernel)
+or ``aten`` (``F.linear``), for A/B measurements and tests.
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ from tokenmill.model.layers import Linear
 
 logger = logging.getLogger(__name__)
 
-_GEMMS = ("auto", "onednn", "aten")
+_GEMMS = ("auto", "native", "onednn", "aten")
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -140,14 +149,61 @@ class AmxLinear(nn.Module):
 
 def amx_usable(weight: torch.Tensor) -> bool:
     """Whether a weight becomes an :class:`AmxLinear`: bfloat16 on the CPU, sizes the
-    kernel's blocking fits, an AMX-BF16 CPU, ``TOKENMILL_CPU_GEMM=auto``."""
+    kernel's blocking fits, an AMX-BF16 CPU, ``TOKENMILL_CPU_GEMM=auto`` or ``native``."""
     return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-            and cpu_kernels.amx_shape_supported(*weight.shape) and cpu_gemm() == "auto"
-            and cpu_kernels.amx_bf16_available())
+            and cpu_kernels.amx_shape_supported(*weight.shape)
+            and cpu_gemm() in ("auto", "native") and cpu_kernels.amx_bf16_available())
+
+
+class F32PanelLinear(nn.Module):
+    """float32 ``y = x @ W.T + b`` on tokenmill's FMA kernel, ``W`` packed in panels of 16
+    output columns.
+
+    Build it only where :func:`f32_panel_usable` says yes. Inputs of another dtype
+    go through ``F.linear`` on the unpacked weight.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = nn.Parameter(cpu_kernels.pack_f32_panels(weight), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight ``[out, in]`` in the plain layout (a copy on each access)."""
+        return cpu_kernels.unpack_f32_panels(self.packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = cpu_kernels.f32_matmul_panel(flat, self.packed, self.bias)
+        if out is None:
+            return F.linear(x, self.weight.to(x.dtype),
+                            None if self.bias is None else self.bias.to(x.dtype))
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+def f32_panel_usable(weight: torch.Tensor) -> bool:
+    """Whether a weight becomes an :class:`F32PanelLinear`: float32 on the CPU, an output
+    size that is a multiple of 16, and the kernel built here and preferred
+    (``TOKENMILL_CPU_GEMM=auto``: an AVX2 CPU without AVX-512) or asked for (``native``)."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.shape[0] % 16:
+        return False
+    gemm = cpu_gemm()
+    return ((gemm == "auto" and cpu_kernels.f32_panel_preferred())
+            or (gemm == "native" and cpu_kernels.f32_panel_available()))
 
 
 def _packed(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
-    return (AmxLinear if amx_usable(weight) else PrepackedLinear)(weight, bias)
+    if amx_usable(weight):
+        return AmxLinear(weight, bias)
+    if f32_panel_usable(weight):
+        return F32PanelLinear(weight, bias)
+    return PrepackedLinear(weight, bias)
 
 
 @torch.no_grad()
@@ -156,9 +212,9 @@ def prepack_linears(model: nn.Module) -> int:
     returns how many (the caller decides whether this CPU should: :func:`default_prepack`).
 
     Each becomes a :class:`PrepackedLinear`, or an :class:`AmxLinear` where
-    :func:`amx_usable`. A model whose LM head is tied to its embedding (and not
-    already replaced by a quantized copy) gets a packed copy of the embedding as
-    its head.
+    :func:`amx_usable`, or an :class:`F32PanelLinear` where :func:`f32_panel_usable`.
+    A model whose LM head is tied to its embedding (and not already replaced by a
+    quantized copy) gets a packed copy of the embedding as its head.
     """
     replaced: list[str] = []
     for parent in list(model.modules()):

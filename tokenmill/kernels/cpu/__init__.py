@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c",
             "dequantize.c", "rope_kv_write.c", "decoder_stack.c", "bf16_ops.c",
-            "bf16_matmul.c", "argmax.c", "decoder_stack_bf16.c")
+            "bf16_matmul.c", "argmax.c", "decoder_stack_bf16.c", "f32_matmul.c")
 # Included by the sources: part of the cache key, not compiled on their own.
 _HEADERS = ("q8_input.h", "bf16.h", "vec_math.h", "decoder_stack.h", "paged_attention_avx2.inc",
             "paged_attention_items.h")
@@ -169,6 +169,10 @@ def cpu_kernels() -> ctypes.CDLL | None:
     lib.bf16_matmul_amx.restype = ctypes.c_int
     lib.bf16_matmul_amx_init.argtypes = []
     lib.bf16_matmul_amx_init.restype = ctypes.c_int
+    lib.f32_matmul_packed.argtypes = _BF16_MATMUL_ARGTYPES
+    lib.f32_matmul_packed.restype = ctypes.c_int
+    lib.f32_matmul_available.argtypes = []
+    lib.f32_matmul_available.restype = ctypes.c_int
     lib.argmax_rows_f32.argtypes = [_ptr, _i64, _i32, _i32, _ptr]
     lib.argmax_rows_f32.restype = None
     return lib
@@ -238,6 +242,63 @@ def bf16_matmul_amx(
     if m == 0:
         return out
     status = cpu_kernels().bf16_matmul_amx(
+        x.data_ptr(), x.stride(0), packed.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k)
+    return out if status == 0 else None
+
+
+@functools.cache
+def f32_panel_available() -> bool:
+    """Whether :func:`f32_matmul_panel` runs here (the library was built for a CPU with
+    AVX2 and FMA)."""
+    lib = cpu_kernels()
+    return lib is not None and lib.f32_matmul_available() >= 1
+
+
+@functools.cache
+def f32_panel_preferred() -> bool:
+    """Whether :func:`f32_matmul_panel` is the faster float32 matmul here: it runs, and the
+    CPU lacks AVX-512 (where oneDNN's kernels win from 16 rows on)."""
+    lib = cpu_kernels()
+    return lib is not None and lib.f32_matmul_available() == 1
+
+
+def pack_f32_panels(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 weight ``[N, K]`` (N a multiple of 16) as panels of 16 output columns:
+    ``[N / 16, K, 16]`` with ``packed[nb, k, c] = W[16 nb + c, k]`` (``f32_matmul.c``).
+    :func:`unpack_f32_panels` inverts it."""
+    n, k = weight.shape
+    return weight.detach().reshape(n // 16, 16, k).permute(0, 2, 1).contiguous()
+
+
+def unpack_f32_panels(packed: torch.Tensor) -> torch.Tensor:
+    """The ``[N, K]`` weight of a :func:`pack_f32_panels` result (a new tensor)."""
+    nb, k = packed.shape[:2]
+    return packed.permute(0, 2, 1).reshape(nb * 16, k)
+
+
+def f32_matmul_panel(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``x @ W.T + bias`` for float32 ``x`` ``[M, K]`` (unit stride in the last
+    dimension) and ``packed`` from :func:`pack_f32_panels`; ``bias`` float32 ``[N]``.
+
+    Each output is the float32 sum over the inputs in order, one fused multiply-add
+    per term, then + bias (a row's result does not depend on the others). None,
+    having done nothing, when the kernel cannot run these inputs.
+    """
+    n, k = packed.shape[0] * 16, packed.shape[1]
+    if (not f32_panel_available() or x.dtype != torch.float32 or x.device.type != "cpu"
+            or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1
+            or packed.dtype != torch.float32 or not packed.is_contiguous()
+            or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,)
+                                      or not bias.is_contiguous()))):
+        return None
+    m = x.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    if m == 0:
+        return out
+    status = cpu_kernels().f32_matmul_packed(
         x.data_ptr(), x.stride(0), packed.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k)
     return out if status == 0 else None

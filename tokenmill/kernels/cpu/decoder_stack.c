@@ -1,12 +1,12 @@
 /*
- * A whole decoder stack of a quantized llama-style model in one call, for
- * steps of few tokens (decode), where a step's time on a small model goes as
- * much to dispatching ~15 PyTorch and ctypes calls per layer as to the
- * matmuls themselves.
+ * A whole decoder stack of a float32 llama-style model (quantized projections, or dense
+ * ones on the float32 panel kernel) in one call, for steps of few tokens (decode),
+ * where a step's time on a small model goes as much to dispatching ~15 PyTorch and
+ * ctypes calls per layer as to the matmuls themselves.
  *
  * Per layer it runs the same kernels the per-layer Python path calls, in the
  * same order and with the same arithmetic: rms_norm_f32 (optionally after the
- * residual add), the Q4_1 or Q8_0 matmul for the fused QKV projection,
+ * residual add), the Q4_1, Q8_0 or float32 panel matmul for the fused QKV projection,
  * rope_kv_write_f32, paged_attention_f32, the output projection, the second
  * norm, the fused gate/up projection, silu_mul_f32 and the down projection.
  * A model with the stack runs rms_norm_f32 and silu_mul_f32 on its per-layer
@@ -31,6 +31,8 @@
 int q4_matmul_f32(const float *x, int64_t x_stride, const uint8_t *packed, const float *d,
                   const float *mins, const float *bias, float *out, int64_t out_stride, int M,
                   int N, int K);
+int f32_matmul_packed(const float *x, int64_t x_stride, const float *packed, const float *bias,
+                      float *y, int64_t y_stride, int M, int N, int K);
 int int8_matmul_f32(const float *x, int64_t x_stride, const int8_t *codes, const float *scales,
                     const float *bias, float *out, int64_t out_stride, int M, int N, int K);
 void rope_kv_write_f32(const float *qkv, int64_t qkv_stride, int T, int H, int KVH, int D,
@@ -83,6 +85,9 @@ void silu_mul_f32(const float *gate_up, int64_t gu_stride, float *y, int T, int 
 }
 
 static int linear(const tm_qlinear *l, const float *x, float *out, int M) {
+    if (l->kind == 3)
+        return f32_matmul_packed(x, l->k, (const float *)l->w0, l->bias, out, l->n, M, l->n,
+                                 l->k);
     if (l->kind == 0)
         return q4_matmul_f32(x, l->k, (const uint8_t *)l->w0, l->w1, l->w2, l->bias, out, l->n,
                              M, l->n, l->k);
