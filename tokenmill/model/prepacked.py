@@ -36,10 +36,10 @@ bit-identical to oneDNN's up to 32 rows (``benchmarks/cpu_gemm.py``).
 On CPUs with AVX2 but no AVX-512, a float32 layer (output size a multiple of 16)
 becomes an :class:`F32PanelLinear`: tokenmill's own FMA kernel
 (``kernels/cpu/f32_matmul.c``) on a weight packed in 16-column panels. Against
-oneDNN's AVX2 kernels, SmolLM2's layer matmuls ran 1.2-1.3x faster at 1-32 rows, even
-at 128 and 0.9x at 512 (``benchmarks/cpu_gemm.py``), and being C, the float32 layers
-can join the native decoder stack. Where the CPU has AVX-512, oneDNN's 512-bit kernels
-win from 16 rows on and keep float32.
+oneDNN's AVX2 kernels (a Xeon held to AVX2), SmolLM2's layer matmuls ran 1.1-1.4x
+faster at 1-64 rows and 0.9-1.0x from 128 (``benchmarks/cpu_gemm.py``); being C, the
+float32 layers can join the native decoder stack. Where the CPU has AVX-512, oneDNN's
+512-bit kernels win from 16 rows on and keep float32.
 
 Used only on the CPU, when PyTorch was built with oneDNN.
 ``TOKENMILL_CPU_GEMM``: ``auto`` (the default, as above), ``native`` (tokenmill's
@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -115,29 +116,32 @@ class PrepackedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
 
-class AmxLinear(nn.Module):
-    """bfloat16 ``y = x @ W.T + b`` on tokenmill's AMX kernel, ``W`` packed as AMX tiles.
-
-    Build it only where :func:`amx_usable` says yes. Inputs of another dtype or
-    layout (never seen in a bfloat16 model) go through ``F.linear`` on the
-    unpacked weight.
+class NativePackedLinear(nn.Module):
+    """``y = x @ W.T + b`` on one of tokenmill's CPU matmul kernels, ``W`` packed once at
+    load in the layout that kernel streams. Subclasses name the kernel (``matmul``,
+    None when it cannot run the inputs) and its layout (``pack``, ``unpack``); inputs
+    the kernel does not take go through ``F.linear`` on the unpacked weight.
     """
+
+    pack: Callable[[torch.Tensor], torch.Tensor]
+    unpack: Callable[[torch.Tensor], torch.Tensor]
+    matmul: Callable[..., torch.Tensor | None]
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = nn.Parameter(cpu_kernels.pack_bf16_amx(weight), requires_grad=False)
+        self.packed = nn.Parameter(self.pack(weight), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
 
     @property
     def weight(self) -> torch.Tensor:
         """The weight ``[out, in]`` in the plain layout (a copy on each access)."""
-        return cpu_kernels.unpack_bf16_amx(self.packed)
+        return self.unpack(self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = cpu_kernels.bf16_matmul_amx(flat, self.packed, self.bias)
+        out = self.matmul(flat, self.packed, self.bias)
         if out is None:
             return F.linear(x, self.weight.to(x.dtype),
                             None if self.bias is None else self.bias.to(x.dtype))
@@ -145,6 +149,17 @@ class AmxLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class AmxLinear(NativePackedLinear):
+    """bfloat16 ``y = x @ W.T + b`` on tokenmill's AMX kernel, ``W`` packed as AMX tiles.
+
+    Build it only where :func:`amx_usable` says yes.
+    """
+
+    pack = staticmethod(cpu_kernels.pack_bf16_amx)
+    unpack = staticmethod(cpu_kernels.unpack_bf16_amx)
+    matmul = staticmethod(cpu_kernels.bf16_matmul_amx)
 
 
 def amx_usable(weight: torch.Tensor) -> bool:
@@ -155,36 +170,16 @@ def amx_usable(weight: torch.Tensor) -> bool:
             and cpu_gemm() in ("auto", "native") and cpu_kernels.amx_bf16_available())
 
 
-class F32PanelLinear(nn.Module):
+class F32PanelLinear(NativePackedLinear):
     """float32 ``y = x @ W.T + b`` on tokenmill's FMA kernel, ``W`` packed in panels of 16
     output columns.
 
-    Build it only where :func:`f32_panel_usable` says yes. Inputs of another dtype
-    go through ``F.linear`` on the unpacked weight.
+    Build it only where :func:`f32_panel_usable` says yes.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.packed = nn.Parameter(cpu_kernels.pack_f32_panels(weight), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
-                                                           requires_grad=False)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The weight ``[out, in]`` in the plain layout (a copy on each access)."""
-        return cpu_kernels.unpack_f32_panels(self.packed)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        out = cpu_kernels.f32_matmul_panel(flat, self.packed, self.bias)
-        if out is None:
-            return F.linear(x, self.weight.to(x.dtype),
-                            None if self.bias is None else self.bias.to(x.dtype))
-        return out.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+    pack = staticmethod(cpu_kernels.pack_f32_panels)
+    unpack = staticmethod(cpu_kernels.unpack_f32_panels)
+    matmul = staticmethod(cpu_kernels.f32_matmul_panel)
 
 
 def f32_panel_usable(weight: torch.Tensor) -> bool:

@@ -64,7 +64,7 @@ _ROPE_KV_WRITE_ARGTYPES = [_ptr, _i64, _i32, _i32, _i32, _i32, _ptr, _ptr, _ptr,
 _RMS_NORM_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i32, _i32, _f32]
 _SILU_MUL_ARGTYPES = [_ptr, _i64, _ptr, _i32, _i32]
 _DECODER_STACK_ARGTYPES = [_ptr, _ptr, _i32, _ptr, _ptr, _ptr]
-_BF16_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
+_PACKED_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 
 
 # TOKENMILL_CPU_FUSED_ROPE=0: rotary and K/V write as PyTorch ops (for A/B measurements).
@@ -165,11 +165,11 @@ def cpu_kernels() -> ctypes.CDLL | None:
     for name in ("decoder_stack_f32", "decoder_stack_bf16"):
         getattr(lib, name).argtypes = _DECODER_STACK_ARGTYPES
         getattr(lib, name).restype = ctypes.c_int
-    lib.bf16_matmul_amx.argtypes = _BF16_MATMUL_ARGTYPES
+    lib.bf16_matmul_amx.argtypes = _PACKED_MATMUL_ARGTYPES
     lib.bf16_matmul_amx.restype = ctypes.c_int
     lib.bf16_matmul_amx_init.argtypes = []
     lib.bf16_matmul_amx_init.restype = ctypes.c_int
-    lib.f32_matmul_packed.argtypes = _BF16_MATMUL_ARGTYPES
+    lib.f32_matmul_packed.argtypes = _PACKED_MATMUL_ARGTYPES
     lib.f32_matmul_packed.restype = ctypes.c_int
     lib.f32_matmul_available.argtypes = []
     lib.f32_matmul_available.restype = ctypes.c_int
@@ -231,20 +231,9 @@ def bf16_matmul_amx(
     others). None, having done nothing, when the kernel cannot run these inputs.
     """
     n, k = packed.shape[0] * 16, packed.shape[1] * 32
-    if (not amx_bf16_available() or x.dtype != torch.bfloat16 or x.device.type != "cpu"
-            or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1
-            or packed.dtype != torch.bfloat16 or not amx_shape_supported(n, k)
-            or (bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (n,)
-                                      or not bias.is_contiguous()))):
+    if not amx_bf16_available() or not amx_shape_supported(n, k):
         return None
-    m = x.shape[0]
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    if m == 0:
-        return out
-    status = cpu_kernels().bf16_matmul_amx(
-        x.data_ptr(), x.stride(0), packed.data_ptr(),
-        None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k)
-    return out if status == 0 else None
+    return _packed_matmul("bf16_matmul_amx", torch.bfloat16, x, packed, bias, n, k)
 
 
 @functools.cache
@@ -287,18 +276,29 @@ def f32_matmul_panel(
     per term, then + bias (a row's result does not depend on the others). None,
     having done nothing, when the kernel cannot run these inputs.
     """
-    n, k = packed.shape[0] * 16, packed.shape[1]
-    if (not f32_panel_available() or x.dtype != torch.float32 or x.device.type != "cpu"
-            or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1
-            or packed.dtype != torch.float32 or not packed.is_contiguous()
-            or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,)
+    if not f32_panel_available() or not packed.is_contiguous():
+        return None
+    return _packed_matmul("f32_matmul_packed", torch.float32, x, packed, bias,
+                          packed.shape[0] * 16, packed.shape[1])
+
+
+def _packed_matmul(
+    name: str, dtype: torch.dtype, x: torch.Tensor, packed: torch.Tensor,
+    bias: torch.Tensor | None, n: int, k: int,
+) -> torch.Tensor | None:
+    """Call the packed-weight matmul kernel ``name`` (``x, ldx, packed, bias, out, ldo, M,
+    N, K``) when ``x`` ``[M, K]``, ``packed`` and ``bias`` ``[N]`` are ``dtype`` CPU
+    tensors it can read (unit stride along K); None, having done nothing, otherwise."""
+    if (x.dtype != dtype or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != k
+            or x.stride(1) != 1 or packed.dtype != dtype
+            or (bias is not None and (bias.dtype != dtype or bias.shape != (n,)
                                       or not bias.is_contiguous()))):
         return None
     m = x.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32)
+    out = torch.empty(m, n, dtype=dtype)
     if m == 0:
         return out
-    status = cpu_kernels().f32_matmul_packed(
+    status = getattr(cpu_kernels(), name)(
         x.data_ptr(), x.stride(0), packed.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k)
     return out if status == 0 else None
