@@ -81,6 +81,8 @@ class _Step(ctypes.Structure):
 
 # Projection kinds (tm_qlinear.kind) each stack takes, by activation dtype.
 _KINDS = {torch.float32: (0, 1, 3), torch.bfloat16: (2,)}
+# The kinds of tokenmill's packed-weight layers.
+_PACKED_KINDS = {AmxLinear: 2, F32PanelLinear: 3}
 
 
 def _qlinear(module: torch.nn.Module) -> _QLinear | None:
@@ -89,16 +91,14 @@ def _qlinear(module: torch.nn.Module) -> _QLinear | None:
     (bfloat16 bias)."""
     bias = getattr(module, "bias", None)
     bias_ptr = None if bias is None else bias.data_ptr()
-    if isinstance(module, AmxLinear):
-        if not _contiguous(torch.bfloat16, bias):
+    kind = _PACKED_KINDS.get(type(module))
+    if kind is not None:  # one packed weight; the bias in the weight's dtype
+        if not _contiguous(module.packed.dtype, bias):
             return None
-        return _QLinear(2, module.out_features, module.in_features, 0,
+        return _QLinear(kind, module.out_features, module.in_features, 0,
                         module.packed.data_ptr(), None, None, bias_ptr)
     if not _contiguous(torch.float32, bias):
         return None
-    if isinstance(module, F32PanelLinear):
-        return _QLinear(3, module.out_features, module.in_features, 0,
-                        module.packed.data_ptr(), None, None, bias_ptr)
     if isinstance(module, Int4Linear) and module.kernel == "native":
         return _QLinear(0, module.out_features, module.in_features, 0, module.packed.data_ptr(),
                         module.scales.data_ptr(), module.mins.data_ptr(), bias_ptr)

@@ -237,19 +237,22 @@ def bf16_matmul_amx(
 
 
 @functools.cache
+def _f32_panel_level() -> int:
+    """``f32_matmul_available()`` of the library: 0 no kernel, 1 AVX2 build, 2 AVX-512 build."""
+    lib = cpu_kernels()
+    return 0 if lib is None else lib.f32_matmul_available()
+
+
 def f32_panel_available() -> bool:
     """Whether :func:`f32_matmul_panel` runs here (the library was built for a CPU with
     AVX2 and FMA)."""
-    lib = cpu_kernels()
-    return lib is not None and lib.f32_matmul_available() >= 1
+    return _f32_panel_level() >= 1
 
 
-@functools.cache
 def f32_panel_preferred() -> bool:
     """Whether :func:`f32_matmul_panel` is the faster float32 matmul here: it runs, and the
     CPU lacks AVX-512 (where oneDNN's kernels win from 16 rows on)."""
-    lib = cpu_kernels()
-    return lib is not None and lib.f32_matmul_available() == 1
+    return _f32_panel_level() == 1
 
 
 def pack_f32_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -276,7 +279,7 @@ def f32_matmul_panel(
     per term, then + bias (a row's result does not depend on the others). None,
     having done nothing, when the kernel cannot run these inputs.
     """
-    if not f32_panel_available() or not packed.is_contiguous():
+    if not f32_panel_available():
         return None
     return _packed_matmul("f32_matmul_packed", torch.float32, x, packed, bias,
                           packed.shape[0] * 16, packed.shape[1])
@@ -288,9 +291,10 @@ def _packed_matmul(
 ) -> torch.Tensor | None:
     """Call the packed-weight matmul kernel ``name`` (``x, ldx, packed, bias, out, ldo, M,
     N, K``) when ``x`` ``[M, K]``, ``packed`` and ``bias`` ``[N]`` are ``dtype`` CPU
-    tensors it can read (unit stride along K); None, having done nothing, otherwise."""
+    tensors it can read (unit stride along K, ``packed`` and ``bias`` contiguous); None,
+    having done nothing, otherwise."""
     if (x.dtype != dtype or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != k
-            or x.stride(1) != 1 or packed.dtype != dtype
+            or x.stride(1) != 1 or packed.dtype != dtype or not packed.is_contiguous()
             or (bias is not None and (bias.dtype != dtype or bias.shape != (n,)
                                       or not bias.is_contiguous()))):
         return None
