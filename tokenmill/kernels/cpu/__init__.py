@@ -5,9 +5,9 @@ system C compiler (``$CC``, else ``cc``/``gcc``) and needs no build step at
 install time. The shared object is cached under ``$TOKENMILL_CACHE_DIR``
 (default ``~/.cache/tokenmill``) keyed by the source, the flags, the compiler
 and the CPU's feature flags (it is built with ``-march=native``, or
-``$TOKENMILL_CPU_MARCH``), so a cache shared between different machines never
-runs foreign instructions. The AVX2 paths have portable C twins that give the
-same results up to float summation order.
+``$TOKENMILL_CPU_MARCH``, else the ``-march`` of ``$TOKENMILL_CPU_MAX_ISA``), so a
+cache shared between different machines never runs foreign instructions. The AVX2
+paths have portable C twins that give the same results up to float summation order.
 
 OpenMP: the library links ``libgomp.so.1``, which resolves to the copy
 PyTorch has already loaded (same soname), so its parallel loops run on
@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from tokenmill.kernels.cpu_features import max_isa_march
+
 logger = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c",
@@ -45,8 +47,9 @@ _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 def _march() -> str:
     """Target CPU: this one, unless ``TOKENMILL_CPU_MARCH`` names another (e.g. x86-64,
-    which builds the portable loops instead of the AVX2 paths; tests use it)."""
-    return os.environ.get("TOKENMILL_CPU_MARCH", "native")
+    which builds the portable loops instead of the AVX2 paths; tests use it) or
+    ``TOKENMILL_CPU_MAX_ISA`` caps it (haswell for avx2, cascadelake for avx512)."""
+    return os.environ.get("TOKENMILL_CPU_MARCH") or max_isa_march() or "native"
 
 _i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _ATTENTION_ARGTYPES = [
