@@ -163,6 +163,38 @@ def test_q4_matmul_matches_dense(m, n):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("march", [None, "haswell"])
+def test_quantized_matmul_rows_do_not_depend_on_the_batch(monkeypatch, march):
+    """A row's int4/int8 product is the same bits alone, in a full 4-row tile, or left
+    over after the tiles (the decode tile for one row), so batching changes nothing."""
+    from tokenmill.model.quantization import quantize_int4, quantize_int8
+
+    if march is not None:
+        monkeypatch.setenv("TOKENMILL_CPU_MARCH", march)
+    cpu.cpu_kernels.cache_clear()
+    try:
+        g = torch.Generator().manual_seed(21)
+        codes4, scales4, zeros4 = quantize_int4(torch.randn(38, 192, generator=g))
+        packed4, mins4 = cpu.pack_q4(codes4), (zeros4 - 8 * scales4).contiguous()
+        codes8, scales8 = quantize_int8(torch.randn(38, 192, generator=g))  # 38: a partial quad
+        bias = torch.randn(38, generator=g)
+        x = torch.randn(9, 192, generator=g) * 3
+
+        def both(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return (cpu.q4_matmul(rows, packed4, scales4.contiguous(), mins4, bias),
+                    cpu.int8_matmul(rows, codes8, scales8, bias))
+
+        batched = both(x)
+        for i in range(x.shape[0]):
+            alone = both(x[i:i + 1])
+            assert torch.equal(alone[0][0], batched[0][i]), i
+            assert torch.equal(alone[1][0], batched[1][i]), i
+    finally:
+        if march is not None:
+            monkeypatch.delenv("TOKENMILL_CPU_MARCH")
+        cpu.cpu_kernels.cache_clear()
+
+
 def test_pack_q4_uses_q4_1_nibble_order():
     codes = torch.arange(64, dtype=torch.int32).remainder(16).view(1, 64)
     packed = cpu.pack_q4(codes)

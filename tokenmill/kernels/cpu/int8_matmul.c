@@ -79,6 +79,38 @@ static void tile_1x4_q8(const int8_t *w, const float *ws, const int8_t *qx, cons
     res[2] = tm_hsum256(a2);
     res[3] = tm_hsum256(a3);
 }
+
+/* Weight rows n .. n + 3 against one input row (decode, and the rows a 4-row tile leaves):
+   each input load serves four weight rows, and four independent accumulators keep the
+   FMA latency hidden (one row at a time is bound by it at K = 576). The arithmetic per
+   output is tile_1x4_q8's, so a row's result does not depend on the batch around it. */
+static void tile_4x1_q8(const int8_t *w, const float *ws, const int8_t *qx, const float *dx,
+                        int K, int m, float res[4]) {
+    const int groups = K / 32;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const int8_t *xr = qx + (int64_t)m * K;
+    const float *dxr = dx + (int64_t)m * groups;
+    for (int g = 0; g < groups; g++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + g * 32));
+        const float dxv = dxr[g];
+#define TM_ROW(R, A)                                                                           \
+        {                                                                                      \
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (int64_t)(R) * K + g * 32)); \
+            const __m256 sums = _mm256_cvtepi32_ps(                                            \
+                tm_dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)));              \
+            A = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[(R) * groups + g] * dxv), A);         \
+        }
+        TM_ROW(0, a0)
+        TM_ROW(1, a1)
+        TM_ROW(2, a2)
+        TM_ROW(3, a3)
+#undef TM_ROW
+    }
+    res[0] = tm_hsum256(a0);
+    res[1] = tm_hsum256(a1);
+    res[2] = tm_hsum256(a2);
+    res[3] = tm_hsum256(a3);
+}
 #endif
 
 int int8_matmul_f32(const float *x, int64_t x_stride, const int8_t *codes, const float *scales,
@@ -89,21 +121,37 @@ int int8_matmul_f32(const float *x, int64_t x_stride, const int8_t *codes, const
     const int8_t *qx = in.qx;
     const float *dx = in.dx;
     #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const int8_t *w = codes + (int64_t)n * K;
-        const float *ws = scales + (int64_t)n * groups;
-        const float b = bias ? bias[n] : 0.0f;
-        float res[MT];
-        for (int m0 = 0; m0 < M; m0 += MT) {
-            const int rows = M - m0 < MT ? M - m0 : MT;
+    for (int nq = 0; nq < (N + 3) / 4; nq++) {
+        const int n0 = 4 * nq, nrows = N - n0 < 4 ? N - n0 : 4;
+        for (int n = n0; n < n0 + nrows; n++) {
+            const int8_t *w = codes + (int64_t)n * K;
+            const float *ws = scales + (int64_t)n * groups;
+            const float b = bias ? bias[n] : 0.0f;
+            float res[MT];
+            for (int m0 = 0; m0 < M; m0 += MT) {
+                const int rows = M - m0 < MT ? M - m0 : MT;
 #ifdef TM_AVX2
-            if (rows == MT)
-                tile_1x4_q8(w, ws, qx, dx, K, m0, res);
-            else
+                if (rows < MT && nrows == 4) break; /* left to tile_4x1_q8 below */
+                if (rows == MT)
+                    tile_1x4_q8(w, ws, qx, dx, K, m0, res);
+                else
 #endif
-                row_dots_q8(w, ws, qx, dx, K, m0, rows, res);
-            for (int r = 0; r < rows; r++) out[(int64_t)(m0 + r) * out_stride + n] = res[r] + b;
+                    row_dots_q8(w, ws, qx, dx, K, m0, rows, res);
+                for (int r = 0; r < rows; r++) out[(int64_t)(m0 + r) * out_stride + n] = res[r] + b;
+            }
         }
+#ifdef TM_AVX2
+        if (nrows == 4) {
+            const int8_t *w0 = codes + (int64_t)n0 * K;
+            const float *ws0 = scales + (int64_t)n0 * groups;
+            float one[4];
+            for (int m = M - M % MT; m < M; m++) {
+                tile_4x1_q8(w0, ws0, qx, dx, K, m, one);
+                for (int j = 0; j < 4; j++)
+                    out[(int64_t)m * out_stride + n0 + j] = one[j] + (bias ? bias[n0 + j] : 0.0f);
+            }
+        }
+#endif
     }
     tm_q8_input_free(&in);
     return 0;
