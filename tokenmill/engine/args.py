@@ -31,7 +31,7 @@ CPU_DTYPE_ENV = "TOKENMILL_CPU_DTYPE"
 # takes seconds, and every running stream waits for it; 1,024 keeps the GEMMs as
 # efficient (hundreds of rows already fill the cores) while the first prompts of a
 # burst start decoding one step sooner: at 32 streams, mean time to first token
-# 0.55x and output tok/s 1.18x of 2,048's (docs/performance.md).
+# 0.57x and output tok/s 1.18x of 2,048's (docs/performance.md).
 DEFAULT_BATCHED_TOKENS = {"cuda": 8192, "cpu": 1024}
 
 
