@@ -11,6 +11,28 @@ from __future__ import annotations
 
 import os
 
+import pytest
+import torch
+
 from tokenmill.engine.args import CPU_DTYPE_ENV
 
 os.environ.setdefault(CPU_DTYPE_ENV, "float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' SmolLM2 loaded from the bundled GGUF (float32, eval mode).
+
+    transformers dequantizes the GGUF in Python (about 30 s on 2 cores), so the modules
+    that compare against it share one copy; tests must not modify it.
+    """
+    import transformers
+
+    from tokenmill.model.loader import default_model_path
+
+    path = default_model_path()
+    if not os.path.exists(path):
+        pytest.skip(f"bundled model not found at {path}")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()

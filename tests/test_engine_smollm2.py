@@ -9,7 +9,6 @@ chunked prefill, prefix-cache hits or preemption.
 from __future__ import annotations
 
 import gc
-import os
 
 import pytest
 import torch
@@ -57,26 +56,15 @@ def engine_batched(llm, prompt_ids) -> list[list[int]]:
     return token_ids(llm.generate(prompt_ids, greedy(), use_tqdm=False))
 
 
-def test_greedy_batched_equals_hf_transformers_alone(llm, prompt_ids, engine_batched):
-    from transformers import AutoModelForCausalLM
-
-    from tokenmill.model.loader import default_model_path
-
-    path = default_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    ).eval()
-    hf.generation_config.eos_token_id = None  # like ignore_eos: never stop early
-    try:
-        for ids, ours in zip(prompt_ids, engine_batched):
-            with torch.inference_mode():
-                out = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS,
-                                  do_sample=False, pad_token_id=0)
-            ref = out[0, len(ids):].tolist()
-            assert ours == ref, f"prompt {ids[:8]}...: engine {ours} != HF {ref}"
-    finally:
-        del hf
-        gc.collect()
+def test_greedy_batched_equals_hf_transformers_alone(llm, prompt_ids, engine_batched,
+                                                    smollm2_hf):
+    for ids, ours in zip(prompt_ids, engine_batched):
+        with torch.inference_mode():
+            # eos_token_id=None: like ignore_eos, never stop early.
+            out = smollm2_hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS,
+                                      do_sample=False, pad_token_id=0, eos_token_id=None)
+        ref = out[0, len(ids):].tolist()
+        assert ours == ref, f"prompt {ids[:8]}...: engine {ours} != HF {ref}"
 
 
 def test_alone_equals_batched(llm, prompt_ids, engine_batched):

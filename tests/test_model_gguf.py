@@ -326,13 +326,9 @@ SMOL_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> tuple[LoadedModel, torch.nn.Module]:
-    path = default_model_path()
+def smollm2(smollm2_hf) -> tuple[LoadedModel, torch.nn.Module]:
     loaded = load_model(resolve_model(None), torch.float32, "cpu", TorchAttentionBackend())
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        str(Path(path).parent), gguf_file=Path(path).name, dtype=torch.float32
-    ).eval()
-    return loaded, reference
+    return loaded, smollm2_hf
 
 
 def test_default_model_path() -> None:
