@@ -7,11 +7,11 @@ and emulated (about 3x slower than float32) on the second.
 
 ``TOKENMILL_CPU_MAX_ISA`` caps what tokenmill sees, the way ``ONEDNN_MAX_CPU_ISA``
 caps oneDNN: ``avx2`` hides AVX-512, AMX and AVX-VNNI (an AVX2-only EPYC),
-``avx512`` hides AMX and the bfloat16/fp16 extensions (a Cascade Lake Xeon). Every
-choice made from the flags follows - the dtype ``auto`` picks, the native kernels'
-``-march`` (:func:`max_isa_march`), the quantized prefill GEMM - so one variable
-runs tokenmill as it would run on the smaller CPU (for benchmarks and tests), with
-this CPU's caches, memory and clocks.
+``avx512`` hides AMX, the bfloat16/fp16 extensions and AVX-VNNI (a Cascade Lake
+Xeon). Every choice made from the flags follows - the dtype ``auto`` picks, the
+native kernels' ``-march`` (:func:`max_isa_march`), the quantized prefill GEMM - so
+one variable runs tokenmill as it would run on the smaller CPU (for benchmarks and
+tests), with this CPU's caches, memory and clocks.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ MAX_ISA_ENV = "TOKENMILL_CPU_MAX_ISA"
 # Per cap: flag prefixes it hides, and the -march the native kernels are built for.
 _MAX_ISA = {
     "avx2": (("avx512", "amx", "avx_vnni"), "haswell"),
-    "avx512": (("amx", "avx512_bf16", "avx512_fp16"), "cascadelake"),
+    "avx512": (("amx", "avx512_bf16", "avx512_fp16", "avx_vnni"), "cascadelake"),
 }
 
 
