@@ -18,7 +18,16 @@
 
 #define MT 4
 
-
+#ifdef TM_AVX2
+/* One group's term of one output: the exact dot product of 32 weight codes wv with 32
+   input codes xv (the weight's signs moved onto the input), times scale = weight scale
+   x input scale, added to acc. Every AVX2 path below adds its groups through this, in
+   order, so a row's result does not depend on which path (or batch) computed it. */
+static inline __m256 tm_q8_group(__m256i wv, __m256i xv, float scale, __m256 acc) {
+    const __m256i dots = tm_dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(scale), acc);
+}
+#endif
 
 static void row_dots_q8(const int8_t *w, const float *ws, const int8_t *qx, const float *dx,
                         int K, int m0, int rows, float *res) {
@@ -28,12 +37,10 @@ static void row_dots_q8(const int8_t *w, const float *ws, const int8_t *qx, cons
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
         const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + g * 32));
-        const __m256i aw = _mm256_sign_epi8(wv, wv);
         for (int r = 0; r < rows; r++) {
             const int64_t row = (int64_t)(m0 + r);
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + row * K + g * 32));
-            const __m256 sums = _mm256_cvtepi32_ps(tm_dot_u8s8(aw, _mm256_sign_epi8(xv, wv)));
-            acc[r] = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[g] * dx[row * groups + g]), acc[r]);
+            acc[r] = tm_q8_group(wv, xv, ws[g] * dx[row * groups + g], acc[r]);
         }
     }
     for (int r = 0; r < rows; r++) res[r] = tm_hsum256(acc[r]);
@@ -61,13 +68,9 @@ static void tile_1x4_q8(const int8_t *w, const float *ws, const int8_t *qx, cons
     const float *d0 = dx + (int64_t)m0 * groups;
     for (int g = 0; g < groups; g++) {
         const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + g * 32));
-        const __m256i aw = _mm256_sign_epi8(wv, wv);
 #define TM_STEP(R, A)                                                                          \
-        {                                                                                      \
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(x0 + (int64_t)(R) * K + g * 32)); \
-            const __m256 sums = _mm256_cvtepi32_ps(tm_dot_u8s8(aw, _mm256_sign_epi8(xv, wv))); \
-            A = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[g] * d0[(R) * groups + g]), A);        \
-        }
+        A = tm_q8_group(wv, _mm256_loadu_si256((const __m256i *)(x0 + (int64_t)(R) * K + g * 32)), \
+                        ws[g] * d0[(R) * groups + g], A);
         TM_STEP(0, a0)
         TM_STEP(1, a1)
         TM_STEP(2, a2)
@@ -82,8 +85,7 @@ static void tile_1x4_q8(const int8_t *w, const float *ws, const int8_t *qx, cons
 
 /* Weight rows n .. n + 3 against one input row (decode, and the rows a 4-row tile leaves):
    each input load serves four weight rows, and four independent accumulators keep the
-   FMA latency hidden (one row at a time is bound by it at K = 576). The arithmetic per
-   output is tile_1x4_q8's, so a row's result does not depend on the batch around it. */
+   FMA latency hidden (one row at a time is bound by it at K = 576). */
 static void tile_4x1_q8(const int8_t *w, const float *ws, const int8_t *qx, const float *dx,
                         int K, int m, float res[4]) {
     const int groups = K / 32;
@@ -94,12 +96,8 @@ static void tile_4x1_q8(const int8_t *w, const float *ws, const int8_t *qx, cons
         const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + g * 32));
         const float dxv = dxr[g];
 #define TM_ROW(R, A)                                                                           \
-        {                                                                                      \
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (int64_t)(R) * K + g * 32)); \
-            const __m256 sums = _mm256_cvtepi32_ps(                                            \
-                tm_dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)));              \
-            A = _mm256_fmadd_ps(sums, _mm256_set1_ps(ws[(R) * groups + g] * dxv), A);         \
-        }
+        A = tm_q8_group(_mm256_loadu_si256((const __m256i *)(w + (int64_t)(R) * K + g * 32)), xv, \
+                        ws[(R) * groups + g] * dxv, A);
         TM_ROW(0, a0)
         TM_ROW(1, a1)
         TM_ROW(2, a2)
@@ -123,15 +121,20 @@ int int8_matmul_f32(const float *x, int64_t x_stride, const int8_t *codes, const
     #pragma omp parallel for schedule(static)
     for (int nq = 0; nq < (N + 3) / 4; nq++) {
         const int n0 = 4 * nq, nrows = N - n0 < 4 ? N - n0 : 4;
+#ifdef TM_AVX2
+        /* A full quad of weight rows leaves the last M % MT input rows to tile_4x1_q8. */
+        const int mend = nrows == 4 ? M - M % MT : M;
+#else
+        const int mend = M;
+#endif
         for (int n = n0; n < n0 + nrows; n++) {
             const int8_t *w = codes + (int64_t)n * K;
             const float *ws = scales + (int64_t)n * groups;
             const float b = bias ? bias[n] : 0.0f;
             float res[MT];
-            for (int m0 = 0; m0 < M; m0 += MT) {
-                const int rows = M - m0 < MT ? M - m0 : MT;
+            for (int m0 = 0; m0 < mend; m0 += MT) {
+                const int rows = mend - m0 < MT ? mend - m0 : MT;
 #ifdef TM_AVX2
-                if (rows < MT && nrows == 4) break; /* left to tile_4x1_q8 below */
                 if (rows == MT)
                     tile_1x4_q8(w, ws, qx, dx, K, m0, res);
                 else
@@ -145,7 +148,7 @@ int int8_matmul_f32(const float *x, int64_t x_stride, const int8_t *codes, const
             const int8_t *w0 = codes + (int64_t)n0 * K;
             const float *ws0 = scales + (int64_t)n0 * groups;
             float one[4];
-            for (int m = M - M % MT; m < M; m++) {
+            for (int m = mend; m < M; m++) {
                 tile_4x1_q8(w0, ws0, qx, dx, K, m, one);
                 for (int j = 0; j < 4; j++)
                     out[(int64_t)m * out_stride + n0 + j] = one[j] + (bias ? bias[n0 + j] : 0.0f);
