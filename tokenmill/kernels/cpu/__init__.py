@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.kernels.cpu_features import max_isa_march
+from tokenmill.kernels.cpu_features import cpu_flags, max_isa_march
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +84,6 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
 def _cache_dir() -> Path:
     root = os.environ.get("TOKENMILL_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "tokenmill")
@@ -106,7 +98,7 @@ def _build(compiler: str) -> Path:
     flags = (*_FLAGS, f"-march={_march()}")
     headers = [here / name for name in _HEADERS]
     for part in [*(p.read_bytes() for p in sources + headers), " ".join(flags).encode(),
-                 version.encode(), _cpu_flags().encode()]:
+                 version.encode(), " ".join(sorted(cpu_flags())).encode()]:
         key.update(part)
     target = _cache_dir() / f"tokenmill_cpu_{key.hexdigest()[:16]}.so"
     if target.is_file():
