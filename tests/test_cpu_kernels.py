@@ -150,13 +150,14 @@ def test_int8_matmul_matches_dense(m, n):
 
 @pytest.mark.parametrize("m", [1, 4, 6, 9, 130])  # 130: three panels of 64 rows
 @pytest.mark.parametrize("n", [1, 8, 13])
-def test_q4_matmul_matches_dense(m, n):
+@pytest.mark.parametrize("k", [96, 544])  # 3 and 17 groups: pairs, blocks of 8, a lone group
+def test_q4_matmul_matches_dense(m, n, k):
     from tokenmill.model.quantization import dequantize_int4, quantize_int4, round_to_q8
 
-    g = torch.Generator().manual_seed(m * 10 + n)
-    codes, scales, zeros = quantize_int4(torch.randn(n, 96, generator=g))
+    g = torch.Generator().manual_seed(m * 10 + n + k)
+    codes, scales, zeros = quantize_int4(torch.randn(n, k, generator=g))
     mins = (zeros - 8 * scales).contiguous()
-    x = torch.randn(m, 96, generator=g) * 4
+    x = torch.randn(m, k, generator=g) * 4
     bias = torch.randn(n, generator=g)
     got = cpu.q4_matmul(x, cpu.pack_q4(codes), scales.contiguous(), mins, bias)
     expected = round_to_q8(x) @ dequantize_int4(codes, scales, zeros).T + bias
@@ -164,7 +165,8 @@ def test_q4_matmul_matches_dense(m, n):
 
 
 @pytest.mark.parametrize("march", [None, "haswell"])
-def test_quantized_matmul_rows_do_not_depend_on_the_batch(monkeypatch, march):
+@pytest.mark.parametrize("k", [192, 224, 576])  # 6, 7 (a lone group) and 18 groups (blocks of 8)
+def test_quantized_matmul_rows_do_not_depend_on_the_batch(monkeypatch, march, k):
     """A row's int4/int8 product is the same bits alone, in a full 4-row tile, or left
     over after the tiles (the decode tile for one row), so batching changes nothing."""
     from tokenmill.model.quantization import quantize_int4, quantize_int8
@@ -174,11 +176,11 @@ def test_quantized_matmul_rows_do_not_depend_on_the_batch(monkeypatch, march):
     cpu.cpu_kernels.cache_clear()
     try:
         g = torch.Generator().manual_seed(21)
-        codes4, scales4, zeros4 = quantize_int4(torch.randn(38, 192, generator=g))
+        codes4, scales4, zeros4 = quantize_int4(torch.randn(38, k, generator=g))
         packed4, mins4 = cpu.pack_q4(codes4), (zeros4 - 8 * scales4).contiguous()
-        codes8, scales8 = quantize_int8(torch.randn(38, 192, generator=g))  # 38: a partial quad
+        codes8, scales8 = quantize_int8(torch.randn(38, k, generator=g))  # 38: a partial quad
         bias = torch.randn(38, generator=g)
-        x = torch.randn(9, 192, generator=g) * 3
+        x = torch.randn(9, k, generator=g) * 3
 
         def both(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return (cpu.q4_matmul(rows, packed4, scales4.contiguous(), mins4, bias),

@@ -115,7 +115,7 @@ int int8_matmul_f32(const float *x, int64_t x_stride, const int8_t *codes, const
                     const float *bias, float *out, int64_t out_stride, int M, int N, int K) {
     const int groups = K / 32;
     tm_q8_input in;
-    if (tm_q8_input_make(&in, x, x_stride, M, K) != 0) return -1;
+    if (tm_q8_input_make(&in, x, x_stride, M, K, 0) != 0) return -1;
     const int8_t *qx = in.qx;
     const float *dx = in.dx;
     #pragma omp parallel for schedule(static)

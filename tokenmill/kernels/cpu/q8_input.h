@@ -36,13 +36,17 @@ static inline __m256i tm_dot_u8s8(__m256i u, __m256i s) {
 
 /* x ~= dx * qx per group of 32; sx = dx * sum(qx) (the Q4_1 minimum's term). */
 typedef struct {
-    int8_t *qx; /* [M, K] codes */
+    int8_t *qx; /* [M, K] codes, in group order or in pair order (tm_q8_input_make) */
     float *dx;  /* [M, K / 32] scales */
     float *sx;  /* [M, K / 32] scale * sum of codes */
 } tm_q8_input;
 
-/* Allocate and fill (defined in q4_matmul.c); -1, nothing allocated, when out of memory. */
-int tm_q8_input_make(tm_q8_input *in, const float *x, int64_t x_stride, int M, int K);
+/* Allocate and fill (defined in q4_matmul.c); -1, nothing allocated, when out of memory.
+   With pair_order, each pair of groups A, B (0-1, 2-3, ...) is stored as A's codes 0..15,
+   B's 0..15, A's 16..31, B's 16..31: the order of a Q4_1 weight pair's low and high
+   nibbles (q4_matmul.c); a last odd group keeps its own order. */
+int tm_q8_input_make(tm_q8_input *in, const float *x, int64_t x_stride, int M, int K,
+                     int pair_order);
 void tm_q8_input_free(tm_q8_input *in);
 
 #endif
