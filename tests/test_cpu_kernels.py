@@ -152,15 +152,20 @@ def test_int8_matmul_matches_dense(m, n):
 @pytest.mark.parametrize("n", [1, 8, 13])
 @pytest.mark.parametrize("k", [96, 544])  # 3 and 17 groups: pairs, blocks of 8, a lone group
 def test_q4_matmul_matches_dense(m, n, k):
-    from tokenmill.model.quantization import dequantize_int4, quantize_int4, round_to_q8
+    from tokenmill.model.quantization import (
+        dequantize_q4_1,
+        q4_1_scales,
+        quantize_int4,
+        round_to_q8,
+    )
 
     g = torch.Generator().manual_seed(m * 10 + n + k)
     codes, scales, zeros = quantize_int4(torch.randn(n, k, generator=g))
-    mins = (zeros - 8 * scales).contiguous()
+    d, mins = q4_1_scales(scales, zeros)
     x = torch.randn(m, k, generator=g) * 4
     bias = torch.randn(n, generator=g)
-    got = cpu.q4_matmul(x, cpu.pack_q4(codes), scales.contiguous(), mins, bias)
-    expected = round_to_q8(x) @ dequantize_int4(codes, scales, zeros).T + bias
+    got = cpu.q4_matmul(x, cpu.pack_q4(codes), d, mins, bias)
+    expected = round_to_q8(x) @ dequantize_q4_1(codes, d, mins).T + bias
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -169,7 +174,7 @@ def test_q4_matmul_matches_dense(m, n, k):
 def test_quantized_matmul_rows_do_not_depend_on_the_batch(monkeypatch, march, k):
     """A row's int4/int8 product is the same bits alone, in a full 4-row tile, or left
     over after the tiles (the decode tile for one row), so batching changes nothing."""
-    from tokenmill.model.quantization import quantize_int4, quantize_int8
+    from tokenmill.model.quantization import q4_1_scales, quantize_int4, quantize_int8
 
     if march is not None:
         monkeypatch.setenv("TOKENMILL_CPU_MARCH", march)
@@ -177,13 +182,14 @@ def test_quantized_matmul_rows_do_not_depend_on_the_batch(monkeypatch, march, k)
     try:
         g = torch.Generator().manual_seed(21)
         codes4, scales4, zeros4 = quantize_int4(torch.randn(38, k, generator=g))
-        packed4, mins4 = cpu.pack_q4(codes4), (zeros4 - 8 * scales4).contiguous()
+        packed4 = cpu.pack_q4(codes4)
+        scales4, mins4 = q4_1_scales(scales4, zeros4)
         codes8, scales8 = quantize_int8(torch.randn(38, k, generator=g))  # 38: a partial quad
         bias = torch.randn(38, generator=g)
         x = torch.randn(9, k, generator=g) * 3
 
         def both(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return (cpu.q4_matmul(rows, packed4, scales4.contiguous(), mins4, bias),
+            return (cpu.q4_matmul(rows, packed4, scales4, mins4, bias),
                     cpu.int8_matmul(rows, codes8, scales8, bias))
 
         batched = both(x)
@@ -236,7 +242,12 @@ def test_paged_attention_other_head_dims(head_dim):
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 baseline build")
 def test_portable_build_matches(monkeypatch):
     """The loops compiled without AVX2 (-march=x86-64) give the same results."""
-    from tokenmill.model.quantization import dequantize_int4, quantize_int4, round_to_q8
+    from tokenmill.model.quantization import (
+        dequantize_q4_1,
+        q4_1_scales,
+        quantize_int4,
+        round_to_q8,
+    )
 
     monkeypatch.setenv("TOKENMILL_CPU_MARCH", "x86-64")
     cpu.cpu_kernels.cache_clear()
@@ -250,9 +261,9 @@ def test_portable_build_matches(monkeypatch):
         g = torch.Generator().manual_seed(9)
         codes, scales, zeros = quantize_int4(torch.randn(9, 64, generator=g))
         x = torch.randn(6, 64, generator=g)
-        got = cpu.q4_matmul(x, cpu.pack_q4(codes), scales.contiguous(),
-                            (zeros - 8 * scales).contiguous(), None)
-        torch.testing.assert_close(got, round_to_q8(x) @ dequantize_int4(codes, scales, zeros).T,
+        d, mins = q4_1_scales(scales, zeros)
+        got = cpu.q4_matmul(x, cpu.pack_q4(codes), d, mins, None)
+        torch.testing.assert_close(got, round_to_q8(x) @ dequantize_q4_1(codes, d, mins).T,
                                    rtol=1e-4, atol=1e-4)
         test_int8_matmul_matches_dense(5, 33)
     finally:
@@ -265,11 +276,12 @@ def test_portable_build_matches(monkeypatch):
 def test_vnni_dot_products_equal_plain_avx2(monkeypatch):
     """With VNNI the 8-bit dot products are one vpdpbusd; built for AVX2 without it
     (-march=haswell: maddubs + madd) the int4 and int8 matmuls give the same bits."""
-    from tokenmill.model.quantization import quantize_int4, quantize_int8
+    from tokenmill.model.quantization import q4_1_scales, quantize_int4, quantize_int8
 
     g = torch.Generator().manual_seed(11)
     codes4, scales4, zeros4 = quantize_int4(torch.randn(37, 256, generator=g))
-    packed4, mins4 = cpu.pack_q4(codes4), (zeros4 - 8 * scales4).contiguous()
+    packed4 = cpu.pack_q4(codes4)
+    scales4, mins4 = q4_1_scales(scales4, zeros4)
     codes8, scales8 = quantize_int8(torch.randn(37, 256, generator=g))
     bias = torch.randn(37, generator=g)
 
@@ -277,7 +289,7 @@ def test_vnni_dot_products_equal_plain_avx2(monkeypatch):
         out = []
         for rows in (1, 3, 4, 8, 13):
             x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)) * 3
-            out.append(cpu.q4_matmul(x, packed4, scales4.contiguous(), mins4, bias))
+            out.append(cpu.q4_matmul(x, packed4, scales4, mins4, bias))
             out.append(cpu.int8_matmul(x, codes8, scales8, None))
         return out
 

@@ -13,6 +13,8 @@ from tokenmill.model.quantization import (
     Int8Linear,
     dequantize_int4,
     dequantize_int8,
+    dequantize_q4_1,
+    q4_1_scales,
     quantize_int4,
     quantize_int8,
     round_to_q8,
@@ -30,18 +32,21 @@ def float32_gemm(monkeypatch):
 def _int4(n: int, k: int, seed: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     codes, scales, zeros = quantize_int4(torch.randn(n, k, generator=g))
-    return codes, scales.contiguous(), (zeros - 8 * scales).contiguous(), zeros
+    return codes, *q4_1_scales(scales, zeros), scales, zeros
 
 
 def test_q4_dequantize_is_exact():
-    codes, scales, mins, zeros = _int4(13, 96, 0)
+    codes, d, mins, scales, zeros = _int4(13, 96, 0)
     packed = cpu.pack_q4(codes)
-    got = cpu.q4_dequantize(packed, scales, mins)
+    got = cpu.q4_dequantize(packed, d, mins)
     groups = codes.float().view(13, 3, 32)
-    expected = (groups * scales[..., None] + mins[..., None]).view(13, 96)
+    expected = (groups * d.float()[..., None] + mins.float()[..., None]).view(13, 96)
     assert torch.equal(got, expected)
-    torch.testing.assert_close(got, dequantize_int4(codes, scales, zeros), rtol=1e-5, atol=1e-6)
-    assert torch.equal(cpu.q4_dequantize(packed, scales, mins, 5, 9), expected[5:9])
+    # Half-precision d and m move the weight by far less than a 4-bit step.
+    torch.testing.assert_close(got, dequantize_int4(codes, scales, zeros), rtol=0, atol=1e-2)
+    assert torch.equal(cpu.q4_dequantize(packed, d, mins, 5, 9), expected[5:9])
+    with pytest.raises(ValueError, match="float16"):
+        cpu.q4_dequantize(packed, d.float(), mins)
 
 
 def test_q8_dequantize_is_exact():
@@ -79,11 +84,12 @@ def test_int4_linear_dense_path_matches_integer_kernel(rows):
     layer.dense_min_rows = 0
     integer = layer(x)
     codes, scales, zeros = quantize_int4(weight)
-    reference = F.linear(x, dequantize_int4(codes, scales, zeros), bias)
+    q4_weight = dequantize_q4_1(codes, *q4_1_scales(scales, zeros))
+    reference = F.linear(x, q4_weight, bias)
     torch.testing.assert_close(dense, reference, rtol=1e-4, atol=1e-4)
     # the integer kernel rounds its input to 8 bits per group: close, not equal
-    torch.testing.assert_close(integer, F.linear(round_to_q8(x), dequantize_int4(
-        codes, scales, zeros), bias), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(integer, F.linear(round_to_q8(x), q4_weight, bias),
+                               rtol=1e-4, atol=1e-4)
     assert float((dense - integer).norm() / reference.norm()) < 0.02
 
 

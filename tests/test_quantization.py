@@ -16,6 +16,8 @@ from tokenmill.model.quantization import (
     check_quantization,
     dequantize_int4,
     dequantize_int8,
+    dequantize_q4_1,
+    q4_1_scales,
     quantize_int4,
     quantize_int8,
     quantize_model,
@@ -80,8 +82,9 @@ def test_int4_linear_matches_dense_dequantized(dtype, rows, kernel):
     x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(3)).to(dtype)
     codes, scales, zeros = quantize_int4(weight)
     if kernel == "native":
-        # Exact codes and float32 scales; the input rounded to 8 bits per group.
-        expected = F.linear(round_to_q8(x.float()), dequantize_int4(codes, scales, zeros)) + bias
+        # Exact codes, half-precision d and m; the input rounded to 8 bits per group.
+        w_ref = dequantize_q4_1(codes, *q4_1_scales(scales, zeros))
+        expected = F.linear(round_to_q8(x.float()), w_ref) + bias
         tol = 1e-4 if dtype == torch.float32 else 6e-2  # + bf16 output rounding
     else:
         # The PyTorch kernel rounds its input and scales to bfloat16.

@@ -91,6 +91,22 @@ def dequantize_int4(
     return (groups * scales[..., None] + zeros[..., None]).reshape(n, k)
 
 
+def q4_1_scales(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_1's per-group ``d`` and ``m`` (``w = d * code + m``) from
+    :func:`quantize_int4`'s scales and zeros, in half precision as llama.cpp stores
+    them; contiguous, what :func:`tokenmill.kernels.cpu.q4_matmul` takes."""
+    return (scales.to(torch.float16).contiguous(),
+            (zeros - 8 * scales).to(torch.float16).contiguous())
+
+
+def dequantize_q4_1(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Float32 weight ``[N, K]`` that the Q4_1 kernels multiply by: ``d * code + m`` per
+    group of 32, ``d`` and ``m`` (:func:`q4_1_scales`) widened to float32."""
+    n, k = codes.shape
+    groups = codes.float().reshape(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+    return (groups * d.float()[..., None] + m.float()[..., None]).reshape(n, k)
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric 8-bit codes of ``weight`` ``[N, K]``, one scale per group of 32.
 
@@ -175,8 +191,9 @@ class Int4Linear(nn.Module):
     Two CPU kernels, picked once at construction:
 
     - ``native`` (:func:`tokenmill.kernels.cpu.q4_matmul`, when a C compiler is
-      available): Q4_1-layout weights times the input rounded to 8 bits per
-      group, integer dot products, the way llama.cpp runs its Q4 files;
+      available): Q4_1-layout weights (scale and minimum per group in half
+      precision) times the input rounded to 8 bits per group, integer dot
+      products, the way llama.cpp runs its Q4 files;
     - ``torch`` (``aten._weight_int4pack_mm_for_cpu``): the same codes with
       bfloat16 scales and a bfloat16 copy of the input.
 
@@ -204,8 +221,11 @@ class Int4Linear(nn.Module):
         # must not cast the packed bytes.
         if kernel == "native":
             self.register_buffer("packed", cpu.pack_q4(codes))
-            self.register_buffer("scales", scales.contiguous())
-            self.register_buffer("mins", (zeros - 8 * scales).contiguous())  # Q4_1's m
+            # Half-precision d and m, as in llama.cpp's files: 0.625 bytes per weight in
+            # all instead of 0.75, and single-stream decode is bound by bytes.
+            d, m = q4_1_scales(scales, zeros)
+            self.register_buffer("scales", d)
+            self.register_buffer("mins", m)
         else:
             self.register_buffer(
                 "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)

@@ -336,6 +336,12 @@ def pack_q4(codes: torch.Tensor) -> torch.Tensor:
     return (groups[:, :, 0] | (groups[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
+def _check_q4_scales(scales: torch.Tensor, mins: torch.Tensor) -> None:
+    for name, t in (("scales", scales), ("mins", mins)):
+        if t.dtype != torch.float16 or not t.is_contiguous():
+            raise ValueError(f"Q4_1 {name} must be contiguous float16, got {t.dtype}")
+
+
 def q4_matmul(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
     bias: torch.Tensor | None,
@@ -344,8 +350,10 @@ def q4_matmul(
 
     ``x`` is float32 ``[M, K]`` (rounded to 8 bits per group of 32 inside, as
     llama.cpp does); ``packed`` from :func:`pack_q4`; ``scales``/``mins``
-    float32 ``[N, K // 32]``. None when the kernel is unavailable.
+    float16 ``[N, K // 32]``, contiguous (Q4_1 keeps them in half precision too).
+    None when the kernel is unavailable.
     """
+    _check_q4_scales(scales, mins)
     return _run_matmul("q4_matmul_f32", x, packed.shape[0],
                        packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), bias)
 
@@ -360,6 +368,7 @@ def q4_dequantize(
     K]``, equal to PyTorch's ``scales * code + mins`` per element. None when the
     kernel is unavailable.
     """
+    _check_q4_scales(scales, mins)
     lib = cpu_kernels()
     if lib is None:
         return None
@@ -368,8 +377,8 @@ def q4_dequantize(
     rows, groups = stop - start, k // 32
     out = torch.empty(rows, k, dtype=torch.float32)
     lib.q4_dequantize_f32(packed.data_ptr() + start * (k // 2),
-                          scales.data_ptr() + 4 * start * groups,
-                          mins.data_ptr() + 4 * start * groups, out.data_ptr(), rows, k)
+                          scales.data_ptr() + 2 * start * groups,
+                          mins.data_ptr() + 2 * start * groups, out.data_ptr(), rows, k)
     return out
 
 

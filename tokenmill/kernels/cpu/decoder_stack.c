@@ -28,8 +28,8 @@
 
 #pragma GCC optimize("fp-contract=off")
 
-int q4_matmul_f32(const float *x, int64_t x_stride, const uint8_t *packed, const float *d,
-                  const float *mins, const float *bias, float *out, int64_t out_stride, int M,
+int q4_matmul_f32(const float *x, int64_t x_stride, const uint8_t *packed, const uint16_t *d,
+                  const uint16_t *mins, const float *bias, float *out, int64_t out_stride, int M,
                   int N, int K);
 int f32_matmul_packed(const float *x, int64_t x_stride, const float *packed, const float *bias,
                       float *y, int64_t y_stride, int M, int N, int K);
@@ -91,8 +91,8 @@ static int linear(const tm_qlinear *l, const float *x, float *out, int M) {
     if (l->kind == 0)
         return q4_matmul_f32(x, l->k, (const uint8_t *)l->w0, l->w1, l->w2, l->bias, out, l->n,
                              M, l->n, l->k);
-    return int8_matmul_f32(x, l->k, (const int8_t *)l->w0, l->w1, l->bias, out, l->n, M, l->n,
-                           l->k);
+    return int8_matmul_f32(x, l->k, (const int8_t *)l->w0, (const float *)l->w1, l->bias, out,
+                           l->n, M, l->n, l->k);
 }
 
 /*

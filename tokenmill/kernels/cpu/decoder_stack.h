@@ -9,13 +9,14 @@
 
 #include <stdint.h>
 
-/* One linear layer: kind 0 = Q4_1 (w0 packed codes, w1 scales, w2 mins), 1 = Q8_0 (w0
-   codes, w1 scales), 2 = bfloat16 AMX tiles (w0 from pack_bf16_amx), 3 = float32 panels
-   (w0 from pack_f32_panels); bias in the activations' dtype or NULL. */
+/* One linear layer: kind 0 = Q4_1 (w0 packed codes, w1 scales, w2 mins, both half
+   precision), 1 = Q8_0 (w0 codes, w1 float scales), 2 = bfloat16 AMX tiles (w0 from
+   pack_bf16_amx), 3 = float32 panels (w0 from pack_f32_panels); bias in the activations'
+   dtype or NULL. */
 typedef struct {
     int32_t kind, n, k, _pad;
     const void *w0;
-    const float *w1, *w2;
+    const void *w1, *w2;
     const void *bias;
 } tm_qlinear;
 

@@ -9,13 +9,16 @@
  * byte j of a group holding element j low and element j + 16 high) and
  * int8_matmul.c (Q8_0: w = code * scale). Rows are split over PyTorch's OpenMP
  * threads. out is [N, K] contiguous. The products are rounded once per weight
- * (no fused multiply-add), so the result equals PyTorch's d * q + m exactly.
+ * (no fused multiply-add), so the result equals PyTorch's d * q + m exactly (d and m
+ * widened from half precision first).
  */
 #include <stdint.h>
 
+#include "fp16.h"
+
 #pragma GCC optimize("fp-contract=off")
 
-void q4_dequantize_f32(const uint8_t *packed, const float *d, const float *mins, float *out,
+void q4_dequantize_f32(const uint8_t *packed, const uint16_t *d, const uint16_t *mins, float *out,
                        int N, int K) {
     const int groups = K / 32;
     #pragma omp parallel for schedule(static)
@@ -23,8 +26,8 @@ void q4_dequantize_f32(const uint8_t *packed, const float *d, const float *mins,
         const uint8_t *row = packed + (int64_t)n * (K / 2);
         float *dst = out + (int64_t)n * K;
         for (int g = 0; g < groups; g++) {
-            const float scale = d[(int64_t)n * groups + g];
-            const float low = mins[(int64_t)n * groups + g];
+            const float scale = tm_f16_to_f32(d[(int64_t)n * groups + g]);
+            const float low = tm_f16_to_f32(mins[(int64_t)n * groups + g]);
             const uint8_t *bytes = row + g * 16;
             float *o = dst + g * 32;
             for (int j = 0; j < 16; j++) {

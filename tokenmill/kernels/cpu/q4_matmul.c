@@ -8,11 +8,12 @@
  * The integer sums are exact; on AVX2 two groups of 32 cost a handful of
  * instructions (unpack nibbles, u8 x s8 multiply-adds - vpdpbusd with VNNI -
  * one convert, one float FMA; see below), which is why this beats dequantizing to
- * float: single-stream decode reads 0.75 bytes per weight and does little work per byte.
+ * float: single-stream decode reads 0.625 bytes per weight and does little work per byte.
  *
  * Weight layout per row: K / 2 bytes, group g at bytes 16 g .. 16 g + 15,
  * byte j holding element j in its low nibble and element j + 16 in its high
- * nibble (Q4_1's own order); d and m: float [N, K / 32].
+ * nibble (Q4_1's own order); d and m: IEEE half [N, K / 32] (as in Q4_1 files: 0.625
+ * bytes per weight in all).
  * x [M, K] float (row stride x_stride); out [M, N] (row stride out_stride).
  * Input rows are quantized once per call; weight rows are split over
  * PyTorch's OpenMP threads (see paged_attention.c), in tiles of four weight rows
@@ -23,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fp16.h"
 #include "q8_input.h"
 
 #define MT 4  /* input rows per pass over a weight row */
@@ -163,12 +165,29 @@ static inline __m256i tm_dot2(__m256i lo, __m256i xlo, __m256i hi, __m256i xhi) 
 #endif
 }
 
+/* Lanes 0 .. n - 1 of eight halves at p as floats, the rest 0 (nothing read past n). */
+static inline __m256 tm_load_first_f16(const uint16_t *p, int n) {
+    if (n == 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    __m128i v = _mm_setzero_si128();
+    switch (n) { /* constant lanes for the insert; falls through */
+    case 7: v = _mm_insert_epi16(v, p[6], 6); /* fall through */
+    case 6: v = _mm_insert_epi16(v, p[5], 5); /* fall through */
+    case 5: v = _mm_insert_epi16(v, p[4], 4); /* fall through */
+    case 4: v = _mm_insert_epi16(v, p[3], 3); /* fall through */
+    case 3: v = _mm_insert_epi16(v, p[2], 2); /* fall through */
+    case 2: v = _mm_insert_epi16(v, p[1], 1); /* fall through */
+    case 1: v = _mm_insert_epi16(v, p[0], 0); /* fall through */
+    default: break;
+    }
+    return _mm256_cvtph_ps(v);
+}
+
 /* Per block of eight groups (n of them valid) and (weight row, input row): the scales
    d * dx, returned, and the minimum's terms m * sx, added to acc. */
-static inline __m256 tm_block_start(const float *d, const float *mn, const float *dx,
+static inline __m256 tm_block_start(const uint16_t *d, const uint16_t *mn, const float *dx,
                                     const float *sx, int g0, int n, __m256 *acc) {
-    *acc = _mm256_fmadd_ps(tm_load_first(mn + g0, n), tm_load_first(sx + g0, n), *acc);
-    return _mm256_mul_ps(tm_load_first(d + g0, n), tm_load_first(dx + g0, n));
+    *acc = _mm256_fmadd_ps(tm_load_first_f16(mn + g0, n), tm_load_first(sx + g0, n), *acc);
+    return _mm256_mul_ps(tm_load_first_f16(d + g0, n), tm_load_first(dx + g0, n));
 }
 
 /* acc + the integer sums of a pair (or a lone group) times their scales. */
@@ -201,7 +220,7 @@ static inline __m256i tm_unpack_lone(const uint8_t *w) {
  */
 
 /* One weight row against one input row (a partial quad of weight rows). */
-static float tile_1x1(const uint8_t *w, const float *d, const float *mn, const int8_t *x,
+static float tile_1x1(const uint8_t *w, const uint16_t *d, const uint16_t *mn, const int8_t *x,
                       const float *dx, const float *sx, int K) {
     const int groups = K / 32;
     __m256 a = _mm256_setzero_ps();
@@ -225,7 +244,7 @@ static float tile_1x1(const uint8_t *w, const float *d, const float *mn, const i
 }
 
 /* Four weight rows against one input row (decode): each input load serves four rows. */
-static void tile_4x1(const uint8_t *w, const float *d, const float *mn, const int8_t *x,
+static void tile_4x1(const uint8_t *w, const uint16_t *d, const uint16_t *mn, const int8_t *x,
                      const float *dx, const float *sx, int K, float res[4]) {
     const int groups = K / 32;
     const int64_t wrow = K / 2;
@@ -271,7 +290,7 @@ static void tile_4x1(const uint8_t *w, const float *d, const float *mn, const in
 }
 
 /* Two weight rows against four input rows (batched steps): res[i * 4 + r]. */
-static void tile_2x4(const uint8_t *w, const float *d, const float *mn, const int8_t *x,
+static void tile_2x4(const uint8_t *w, const uint16_t *d, const uint16_t *mn, const int8_t *x,
                      const float *dx, const float *sx, int K, float res[8]) {
     const int groups = K / 32;
     const int64_t wrow = K / 2;
@@ -331,7 +350,7 @@ static void tile_2x4(const uint8_t *w, const float *d, const float *mn, const in
 #undef TM_LOAD
 #else
 /* Portable: dot products of one weight row with rows m0 .. m0 + rows - 1 of the input. */
-static void row_dots(const uint8_t *wq, const float *d, const float *mn, const int8_t *qx,
+static void row_dots(const uint8_t *wq, const uint16_t *d, const uint16_t *mn, const int8_t *qx,
                      const float *dx, const float *sx, int K, int m0, int rows, float *res) {
     const int groups = K / 32;
     for (int r = 0; r < rows; r++) {
@@ -342,15 +361,16 @@ static void row_dots(const uint8_t *wq, const float *d, const float *mn, const i
             const int8_t *xq = qx + row * K + g * 32;
             int dot = 0;
             for (int j = 0; j < 16; j++) dot += (b[j] & 0x0F) * xq[j] + (b[j] >> 4) * xq[j + 16];
-            total += (float)dot * (d[g] * dx[row * groups + g]) + mn[g] * sx[row * groups + g];
+            total += (float)dot * (tm_f16_to_f32(d[g]) * dx[row * groups + g])
+                     + tm_f16_to_f32(mn[g]) * sx[row * groups + g];
         }
         res[r] = total;
     }
 }
 #endif
 
-int q4_matmul_f32(const float *x, int64_t x_stride, const uint8_t *packed, const float *d,
-                  const float *mins, const float *bias, float *out, int64_t out_stride, int M,
+int q4_matmul_f32(const float *x, int64_t x_stride, const uint8_t *packed, const uint16_t *d,
+                  const uint16_t *mins, const float *bias, float *out, int64_t out_stride, int M,
                   int N, int K) {
     const int groups = K / 32;
     tm_q8_input in;
@@ -371,7 +391,7 @@ int q4_matmul_f32(const float *x, int64_t x_stride, const uint8_t *packed, const
         const int n0 = 4 * nq, nrows = N - n0 < 4 ? N - n0 : 4;
 #ifdef TM_AVX2
         const uint8_t *w0 = packed + (int64_t)n0 * (K / 2);
-        const float *d0 = d + (int64_t)n0 * groups, *mn0 = mins + (int64_t)n0 * groups;
+        const uint16_t *d0 = d + (int64_t)n0 * groups, *mn0 = mins + (int64_t)n0 * groups;
         if (nrows == 4) {
             const int full = mend - (mend - mb) % MT; /* rows covered by whole tiles */
             float res[2 * MT];
@@ -405,7 +425,7 @@ int q4_matmul_f32(const float *x, int64_t x_stride, const uint8_t *packed, const
 #else
         for (int n = n0; n < n0 + nrows; n++) {
             const uint8_t *wq = packed + (int64_t)n * (K / 2);
-            const float *dn = d + (int64_t)n * groups, *mn = mins + (int64_t)n * groups;
+            const uint16_t *dn = d + (int64_t)n * groups, *mn = mins + (int64_t)n * groups;
             const float b = bias ? bias[n] : 0.0f;
             float res[MT];
             for (int m = mb; m < mend; m += MT) {
