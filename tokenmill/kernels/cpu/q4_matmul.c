@@ -126,9 +126,8 @@ int tm_q8_input_make(tm_q8_input *in, const float *x, int64_t x_stride, int M, i
  * in lanes 0-3 (group A) and 4-7 (group B) of one vector, so one convert and one FMA
  * serve two groups; the scales d * dx come eight groups at a time from one vector
  * multiply, a permute handing each pair its two, and the minimum's terms m * sx join the
- * accumulator eight at a time too. Every tile is q4_tile with other row counts, so each
- * output adds the same terms in the same order: a row's result does not depend on the
- * batch.
+ * accumulator eight at a time too. The three tiles below add each output's terms in the
+ * same order, so a row's result does not depend on the batch.
  */
 
 /* Lanes 0-3 take lane a of a block's scales, lanes 4-7 lane b: pair j is (2 j, 2 j + 1),
