@@ -8,7 +8,9 @@
 
 #include <stdint.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
+/* F16C (half-precision loads of Q4_1's scales) comes with every AVX2 CPU; a -march
+   without it gets the portable loops. */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define TM_AVX2 1
 
