@@ -339,7 +339,8 @@ def pack_q4(codes: torch.Tensor) -> torch.Tensor:
 def _check_q4_scales(scales: torch.Tensor, mins: torch.Tensor) -> None:
     for name, t in (("scales", scales), ("mins", mins)):
         if t.dtype != torch.float16 or not t.is_contiguous():
-            raise ValueError(f"Q4_1 {name} must be contiguous float16, got {t.dtype}")
+            layout = "contiguous" if t.is_contiguous() else "non-contiguous"
+            raise ValueError(f"Q4_1 {name} must be contiguous float16, got {layout} {t.dtype}")
 
 
 def q4_matmul(
