@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import zmq
-import zmq.asyncio
 
 from tokenmill.engine.args import EngineArgs
 from tokenmill.engine.cpu_threads import engine_core_environment, spawn_environment
@@ -141,14 +140,14 @@ class MPEngineClient:
         self.dead_error: BaseException | None = None
         self._process: Any = None
         self._tmpdir: str | None = None
-        self._ctx: zmq.asyncio.Context | None = None
+        self._ctx: zmq.Context[Any] | None = None
         self._input: Any = None
         self._output: Any = None
         self._processor: OutputProcessor | None = None
         self._streams: dict[str, RequestStream] = {}
         self._unstarted: set[str] = set()
         self._stats: EngineStats | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._reading = False
         self._closing = False
 
     # ------------------------------------------------------------ lifecycle
@@ -163,7 +162,11 @@ class MPEngineClient:
         self._tmpdir = tempfile.mkdtemp(prefix="tokenmill-ipc-")
         input_address = f"ipc://{self._tmpdir}/input"
         output_address = f"ipc://{self._tmpdir}/output"
-        self._ctx = zmq.asyncio.Context(io_threads=1)
+        # Plain sockets: outputs are drained from the event loop when the socket's file
+        # descriptor turns readable (_drain_outputs). pyzmq's asyncio sockets cost about
+        # a third of this process's CPU per streamed token (a future, callbacks and flag
+        # enums per message): time taken from the engine's cores.
+        self._ctx = zmq.Context(io_threads=1)
         self._input = self._ctx.socket(zmq.PUSH)
         self._input.setsockopt(zmq.LINGER, 0)
         self._input.bind(input_address)
@@ -184,7 +187,8 @@ class MPEngineClient:
         tokenizer_task = loop.run_in_executor(None, load_tokenizer, self.args)
         died = loop.create_future()
         loop.add_reader(self._process.sentinel, _set_result, died, None)
-        first = asyncio.ensure_future(self._output.recv())
+        first: asyncio.Future[bytes] = loop.create_future()
+        self._watch_output(lambda: _recv_first(self._output, first))
         try:
             await asyncio.wait({first, died}, return_when=asyncio.FIRST_COMPLETED)
             if not first.done():
@@ -205,10 +209,27 @@ class MPEngineClient:
                 self._process.terminate()  # still loading: no Shutdown message is read yet
             await self._stop_process()
             raise
+        self._unwatch_output()
         loop.remove_reader(self._process.sentinel)
         loop.add_reader(self._process.sentinel, self._on_process_exit)
         self._processor = OutputProcessor(self._tokenizer)
-        self._reader = loop.create_task(self._read_outputs())
+        self._watch_output(self._drain_outputs)
+
+    def _watch_output(self, on_readable: Callable[[], None]) -> None:
+        """Call ``on_readable`` whenever the output socket may hold messages, and once now.
+
+        ZeroMQ's descriptor signals edges, not levels: a callback must receive until
+        ``zmq.Again``; the call now catches what arrived before the watch began.
+        """
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._output.getsockopt(zmq.FD), on_readable)
+        self._reading = True
+        loop.call_soon(on_readable)
+
+    def _unwatch_output(self) -> None:
+        if self._reading:
+            self._reading = False
+            asyncio.get_running_loop().remove_reader(self._output.getsockopt(zmq.FD))
 
     async def shutdown(self) -> None:
         """Stop the engine core (abandoning what runs) and release the sockets."""
@@ -223,8 +244,7 @@ class MPEngineClient:
 
     async def _stop_process(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._reader is not None:
-            self._reader.cancel()
+        self._unwatch_output()
         if self._process is not None:
             try:
                 loop.remove_reader(self._process.sentinel)
@@ -334,19 +354,24 @@ class MPEngineClient:
             raise EngineDeadError(f"cannot reach the engine core: {exc}") from None
 
     # ------------------------------------------------------------- outputs
-    async def _read_outputs(self) -> None:
-        assert self._processor is not None
+    def _drain_outputs(self) -> None:
+        """Handle every message the core has sent (the output socket's reader callback)."""
+        if not self._reading:
+            return
         try:
             while True:
-                message = decode(await self._output.recv())
+                try:
+                    frame = self._output.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                message = decode(frame)
                 if isinstance(message, EngineCoreOutputs):
                     self._handle(message)
                 else:
                     logger.error("unexpected message from the engine core: %s",
                                  type(message).__name__)
-        except asyncio.CancelledError:
-            raise
         except Exception:  # noqa: BLE001 - a broken channel is a dead engine
+            self._unwatch_output()
             if not self._closing:
                 logger.exception("reading from the engine core failed")
                 self.dead_error = EngineDeadError("lost the connection to the engine core")
@@ -385,6 +410,16 @@ class MPEngineClient:
             if self._processor is not None:
                 self._processor.abort_request(request_id)
             stream.put(error)
+
+
+def _recv_first(sock: Any, first: asyncio.Future[bytes]) -> None:
+    """Resolve ``first`` with the core's first message, if one has arrived."""
+    if first.done():
+        return
+    try:
+        first.set_result(sock.recv(zmq.NOBLOCK))
+    except zmq.Again:
+        pass
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:

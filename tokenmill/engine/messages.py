@@ -179,7 +179,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
         return _msgpack().ExtType(code, data)
     cls = _TYPES[code]
     values = _msgpack().unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
-    return cls(**dict(zip(_FIELDS[cls], values)))
+    return cls(*values)  # every field is an __init__ parameter, in _FIELDS order
 
 
 def encode(message: Any) -> bytes:
