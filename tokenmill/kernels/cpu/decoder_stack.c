@@ -17,7 +17,8 @@
  * squares in eight float lanes added pairwise at the end; with a residual,
  * x = x + residual is stored to the residual first (the fused add of
  * tokenmill.model.layers.RMSNorm). silu_mul_f32: y = g / (1 + exp(-g)) * u on
- * [gate | up] rows.
+ * [gate | up] rows; with AVX2 eight at a time, exp within 2 ulp of expf (vec_math.h),
+ * every element (a row's tail too, through masks) through the same vector exp.
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,6 +26,7 @@
 #include <string.h>
 
 #include "decoder_stack.h"
+#include "vec_math.h"
 
 #pragma GCC optimize("fp-contract=off")
 
@@ -80,7 +82,20 @@ void silu_mul_f32(const float *gate_up, int64_t gu_stride, float *y, int T, int 
     for (int t = 0; t < T; t++) {
         const float *g = gate_up + (int64_t)t * gu_stride, *u = g + I;
         float *dst = y + (int64_t)t * I;
+#if defined(__AVX2__) && defined(__FMA__)
+        const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+        for (int i = 0; i < I; i += 8) {
+            /* the row's last lanes through a mask: nothing read or written past I */
+            const __m256i mask = _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(I - i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            const __m256 gv = _mm256_maskload_ps(g + i, mask), uv = _mm256_maskload_ps(u + i, mask);
+            const __m256 e = tm_exp_ps(_mm256_sub_ps(zero, gv));
+            _mm256_maskstore_ps(dst + i, mask,
+                                _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), uv));
+        }
+#else
         for (int i = 0; i < I; i++) dst[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+#endif
     }
 }
 
