@@ -7,7 +7,8 @@ process (:mod:`tokenmill.engine.core_process`):
 - ``add_request`` validates synchronously against the engine's limits (so a
   request that can never run is refused before any response starts), sends it,
   and returns a :class:`RequestStream` of output deltas;
-- one task reads the core's messages, runs them through the
+- a reader callback on the event loop takes the core's messages as they arrive
+  (the output socket's descriptor turns readable), runs them through the
   :class:`~tokenmill.engine.output_processor.OutputProcessor` (detokenization
   and stop strings happen here, in the API process) and feeds each request's
   stream;
