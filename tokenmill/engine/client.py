@@ -164,9 +164,9 @@ class MPEngineClient:
         input_address = f"ipc://{self._tmpdir}/input"
         output_address = f"ipc://{self._tmpdir}/output"
         # Plain sockets: outputs are drained from the event loop when the socket's file
-        # descriptor turns readable (_drain_outputs). pyzmq's asyncio sockets cost about
-        # a third of this process's CPU per streamed token (a future, callbacks and flag
-        # enums per message): time taken from the engine's cores.
+        # descriptor turns readable (_drain_outputs). pyzmq's asyncio sockets (a future,
+        # callbacks and flag enums per message) cost 13% more CPU per streamed token, time
+        # taken from the engine's cores on a small machine (docs/performance.md).
         self._ctx = zmq.Context(io_threads=1)
         self._input = self._ctx.socket(zmq.PUSH)
         self._input.setsockopt(zmq.LINGER, 0)
