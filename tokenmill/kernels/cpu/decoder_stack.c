@@ -85,9 +85,7 @@ void silu_mul_f32(const float *gate_up, int64_t gu_stride, float *y, int T, int 
 #if defined(__AVX2__) && defined(__FMA__)
         const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
         for (int i = 0; i < I; i += 8) {
-            /* the row's last lanes through a mask: nothing read or written past I */
-            const __m256i mask = _mm256_cmpgt_epi32(
-                _mm256_set1_epi32(I - i), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            const __m256i mask = tm_first_lanes(I - i); /* the row's tail: nothing past I */
             const __m256 gv = _mm256_maskload_ps(g + i, mask), uv = _mm256_maskload_ps(u + i, mask);
             const __m256 e = tm_exp_ps(_mm256_sub_ps(zero, gv));
             _mm256_maskstore_ps(dst + i, mask,

@@ -26,6 +26,7 @@
 
 #include "fp16.h"
 #include "q8_input.h"
+#include "vec_math.h"
 
 #define MT 4  /* input rows per pass over a weight row */
 #define MB 64 /* input rows per panel */
@@ -145,8 +146,7 @@ static inline __m256 tm_pair_scale(__m256 block, int j, int lone) {
 /* Lanes 0 .. n - 1 of eight floats at p, the rest 0 (nothing read past n). */
 static inline __m256 tm_load_first(const float *p, int n) {
     if (n == 8) return _mm256_loadu_ps(p);
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+    return _mm256_maskload_ps(p, tm_first_lanes(n));
 }
 
 /* The exact integer sums of lo * xlo + hi * xhi, per lane. Each u8 x s8 pair is at most

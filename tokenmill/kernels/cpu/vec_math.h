@@ -1,7 +1,8 @@
 /*
- * Eight-lane float32 helpers for the AVX2 kernels (paged_attention.c, bf16_ops.c): exp,
- * a horizontal sum, bfloat16 loads, rounding and stores eight at a time; the same exp on
- * sixteen lanes where the compiler targets AVX-512. Empty without AVX2 and FMA.
+ * Eight-lane float32 helpers for the AVX2 kernels (paged_attention.c, bf16_ops.c,
+ * decoder_stack.c, q4_matmul.c): exp, a horizontal sum, a first-lanes mask, bfloat16
+ * loads, rounding and stores eight at a time; the same exp on sixteen lanes where the
+ * compiler targets AVX-512. Empty without AVX2 and FMA.
  */
 #ifndef TOKENMILL_VEC_MATH_H
 #define TOKENMILL_VEC_MATH_H
@@ -50,6 +51,12 @@ static inline __m256 tm_exp_nonpositive(__m256 x) {
 static inline __m256 tm_exp_ps(__m256 x) {
     return tm_exp_in_range(_mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)),
                                          _mm256_set1_ps(88.3f)));
+}
+
+/* All-ones in lanes 0 .. n - 1 (every lane for n >= 8): the mask of the masked loads and
+   stores that read or write a row's last few floats and nothing past them. */
+static inline __m256i tm_first_lanes(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 static inline float tm_hsum_ps(__m256 v) {
