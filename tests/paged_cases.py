@@ -35,3 +35,22 @@ def reference_attention(q, k_cache, v_cache, qsl, seq_lens, tables, scale, windo
             out[a:b] = TorchAttentionBackend._prefill_one(
                 q[a:b], k_cache, v_cache, tables[i], int(seq_lens[i]), scale, window)
     return out
+
+
+def dense_reference_attention(q, k_cache, v_cache, qsl, seq_lens, tables, scale, window):
+    """Independent of the backends: every score computed, then masked to the window
+    (``window`` >= the longest sequence for none); in q's dtype."""
+    out = torch.zeros_like(q)
+    group = q.shape[1] // k_cache.shape[2]
+    for i in range(len(seq_lens)):
+        a, b, n = int(qsl[i]), int(qsl[i + 1]), int(seq_lens[i])
+        keys = k_cache[tables[i].long()].reshape(-1, *k_cache.shape[2:])[:n].to(q.dtype)
+        values = v_cache[tables[i].long()].reshape(-1, *v_cache.shape[2:])[:n].to(q.dtype)
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+        for j in range(b - a):
+            pos = n - (b - a) + j
+            lo = max(0, pos - window + 1)
+            scores = torch.einsum("hd,khd->hk", q[a + j], keys[lo:pos + 1]) * scale
+            out[a + j] = torch.einsum("hk,khd->hd", scores.softmax(-1), values[lo:pos + 1])
+    return out

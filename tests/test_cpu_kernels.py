@@ -6,7 +6,7 @@ import platform
 
 import pytest
 import torch
-from paged_cases import paged_layout, reference_attention
+from paged_cases import dense_reference_attention, paged_layout, reference_attention
 
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.kernels import cpu
@@ -25,31 +25,12 @@ def _paged_case(q_lens, seq_lens, seed=0, num_blocks=64, dim=DIM):
     return q, k_cache, v_cache, qsl, lens, tables
 
 
-
-def _densereference_attention(q, k_cache, v_cache, qsl, seq_lens, tables, scale, window):
-    """Independent of the backends: every score computed, then masked to the window."""
-    out = torch.zeros_like(q)
-    group = q.shape[1] // k_cache.shape[2]
-    for i in range(len(seq_lens)):
-        a, b, n = int(qsl[i]), int(qsl[i + 1]), int(seq_lens[i])
-        keys = k_cache[tables[i].long()].reshape(-1, *k_cache.shape[2:])[:n]
-        values = v_cache[tables[i].long()].reshape(-1, *v_cache.shape[2:])[:n]
-        keys = keys.repeat_interleave(group, dim=1)
-        values = values.repeat_interleave(group, dim=1)
-        for j in range(b - a):
-            pos = n - (b - a) + j
-            lo = max(0, pos - window + 1)
-            scores = torch.einsum("hd,khd->hk", q[a + j], keys[lo:pos + 1]) * scale
-            out[a + j] = torch.einsum("hk,khd->hd", scores.softmax(-1), values[lo:pos + 1])
-    return out
-
-
 def _poisoned(q_lens, seq_lens, window, dim, seed):
     """A paged case whose table entries wholly before every query's window point at an
     extra NaN-filled block (what a released block may hold, at worst); with the
     dense reference computed from the clean tables."""
     q, kc, vc, qsl, lens, tables = _paged_case(q_lens, seq_lens, seed=seed, dim=dim)
-    want = _densereference_attention(q, kc, vc, qsl, lens, tables, 0.3, window)
+    want = dense_reference_attention(q, kc, vc, qsl, lens, tables, 0.3, window)
     nan_block = torch.full((1, *kc.shape[1:]), float("nan"))
     kc, vc = torch.cat([kc, nan_block]), torch.cat([vc, nan_block])
     poisoned = tables.clone()
@@ -383,7 +364,7 @@ def test_paged_attention_bfloat16_shapes(heads, kv_heads, dim, block, window):
     vc = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
     q, qsl, lens, tables = paged_layout(q_lens, seq_lens, num_blocks - 1, block, heads, dim, g)
     q, kc, vc = q.bfloat16(), kc.bfloat16(), vc.bfloat16()
-    want = _densereference_attention(q.float(), kc.float(), vc.float(), qsl, lens, tables,
+    want = dense_reference_attention(q.float(), kc.float(), vc.float(), qsl, lens, tables,
                                      dim**-0.5, window or 10**9)
     if window:  # blocks wholly before every query's window point at a NaN block
         kc[-1], vc[-1] = float("nan"), float("nan")

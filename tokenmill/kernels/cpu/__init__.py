@@ -38,10 +38,11 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c",
             "dequantize.c", "rope_kv_write.c", "decoder_stack.c", "bf16_ops.c",
-            "bf16_matmul.c", "argmax.c", "decoder_stack_bf16.c", "f32_matmul.c")
+            "bf16_matmul.c", "argmax.c", "decoder_stack_bf16.c", "f32_matmul.c",
+            "prefill_attention.c")
 # Included by the sources: part of the cache key, not compiled on their own.
 _HEADERS = ("q8_input.h", "bf16.h", "vec_math.h", "decoder_stack.h", "paged_attention_avx2.inc",
-            "paged_attention_items.h")
+            "paged_attention_items.h", "prefill_attention.inc")
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 
@@ -137,6 +138,8 @@ def cpu_kernels() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = _ATTENTION_ARGTYPES
         fn.restype = None
+    lib.prefill_attention_f32.argtypes = _ATTENTION_ARGTYPES
+    lib.prefill_attention_f32.restype = ctypes.c_int
     lib.paged_attention_q8.argtypes = _Q8_ATTENTION_ARGTYPES
     lib.paged_attention_q8.restype = None
     lib.int8_matmul_f32.argtypes = _INT8_MATMUL_ARGTYPES
@@ -570,3 +573,48 @@ def paged_attention(
     else:
         lib.paged_attention_bf16(*args)
     return True
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    min_q_len: int,
+    sliding_window: int = 0,
+) -> bool:
+    """Attention of every sequence with more than ``min_q_len`` query tokens, into ``out``:
+    the long prefill chunks :func:`paged_attention` leaves (tiled, online softmax).
+
+    float32 only; layouts and ``sliding_window`` as :func:`paged_attention`. Rows of
+    shorter sequences are left untouched. Returns False (the caller falls back, and
+    rewrites every row it needs) when the kernel cannot run these inputs.
+    """
+    lib = cpu_kernels()
+    if (
+        lib is None
+        or q.device.type != "cpu"
+        or not (q.dtype == out.dtype == k_cache.dtype == v_cache.dtype == torch.float32)
+        or q.stride(2) != 1 or q.stride(1) != q.shape[2]
+        or out.stride(2) != 1 or out.stride(1) != out.shape[2]
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+        or not (query_start_loc.dtype == seq_lens.dtype == block_tables.dtype == torch.int32)
+        or not (query_start_loc.is_contiguous() and seq_lens.is_contiguous()
+                and block_tables.is_contiguous())
+    ):
+        return False
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    if head_dim != q.shape[2]:
+        return False
+    return bool(lib.prefill_attention_f32(
+        q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0),
+        k_cache.data_ptr(), v_cache.data_ptr(),
+        query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
+        seq_lens.shape[0], block_tables.shape[1] if block_tables.dim() == 2 else 0,
+        q.shape[1], num_kv_heads, head_dim, block_size, float(scale), int(min_q_len),
+        int(sliding_window),
+    ))

@@ -134,11 +134,6 @@ DEFINE_PAGED_ATTENTION(paged_attention_bf16_generic, uint16_t, bf16)
 #define TM_AVX512_BF16 1
 #define TM_MAX_GROUP 16 /* query heads per KV head the AVX-512 kernel takes */
 
-/* tm_exp_nonpositive on sixteen lanes. */
-static inline __m512 tm_exp16_nonpositive(__m512 x) {
-    return tm_exp16_in_range(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)));
-}
-
 /* v[0..15] -> one vector whose lane j is the sum of v[(j % 4) * 4 + j / 4]'s lanes: a
    4-level tree of 45 shuffles and adds, against 16 separate horizontal sums. */
 static inline __m512 tm_reduce16(const __m512 *v) {

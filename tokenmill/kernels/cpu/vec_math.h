@@ -46,6 +46,13 @@ static inline __m256 tm_exp_nonpositive(__m256 x) {
     return tm_exp_in_range(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)));
 }
 
+#if defined(__AVX512F__)
+/* tm_exp_nonpositive on sixteen lanes. */
+static inline __m512 tm_exp16_nonpositive(__m512 x) {
+    return tm_exp16_in_range(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)));
+}
+#endif
+
 /* exp of any eight floats, clamped to [-87.3, 88.3] (exp(88.3) is 2.2e38; beyond it
    SiLU's g / (1 + exp(-g)) is a negative zero or a tiny negative either way). */
 static inline __m256 tm_exp_ps(__m256 x) {
