@@ -135,8 +135,37 @@ def test_sliding_window_layers(dtype: torch.dtype) -> None:
     assert ran == [True, True]
 
 
-def test_steps_it_does_not_cover_fall_back() -> None:
+@pytest.mark.skipif(not cpu_kernels.prefill_attention_supported(16),
+                    reason="no prefill-attention kernel in this build")
+@pytest.mark.parametrize("window", [None, 7])
+def test_long_prompt_chunks_run_on_the_stack(window: int | None) -> None:
+    """A step with a chunk longer than SHORT_QUERY_LEN (prefill_attention_f32) next to
+    decodes and a short chunk: on the stack, bit-identical to the per-layer path."""
+    model = _model(LlamaCausalLM, "int4", window=window)
+    stack = NativeDecoderStack.build(model.model)
+    assert stack is not None and stack.long_chunks
+    ran = _spied(stack)
+    first, long_prompt = [5, 9, 14], [(7 * i) % 90 + 1 for i in range(40)]
+    kv_layers, kv_stack = _kv(model), _kv(model)
+    works = [Work(first, [0, 1], 0)]
+    assert torch.equal(_step(model, kv_stack, works, stack), _step(model, kv_layers, works, None))
+    # the long prompt in two chunks (the second after 23 cached tokens), with a decode
+    long_table = list(range(2, 12))  # 40 tokens in blocks of 4
+    steps = [(long_prompt[:23], 0, Work([8, 2], [12], 0)),  # and a short prompt
+             (long_prompt[23:], 23, Work([6], [12], 2))]  # and its decode
+    for chunk, start, other in steps:
+        works = [Work([3], [0, 1], len(first)), Work(chunk, long_table, start), other]
+        want = _step(model, kv_layers, works, None)
+        assert torch.equal(_step(model, kv_stack, works, stack), want)
+        first = [*first, 3]
+    assert ran == [True, True, True]
+    for (k1, v1), (k2, v2) in zip(kv_layers, kv_stack, strict=True):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_steps_it_does_not_cover_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model(LlamaCausalLM, "int4")
+    monkeypatch.setattr(cpu_kernels, "prefill_attention_supported", lambda head_dim: False)
     stack = NativeDecoderStack.build(model.model)
     long_prompt = list(range(1, 21))  # 20 new tokens: longer than SHORT_QUERY_LEN
     ids, positions, meta = build_step([Work(long_prompt, [0, 1, 2, 3, 4, 5], 0)])
@@ -144,6 +173,7 @@ def test_steps_it_does_not_cover_fall_back() -> None:
     hidden = model.model.embed_tokens(ids)
     cos, sin = model.model.rotary.cos_sin(positions, torch.float32)
     kv = _kv(model)
+    # without the prefill-attention kernel, a long chunk is the per-layer path's
     assert stack.run(hidden, cos, fold_rotary_sign(sin), kv, meta) is None
     padded = dataclasses.replace(meta, has_padding_slots=None)  # unknown: maybe padding
     assert stack.run(hidden, cos, fold_rotary_sign(sin), kv, padded) is None

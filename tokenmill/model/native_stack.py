@@ -28,9 +28,10 @@ CPU with every projection quantized with the native int4 or int8 kernel or on
 float32 panels, or bfloat16 activations and KV cache with every projection on AMX; RMSNorm
 pre-norm layers with a SwiGLU MLP, full-width rotary from one table, no
 QK-norm, no sandwich norms, no mixture of experts, no tensor parallelism. A
-step takes it when each sequence has at most ``SHORT_QUERY_LEN`` new tokens
-and the row count stays below the quantized layers' dense-GEMM threshold;
-any other step runs the per-layer path. ``TOKENMILL_CPU_NATIVE_STACK=0``
+step takes it when its row count stays below the quantized layers' dense-GEMM
+threshold and - for the bfloat16 stack, or where the prefill-attention kernel
+is missing - each sequence has at most ``SHORT_QUERY_LEN`` new tokens; any
+other step runs the per-layer path. ``TOKENMILL_CPU_NATIVE_STACK=0``
 turns it off (A/B measurements).
 """
 
@@ -153,6 +154,11 @@ class NativeDecoderStack:
         self._dims = dims
         self.max_rows = max_rows
         self.dtype = dtype  # of the activations and the KV cache
+        # Prompt chunks longer than SHORT_QUERY_LEN: the float32 stack attends them with
+        # prefill_attention_f32 where this build has it; the bfloat16 one leaves them to
+        # the per-layer path (SDPA).
+        self.long_chunks = (dtype == torch.float32
+                            and cpu_kernels.prefill_attention_supported(dims.head_dim))
         self._caches: list | None = None
 
     @classmethod
@@ -230,7 +236,8 @@ class NativeDecoderStack:
         """``(hidden, residual)`` after the last layer, as the per-layer loop returns
         them, or None (nothing done) when this step needs the per-layer path."""
         tokens = hidden.shape[0]
-        if (tokens == 0 or tokens > self.max_rows or meta.max_query_len > SHORT_QUERY_LEN
+        if (tokens == 0 or tokens > self.max_rows
+                or (meta.max_query_len > SHORT_QUERY_LEN and not self.long_chunks)
                 or meta.has_padding_slots is not False or sin_folded is None
                 or hidden.device.type != "cpu"
                 or not _contiguous(self.dtype, hidden, cos, sin_folded)

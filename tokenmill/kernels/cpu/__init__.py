@@ -140,6 +140,8 @@ def cpu_kernels() -> ctypes.CDLL | None:
         fn.restype = None
     lib.prefill_attention_f32.argtypes = _ATTENTION_ARGTYPES
     lib.prefill_attention_f32.restype = ctypes.c_int
+    lib.prefill_attention_supported.argtypes = [_i32]
+    lib.prefill_attention_supported.restype = ctypes.c_int
     lib.paged_attention_q8.argtypes = _Q8_ATTENTION_ARGTYPES
     lib.paged_attention_q8.restype = None
     lib.int8_matmul_f32.argtypes = _INT8_MATMUL_ARGTYPES
@@ -573,6 +575,13 @@ def paged_attention(
     else:
         lib.paged_attention_bf16(*args)
     return True
+
+
+def prefill_attention_supported(head_dim: int) -> bool:
+    """Whether :func:`prefill_attention` runs float32 heads of ``head_dim`` here (AVX2
+    builds, ``head_dim`` a multiple of 8)."""
+    lib = cpu_kernels()
+    return lib is not None and bool(lib.prefill_attention_supported(head_dim))
 
 
 def prefill_attention(

@@ -1,13 +1,15 @@
 /*
  * A whole decoder stack of a float32 llama-style model (quantized projections, or dense
- * ones on the float32 panel kernel) in one call, for steps of few tokens (decode),
+ * ones on the float32 panel kernel) in one call, for steps of fewer rows than the
+ * dense prefill GEMM takes (decodes, and the steps where a prompt chunk joins them),
  * where a step's time on a small model goes as much to dispatching ~15 PyTorch and
  * ctypes calls per layer as to the matmuls themselves.
  *
  * Per layer it runs the same kernels the per-layer Python path calls, in the
  * same order and with the same arithmetic: rms_norm_f32 (optionally after the
  * residual add), the Q4_1, Q8_0 or float32 panel matmul for the fused QKV projection,
- * rope_kv_write_f32, paged_attention_f32, the output projection, the second
+ * rope_kv_write_f32, paged_attention_f32 and prefill_attention_f32 (chunks longer
+ * than the paged kernel takes), the output projection, the second
  * norm, the fused gate/up projection, silu_mul_f32 and the down projection.
  * A model with the stack runs rms_norm_f32 and silu_mul_f32 on its per-layer
  * path too, so the two give bit-identical hidden states
@@ -45,6 +47,12 @@ void paged_attention_f32(const float *q, int64_t q_stride, float *out, int64_t o
                          const int32_t *seq_lens, const int32_t *block_tables, int num_seqs,
                          int max_blocks, int num_heads, int num_kv_heads, int head_dim,
                          int block_size, float scale, int max_q_len, int window);
+int prefill_attention_f32(const float *q, int64_t q_stride, float *out, int64_t out_stride,
+                          const float *k_cache, const float *v_cache,
+                          const int32_t *query_start, const int32_t *seq_lens,
+                          const int32_t *block_tables, int num_seqs, int max_blocks,
+                          int num_heads, int num_kv_heads, int head_dim, int block_size,
+                          float scale, int min_q_len, int window);
 
 static void norm_row(const float *x, const float *w, float *y, int N, float eps) {
     float lanes[8] = {0};
@@ -141,6 +149,13 @@ int decoder_stack_f32(const tm_dims *dims, const tm_layer *layers, int num_layer
                             step->seq_lens, step->block_tables, step->num_seqs, step->max_blocks,
                             dims->heads, dims->kv_heads, D, dims->block_size, dims->scale,
                             step->max_q_len, L->window);
+        /* sequences with longer chunks (the caller checked the kernel takes them) */
+        if (!prefill_attention_f32(q, q_size, attn, q_size, L->k_cache, L->v_cache,
+                                   step->query_start, step->seq_lens, step->block_tables,
+                                   step->num_seqs, step->max_blocks, dims->heads,
+                                   dims->kv_heads, D, dims->block_size, dims->scale,
+                                   step->max_q_len, L->window))
+            status = -1;
         status |= linear(&L->o, attn, hidden, T);
         rms_norm_f32(hidden, Hd, residual, residual, L->mlp_norm, normed, T, Hd, dims->eps);
         status |= linear(&L->gate_up, normed, gate_up, T);

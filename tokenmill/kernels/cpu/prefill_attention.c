@@ -128,6 +128,16 @@ static tm_pa_item *tm_pa_items(const int32_t *query_start, int num_seqs, int num
 #include "prefill_attention.inc"
 #endif
 
+/* Whether prefill_attention_f32 runs heads of this size in this build. */
+int prefill_attention_supported(int head_dim) {
+#if defined(__AVX2__) && defined(__FMA__)
+    return head_dim > 0 && head_dim % 8 == 0;
+#else
+    (void)head_dim;
+    return 0;
+#endif
+}
+
 /* Returns 1 when it attended every sequence with more than min_q_len query tokens, 0
    when it cannot run these inputs (no AVX2, head_dim not a multiple of 8, out of
    memory: the caller falls back, writing again any rows written here). */
