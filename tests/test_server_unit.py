@@ -10,7 +10,7 @@ import json
 import pytest
 
 from tokenmill.engine.args import EngineArgs
-from tokenmill.outputs import EngineStats, TokenLogprob
+from tokenmill.outputs import EngineStats, RequestOutput, TokenLogprob
 from tokenmill.server import responses
 from tokenmill.server.auth import ApiKeyAuth, extract_key, key_id, load_api_keys
 from tokenmill.server.body import parse_json
@@ -378,3 +378,82 @@ def test_flags_become_config(tmp_path, monkeypatch):
 def test_api_key_from_environment(monkeypatch):
     monkeypatch.setenv("TOKENMILL_API_KEY", "from-env")
     assert parse_flags([]).api_keys == ("from-env",)
+
+
+def _delta(request_id: str, finished: bool = False) -> RequestOutput:
+    return RequestOutput(request_id, None, [1], [], finished)
+
+
+def test_request_stream_iterates_or_forwards_in_order():
+    from tokenmill.engine.client import RequestStream
+    from tokenmill.engine.errors import RequestFailed
+
+    async def main() -> None:
+        iterated = RequestStream("a")  # consumed by iteration: ends after the finished output
+        outputs = [_delta("a"), _delta("a"), _delta("a", finished=True)]
+        for output in outputs:
+            iterated.put(output)
+        assert [o async for o in iterated] == outputs and iterated.finished
+
+        forwarded = RequestStream("b")  # what arrived before forward_to comes first
+        early, late, last = _delta("b"), _delta("b"), _delta("b", finished=True)
+        forwarded.put(early)
+        seen: list[object] = []
+        forwarded.forward_to(seen.append)
+        assert seen == [early] and not forwarded.finished
+        forwarded.put(late)
+        forwarded.put(last)
+        assert seen == [early, late, last] and forwarded.finished
+
+        failed = RequestStream("c")
+        failed.forward_to(seen.append)
+        error = RequestFailed("boom")
+        failed.put(error)
+        assert seen[-1] is error and failed.finished
+
+    asyncio.run(main())
+
+
+def test_generation_run_merges_prompts_and_raises_their_errors():
+    """Two prompts' deltas in arrival order, straight from the engine's streams (no task
+    per prompt); an engine error reaches the consumer."""
+    from tokenmill.engine.client import RequestStream
+    from tokenmill.engine.errors import RequestFailed
+    from tokenmill.server.generation import GenerationRun
+
+    class Engine:
+        def __init__(self) -> None:
+            self.streams: dict[str, RequestStream] = {}
+            self.aborted: list[str] = []
+
+        def add_request(self, request_id, prompt, params, prompt_text=None, priority=0):
+            self.streams[request_id] = RequestStream(request_id)
+            return self.streams[request_id]
+
+        def abort(self, request_id: str) -> None:
+            self.aborted.append(request_id)
+
+    async def main() -> None:
+        engine, metrics = Engine(), ServerMetrics(lambda: None)
+        run = GenerationRun(engine, [[1], [2]], None, ["p0", "p1"], 0, metrics)
+        run.start()
+        a0, b0 = _delta("p0"), _delta("p1")
+        a1, b1 = _delta("p0", finished=True), _delta("p1", finished=True)
+        for stream, item in ((engine.streams["p1"], b0), (engine.streams["p0"], a0),
+                             (engine.streams["p0"], a1), (engine.streams["p1"], b1)):
+            stream.put(item)
+        got = [(index, output) async for index, output in run.outputs()]
+        assert got == [(1, b0), (0, a0), (0, a1), (1, b1)]
+        run.close("abort")
+        assert engine.aborted == []  # both finished: nothing to abort
+
+        failing = GenerationRun(engine, [[3]], None, ["p2"], 0, metrics)
+        failing.start()
+        engine.streams["p2"].put(RequestFailed("no"))
+        with pytest.raises(RequestFailed):
+            async for _ in failing.outputs():
+                pass
+        failing.close("error")
+        assert engine.aborted == ["p2"]
+
+    asyncio.run(main())

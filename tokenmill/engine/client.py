@@ -58,7 +58,8 @@ SHUTDOWN_TIMEOUT_S = 10.0
 
 
 class RequestStream:
-    """The output deltas of one request, as an async iterator.
+    """The output deltas of one request, as an async iterator - or, after
+    :meth:`forward_to`, handed to a callback as they arrive.
 
     Ends after the output that has ``finished``; raises ``RequestFailed`` or
     ``EngineDeadError`` if the engine fails it. Leaving early does not stop the
@@ -68,10 +69,28 @@ class RequestStream:
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._sink: Callable[[RequestOutput | BaseException], None] | None = None
         self.finished = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self._queue.put_nowait(item)
+        if self._sink is None:
+            self._queue.put_nowait(item)
+            return
+        if isinstance(item, BaseException) or item.finished:
+            self.finished = True
+        self._sink(item)
+
+    def forward_to(self, sink: Callable[[RequestOutput | BaseException], None]) -> None:
+        """Call ``sink`` (on the event loop) with each output or error from now on, what
+        is queued first, instead of queueing them for iteration: a consumer that merges
+        several streams saves a task wake-up per token. The last item is the finished
+        output or the error."""
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, BaseException) or item.finished:
+                self.finished = True
+            sink(item)
+        self._sink = sink
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self

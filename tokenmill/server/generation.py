@@ -3,7 +3,8 @@
 A completions request may carry several prompts; each becomes one engine request
 (with its own ``n`` choices). ``GenerationRun`` submits them all (synchronously: the
 engine client validates each one, so a request that can never run fails before any
-response starts), yields their outputs (deltas) in arrival order, enforces the
+response starts), takes their outputs (deltas) straight from the engine's streams
+(``RequestStream.forward_to``) and yields them in arrival order, enforces the
 request deadline, records latency metrics as tokens arrive, and - whatever ends the
 request (done, timeout, client gone, error) - ``close()`` aborts what is still running
 so its KV blocks are freed at once. ``close()`` never awaits, so it is safe in a task
@@ -13,6 +14,7 @@ that is being cancelled.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -28,7 +30,7 @@ logger = logging.getLogger("tokenmill.server")
 @dataclass
 class _Item:
     prompt_index: int
-    output: RequestOutput | None = None  # None: this prompt's stream ended
+    output: RequestOutput | None = None
     error: BaseException | None = None
 
 
@@ -57,7 +59,6 @@ class GenerationRun:
         self._deadline = deadline
         self._n = int(getattr(params, "n", 1) or 1)
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._tasks: list[asyncio.Task[None]] = []
         self._submitted = 0  # prompts handed to the engine
         self._timings = [RequestTiming() for _ in prompts]
         self._choice_tokens: dict[tuple[int, int], int] = {}
@@ -81,27 +82,23 @@ class GenerationRun:
 
     def start(self) -> None:
         """Submit every prompt; raise at once (aborting the rest) if the engine refuses one."""
-        loop = asyncio.get_running_loop()
         pairs = zip(self._prompts, self._prompt_texts, self.engine_request_ids, strict=True)
         try:
             for index, (prompt, text, request_id) in enumerate(pairs):
                 stream = self._engine.add_request(
                     request_id, prompt, self._params, prompt_text=text, priority=self._priority)
                 self._submitted = index + 1
-                self._tasks.append(loop.create_task(self._produce(index, stream)))
+                stream.forward_to(functools.partial(self._on_output, index))
         except BaseException:
             self.close("error")
             raise
 
-    async def _produce(self, index: int, stream: Any) -> None:
-        try:
-            async for output in stream:
-                self._queue.put_nowait(_Item(index, output))
-            self._queue.put_nowait(_Item(index))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer
-            self._queue.put_nowait(_Item(index, error=exc))
+    def _on_output(self, index: int, item: RequestOutput | BaseException) -> None:
+        """An engine stream's next output or its error (called by the engine client)."""
+        if isinstance(item, BaseException):
+            self._queue.put_nowait(_Item(index, error=item))
+        else:
+            self._queue.put_nowait(_Item(index, item))
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Yield ``(prompt_index, output)`` until every prompt finished.
@@ -113,12 +110,7 @@ class GenerationRun:
             item = await self._next_item()
             if item.error is not None:
                 raise item.error
-            if item.output is None:
-                if item.prompt_index not in self._finished:
-                    # The engine's stream ended without a finished output.
-                    self._finished.add(item.prompt_index)
-                    remaining -= 1
-                continue
+            assert item.output is not None
             was_finished = item.prompt_index in self._finished
             self._record(item.prompt_index, item.output)
             if not was_finished and item.prompt_index in self._finished:
@@ -169,9 +161,6 @@ class GenerationRun:
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
-            if not task.done():
-                task.cancel()
         for index, request_id in enumerate(self.engine_request_ids[: self._submitted]):
             if index in self._finished:
                 continue

@@ -1,8 +1,8 @@
 /*
  * Eight-lane float32 helpers for the AVX2 kernels (paged_attention.c, bf16_ops.c,
- * decoder_stack.c, q4_matmul.c): exp, a horizontal sum, a first-lanes mask, bfloat16
- * loads, rounding and stores eight at a time; the same exp on sixteen lanes where the
- * compiler targets AVX-512. Empty without AVX2 and FMA.
+ * decoder_stack.c, q4_matmul.c, prefill_attention.c): exp, a horizontal sum, a
+ * first-lanes mask, bfloat16 loads, rounding and stores eight at a time; the same exp
+ * on sixteen lanes where the compiler targets AVX-512. Empty without AVX2 and FMA.
  */
 #ifndef TOKENMILL_VEC_MATH_H
 #define TOKENMILL_VEC_MATH_H
