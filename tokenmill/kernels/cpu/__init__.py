@@ -545,27 +545,15 @@ def paged_attention(
                 else v_cache.dtype == k_cache.dtype)
     if (
         lib is None
-        or q.device.type != "cpu"
         or dtype not in (torch.float32, torch.bfloat16)
         or out.dtype != dtype or not cache_ok
-        or q.stride(2) != 1 or q.stride(1) != q.shape[2]
-        or out.stride(2) != 1 or out.stride(1) != out.shape[2]
-        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
-        or not (query_start_loc.dtype == seq_lens.dtype == block_tables.dtype == torch.int32)
-        or not (query_start_loc.is_contiguous() and seq_lens.is_contiguous()
-                and block_tables.is_contiguous())
+        or not _attention_layout_ok(q, out, k_cache, v_cache, query_start_loc, seq_lens,
+                                    block_tables)
     ):
         return False
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    args = [
-        q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0),
-        k_cache.data_ptr(), v_cache.data_ptr(),
-        query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
-        seq_lens.shape[0], block_tables.shape[1] if block_tables.dim() == 2 else 0,
-        num_heads, num_kv_heads, head_dim, block_size, float(scale), int(max_q_len),
-        int(sliding_window),
-    ]
+    head_dim = q.shape[2]
+    args = _attention_args(q, out, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+                           scale, max_q_len, sliding_window)
     if quant is not None:
         if k_cache.shape[3] != head_dim + 4:
             return False
@@ -606,24 +594,45 @@ def prefill_attention(
     lib = cpu_kernels()
     if (
         lib is None
-        or q.device.type != "cpu"
         or not (q.dtype == out.dtype == k_cache.dtype == v_cache.dtype == torch.float32)
-        or q.stride(2) != 1 or q.stride(1) != q.shape[2]
-        or out.stride(2) != 1 or out.stride(1) != out.shape[2]
-        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
-        or not (query_start_loc.dtype == seq_lens.dtype == block_tables.dtype == torch.int32)
-        or not (query_start_loc.is_contiguous() and seq_lens.is_contiguous()
-                and block_tables.is_contiguous())
+        or k_cache.shape[3] != q.shape[2]
+        or not _attention_layout_ok(q, out, k_cache, v_cache, query_start_loc, seq_lens,
+                                    block_tables)
     ):
         return False
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
-    if head_dim != q.shape[2]:
-        return False
-    return bool(lib.prefill_attention_f32(
+    return bool(lib.prefill_attention_f32(*_attention_args(
+        q, out, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, min_q_len,
+        sliding_window)))
+
+
+def _attention_layout_ok(
+    q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+) -> bool:
+    """The layouts both attention kernels read: q/out [T, H, D] with contiguous heads,
+    contiguous caches, contiguous int32 metadata, all on the CPU."""
+    return (
+        q.device.type == "cpu"
+        and q.stride(2) == 1 and q.stride(1) == q.shape[2]
+        and out.stride(2) == 1 and out.stride(1) == out.shape[2]
+        and k_cache.is_contiguous() and v_cache.is_contiguous()
+        and query_start_loc.dtype == seq_lens.dtype == block_tables.dtype == torch.int32
+        and query_start_loc.is_contiguous() and seq_lens.is_contiguous()
+        and block_tables.is_contiguous()
+    )
+
+
+def _attention_args(
+    q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+    scale: float, q_len_limit: int, sliding_window: int,
+) -> list:
+    """The attention kernels' shared arguments (``_ATTENTION_ARGTYPES``)."""
+    return [
         q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0),
         k_cache.data_ptr(), v_cache.data_ptr(),
         query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
         seq_lens.shape[0], block_tables.shape[1] if block_tables.dim() == 2 else 0,
-        q.shape[1], num_kv_heads, head_dim, block_size, float(scale), int(min_q_len),
-        int(sliding_window),
-    ))
+        q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1], float(scale),
+        int(q_len_limit), int(sliding_window),
+    ]
