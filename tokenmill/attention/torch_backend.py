@@ -9,8 +9,8 @@ score matrix) over the cached prefix plus the new tokens.
 On the CPU, native kernels read K/V in place from the paged cache
 (:mod:`tokenmill.kernels.cpu`): sequences with short queries (decodes,
 speculative verification, chunks of up to ``SHORT_QUERY_LEN`` tokens) go to a
-per-query kernel, longer float32 prefill chunks to a tiled one (1.6x SDPA on
-a 512-token prompt with two AVX2 cores, 2x with AVX-512). The PyTorch code
+per-query kernel, longer float32 prefill chunks to a tiled one (for a
+512-token prompt 1.6x the SDPA path on an AVX2 core, 1.9x with AVX-512). The PyTorch code
 above is the fallback when they cannot be built, and the path for long
 chunks over bfloat16 or 8-bit caches.
 

@@ -81,8 +81,8 @@ class RequestStream:
         self._sink(item)
 
     def forward_to(self, sink: Callable[[RequestOutput | BaseException], None]) -> None:
-        """Call ``sink`` (on the event loop) with each output or error from now on, what
-        is queued first, instead of queueing them for iteration: a consumer that merges
+        """Call ``sink`` (on the event loop) with each output or error - those already
+        queued first - instead of queueing them for iteration: a consumer that merges
         several streams saves a task wake-up per token. The last item is the finished
         output or the error."""
         while not self._queue.empty():
