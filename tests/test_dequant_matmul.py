@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,25 +37,49 @@ def _int4(n: int, k: int, seed: int) -> tuple[torch.Tensor, ...]:
     return codes, *q4_1_scales(scales, zeros), scales, zeros
 
 
-def test_q4_dequantize_is_exact():
+# The kernel library built for this CPU, for AVX2 (the vector loops) and, on x86, for the
+# baseline (the scalar loops): all must give PyTorch's bits.
+MARCHES = [None, "haswell", "x86-64"] if platform.machine() in ("x86_64", "AMD64") else [None]
+
+
+@pytest.fixture(params=MARCHES, ids=lambda m: m or "native")
+def any_build(request, monkeypatch):
+    if request.param is not None:
+        monkeypatch.setenv("TOKENMILL_CPU_MARCH", request.param)
+    cpu.cpu_kernels.cache_clear()
+    yield
+    monkeypatch.delenv("TOKENMILL_CPU_MARCH", raising=False)
+    cpu.cpu_kernels.cache_clear()
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))  # -0.0 is not 0.0 here
+
+
+def test_q4_dequantize_is_exact(any_build):
     codes, d, mins, scales, zeros = _int4(13, 96, 0)
     packed = cpu.pack_q4(codes)
     got = cpu.q4_dequantize(packed, d, mins)
     expected = dequantize_q4_1(codes, d, mins)
-    assert torch.equal(got, expected)
+    assert _same_bits(got, expected)
     # Half-precision d and m move the weight by far less than a 4-bit step.
     torch.testing.assert_close(got, dequantize_int4(codes, scales, zeros), rtol=0, atol=1e-2)
-    assert torch.equal(cpu.q4_dequantize(packed, d, mins, 5, 9), expected[5:9])
+    assert _same_bits(cpu.q4_dequantize(packed, d, mins, 5, 9), expected[5:9])
+    codes[0], d[0], mins[0] = 0, -d[0], -0.0  # -0.0 + -0.0: signed zeros must match too
+    assert _same_bits(cpu.q4_dequantize(cpu.pack_q4(codes), d, mins),
+                      dequantize_q4_1(codes, d, mins))
     with pytest.raises(ValueError, match="float16"):
         cpu.q4_dequantize(packed, d.float(), mins)
 
 
-def test_q8_dequantize_is_exact():
+def test_q8_dequantize_is_exact(any_build):
     codes, scales = quantize_int8(torch.randn(11, 64, generator=torch.Generator().manual_seed(1)))
     scales = scales.contiguous()
+    codes[1, :8] = 0
+    scales[1] = -scales[1]  # zero codes with negative scales: -0.0, as PyTorch gives
     expected = dequantize_int8(codes, scales)
-    assert torch.equal(cpu.q8_dequantize(codes, scales), expected)
-    assert torch.equal(cpu.q8_dequantize(codes, scales, 3, 10), expected[3:10])
+    assert _same_bits(cpu.q8_dequantize(codes, scales), expected)
+    assert _same_bits(cpu.q8_dequantize(codes, scales, 3, 10), expected[3:10])
 
 
 @pytest.mark.parametrize("tile_bytes", [1, 4 * 96 * 5, 1 << 20])  # row by row, 5 rows, all
