@@ -296,7 +296,10 @@ def test_paged_attention_softmax_over_wide_score_ranges(spread):
     q = q * spread
     out = torch.zeros_like(q)
     assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, DIM**-0.5, 16)
-    ref = reference_attention(q, kc, vc, qsl, lens, tables, DIM**-0.5)
+    # float64 reference: PyTorch's float32 SDPA itself is off by 3e-5 at spread 300 with
+    # its AVX2 code (this kernel by 3.3e-6)
+    ref = dense_reference_attention(q.double(), kc, vc, qsl, lens, tables, DIM**-0.5,
+                                    1 << 30).float()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     qb, kb, vb = q.bfloat16(), kc.bfloat16(), vc.bfloat16()
     outb = torch.zeros_like(qb)
