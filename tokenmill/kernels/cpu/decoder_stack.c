@@ -132,6 +132,10 @@ int decoder_stack_f32(const tm_dims *dims, const tm_layer *layers, int num_layer
     float *normed = scratch, *qkv = normed + (size_t)T * Hd, *q = qkv + (size_t)T * qkv_n;
     float *attn = q + (size_t)T * q_size, *gate_up = attn + (size_t)T * q_size;
     float *act = gate_up + (size_t)T * 2 * inter;
+    /* a chunk longer than the paged kernel takes: once per step, not per layer */
+    int long_chunk = 0;
+    for (int b = 0; b < step->num_seqs; b++)
+        long_chunk |= step->query_start[b + 1] - step->query_start[b] > step->max_q_len;
     int status = 0;
     for (int i = 0; i < num_layers && status == 0; i++) {
         const tm_layer *L = &layers[i];
@@ -150,7 +154,7 @@ int decoder_stack_f32(const tm_dims *dims, const tm_layer *layers, int num_layer
                             dims->heads, dims->kv_heads, D, dims->block_size, dims->scale,
                             step->max_q_len, L->window);
         /* sequences with longer chunks (the caller checked the kernel takes them) */
-        if (!prefill_attention_f32(q, q_size, attn, q_size, L->k_cache, L->v_cache,
+        if (long_chunk && !prefill_attention_f32(q, q_size, attn, q_size, L->k_cache, L->v_cache,
                                    step->query_start, step->seq_lens, step->block_tables,
                                    step->num_seqs, step->max_blocks, dims->heads,
                                    dims->kv_heads, D, dims->block_size, dims->scale,

@@ -59,7 +59,7 @@ void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_c
             float s[group][block_size], m[group], l[group];                                    \
             for (int i = 0; i < qlen; i++) {                                                   \
                 const int visible = len - qlen + i + 1;                                        \
-                const int lo = window > 0 && visible > window ? visible - window : 0;          \
+                const int lo = tm_window_start(visible, window);                               \
                 for (int g = 0; g < group; g++) {                                              \
                     const T *qp = q + (int64_t)(q0 + i) * q_stride                             \
                                   + (int64_t)(hk * group + g) * head_dim;                      \
@@ -191,7 +191,7 @@ static void paged_attention_bf16_avx512(
                 const int32_t *table = block_tables + (int64_t)b * max_blocks;
                 for (int i = 0; i < qlen; i++) {
                     const int visible = len - qlen + i + 1;
-                    const int lo = window > 0 && visible > window ? visible - window : 0;
+                    const int lo = tm_window_start(visible, window);
                     const int first = lo - lo % block_size;
                     const uint16_t *qrow = q + (int64_t)(q0 + i) * q_stride
                                            + (int64_t)hk * group * D;

@@ -9,13 +9,20 @@
  * scattered over the pool, which the hardware prefetchers do not follow: without the
  * prefetch the AVX-512 bfloat16 kernel waited on memory at a quarter of the read
  * bandwidth. Sizes here are in bytes, so the float32, bfloat16 and 8-bit (codes plus
- * a scale) caches share the code.
+ * a scale) caches share the code. tm_window_start, the first key a query may see under
+ * a sliding window, is shared with prefill_attention.c.
  */
 #ifndef TM_PAGED_ATTENTION_ITEMS_H
 #define TM_PAGED_ATTENTION_ITEMS_H
 
 #include <stdint.h>
 #include <omp.h>
+
+/* The first key a query that sees keys 0..visible - 1 attends to: with a sliding window
+   W > 0 only the last W of them, else all. */
+static inline int tm_window_start(int visible, int window) {
+    return window > 0 && visible > window ? visible - window : 0;
+}
 
 /* Prefetch (into L2) one KV head's K and V rows for keys lo..len - 1. head_row: bytes
    of one (token, head) row; the token stride is num_kv_heads of them. A prefetch never
@@ -81,7 +88,7 @@ static inline void tm_prefetch_item(int it, const void *k_cache, const void *v_c
     if (qlen <= 0 || qlen > max_q_len) return;
     const int visible0 = seq_lens[b] - qlen + 1;
     tm_prefetch_kv(k_cache, v_cache, block_tables + (int64_t)b * max_blocks,
-                   window > 0 && visible0 > window ? visible0 - window : 0, seq_lens[b],
+                   tm_window_start(visible0, window), seq_lens[b],
                    block_size, num_kv_heads, hk, head_row);
 }
 

@@ -178,7 +178,7 @@ void paged_attention_q8(const void *q, int64_t q_stride, void *out, int64_t out_
                 const int32_t *table = block_tables + (int64_t)b * max_blocks;
                 for (int i = 0; i < qlen; i++) {
                     const int visible = len - qlen + i + 1;
-                    const int lo = window > 0 && visible > window ? visible - window : 0;
+                    const int lo = tm_window_start(visible, window);
                     const int first = lo - lo % block_size;
                     for (int g = 0; g < group; g++) {
                         const int head = hk * group + g;

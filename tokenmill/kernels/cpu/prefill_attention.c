@@ -36,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "paged_attention_items.h"
 #include "vec_math.h"
 
 #define TM_PA_ROWS 64 /* query rows per tile (a multiple of 2 vectors, so AVX-512 too) */
