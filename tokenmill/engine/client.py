@@ -75,22 +75,23 @@ class RequestStream:
     def put(self, item: RequestOutput | BaseException) -> None:
         if self._sink is None:
             self._queue.put_nowait(item)
-            return
-        if isinstance(item, BaseException) or item.finished:
-            self.finished = True
-        self._sink(item)
+        else:
+            self._forward(item)
 
     def forward_to(self, sink: Callable[[RequestOutput | BaseException], None]) -> None:
         """Call ``sink`` (on the event loop) with each output or error - those already
         queued first - instead of queueing them for iteration: a consumer that merges
         several streams saves a task wake-up per token. The last item is the finished
         output or the error."""
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if isinstance(item, BaseException) or item.finished:
-                self.finished = True
-            sink(item)
         self._sink = sink
+        while not self._queue.empty():
+            self._forward(self._queue.get_nowait())
+
+    def _forward(self, item: RequestOutput | BaseException) -> None:
+        assert self._sink is not None
+        if isinstance(item, BaseException) or item.finished:
+            self.finished = True
+        self._sink(item)
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self
