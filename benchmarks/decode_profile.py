@@ -68,9 +68,9 @@ def profile(llm: LLM, batch: int, steps: int, seed: int = 0) -> tuple[float, dic
         from tokenmill.model.prepacked import PrepackedLinear
 
         linear_types += (PrepackedLinear,)
-        from tokenmill.model.prepacked import AmxLinear
+        from tokenmill.model.prepacked import AmxLinear, Bf16DotLinear
 
-        linear_types += (AmxLinear,)
+        linear_types += (AmxLinear, Bf16DotLinear)
     except ImportError:  # a checkout from before quantization (profiling a baseline)
         linear_types = (Linear,)
 

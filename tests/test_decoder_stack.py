@@ -72,7 +72,18 @@ def _step(model, kv, works, stack):
 
 
 needs_amx = pytest.mark.skipif(not cpu_kernels.amx_bf16_available(),
-                               reason="the bfloat16 stack needs AMX-BF16")
+                               reason="no AMX-BF16 here")
+needs_bf16_dot = pytest.mark.skipif(not cpu_kernels.bf16_dot_available(),
+                                    reason="no AVX512-BF16 here")
+# The bfloat16 stack on each of its matmul kernels: AMX, or AVX512-BF16 dot products
+# (what CPUs without AMX run; an AMX CPU has them too, so it tests both).
+BF16_KERNELS = [pytest.param("amx", marks=needs_amx), pytest.param("dot", marks=needs_bf16_dot)]
+
+
+def _bf16_kernel(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make prepack_linears pick ``kernel`` for bfloat16 layers."""
+    if kernel == "dot":
+        monkeypatch.setattr(cpu_kernels, "amx_bf16_available", lambda: False)
 
 
 needs_f32_panel = pytest.mark.skipif(not cpu_kernels.f32_panel_available(),
@@ -82,12 +93,14 @@ needs_f32_panel = pytest.mark.skipif(not cpu_kernels.f32_panel_available(),
 @pytest.mark.parametrize("quantization", [
     "int4", "int8",
     pytest.param("bfloat16", marks=needs_amx),  # bfloat16: AMX projections
+    pytest.param("bfloat16-dot", marks=needs_bf16_dot),  # bfloat16: AVX512-BF16 projections
     pytest.param("float32", marks=needs_f32_panel),  # dense float32 on the panel kernel
 ])
 @pytest.mark.parametrize("cls", [LlamaCausalLM, Qwen2CausalLM])  # Qwen2: QKV bias
 def test_bit_identical_to_per_layer_path(cls, quantization: str,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    if quantization == "bfloat16":
+    if quantization.startswith("bfloat16"):
+        _bf16_kernel("dot" if quantization == "bfloat16-dot" else "amx", monkeypatch)
         model = _model(cls, None, dtype=torch.bfloat16)
     elif quantization == "float32":
         monkeypatch.setenv("TOKENMILL_CPU_GEMM", "native")  # the panel kernel, any AVX2 CPU
@@ -119,8 +132,10 @@ def test_bit_identical_to_per_layer_path(cls, quantization: str,
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_amx)])
-def test_sliding_window_layers(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("kernel", ["int4", *BF16_KERNELS])
+def test_sliding_window_layers(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _bf16_kernel(kernel, monkeypatch)
+    dtype = torch.float32 if kernel == "int4" else torch.bfloat16
     model = _model(LlamaCausalLM, "int4" if dtype == torch.float32 else None, window=5,
                    dtype=dtype)
     stack = NativeDecoderStack.build(model.model)
@@ -187,7 +202,8 @@ def test_steps_it_does_not_cover_fall_back(monkeypatch: pytest.MonkeyPatch) -> N
 def test_models_it_does_not_cover() -> None:
     assert NativeDecoderStack.build(_model(LlamaCausalLM, None).model) is None  # dense
     bf16 = _model(LlamaCausalLM, None, dtype=torch.bfloat16)
-    if cpu_kernels.amx_bf16_available():  # one projection off AMX: the whole stack is off
+    if NativeDecoderStack.build(bf16.model) is not None:
+        # one projection on oneDNN instead of a native kernel: the whole stack is off
         bf16.model.layers[2].mlp.down_proj = PrepackedLinear(
             bf16.model.layers[2].mlp.down_proj.weight)
     assert NativeDecoderStack.build(bf16.model) is None
@@ -249,10 +265,13 @@ def test_build_switches_the_per_layer_path_to_its_kernels() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantization", ["int4", pytest.param("bfloat16", marks=needs_amx)])
+@pytest.mark.parametrize("quantization", [
+    "int4", pytest.param("bfloat16", marks=pytest.mark.skipif(
+        not (cpu_kernels.amx_bf16_available() or cpu_kernels.bf16_dot_available()),
+        reason="no AMX-BF16 or AVX512-BF16 here"))])
 def test_smollm2_same_tokens_with_and_without_the_stack(quantization: str) -> None:
-    """The bundled model, quantized or in bfloat16 on AMX: batched greedy decode with the
-    stack on and off."""
+    """The bundled model, quantized or in bfloat16 (on AMX or AVX512-BF16): batched greedy
+    decode with the stack on and off."""
     from tokenmill import LLM, SamplingParams
 
     llm = (LLM(dtype="bfloat16", num_threads=2) if quantization == "bfloat16"

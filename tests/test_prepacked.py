@@ -16,9 +16,11 @@ from tokenmill.model.layers import Linear
 from tokenmill.model.loader import LoadedModel, load_model, resolve_model
 from tokenmill.model.prepacked import (
     AmxLinear,
+    Bf16DotLinear,
     F32PanelLinear,
     PrepackedLinear,
     amx_usable,
+    bf16_dot_usable,
     default_prepack,
     prepack_linears,
 )
@@ -167,16 +169,19 @@ def test_bfloat16_model_is_packed_and_close(tmp_path) -> None:
     plain = load_model(resolved, torch.bfloat16, "cpu", TorchAttentionBackend(), prepack=False)
     packed = load_model(resolved, torch.bfloat16, "cpu", TorchAttentionBackend())
     # tokenmill's AMX kernel where the CPU has AMX-BF16 (the tiny sizes are multiples of
-    # 32), oneDNN's otherwise.
-    kind = AmxLinear if amx_usable(plain.model.lm_head_weight) else PrepackedLinear
+    # 32), its AVX512-BF16 kernel where it has that, oneDNN's otherwise.
+    head = plain.model.lm_head_weight
+    kind = (AmxLinear if amx_usable(head) else Bf16DotLinear if bf16_dot_usable(head)
+            else PrepackedLinear)
     assert isinstance(packed.model.model.layers[0].mlp.down_proj, kind)
     assert isinstance(packed.model.tied_lm_head, kind)
     # The loader also moves a bfloat16 CPU model's norms to C kernels, and its SiLU-mul
-    # where the model gets the native stack (on AMX), whose per-layer path rounds as it.
+    # where the model gets the native stack (on tokenmill's kernels), whose per-layer path
+    # rounds as it.
     layer = packed.model.model.layers[0]
     assert layer.input_layernorm.native_cpu
     assert layer.mlp.native_cpu_act == (packed.model.model.native_stack is not None)
-    assert (packed.model.model.native_stack is not None) == (kind is AmxLinear)
+    assert (packed.model.model.native_stack is not None) == (kind is not PrepackedLinear)
     prompt = [5, 17, 99, 3, 250, 42, 7]
     want = tokenmill_logits(plain, [prompt])[0].float()
     got = tokenmill_logits(packed, [prompt])[0].float()

@@ -15,9 +15,11 @@ bit-identical either way: a request decodes the same whether its step went
 through the stack or, batched with a long prefill chunk, through the layers.
 
 A bfloat16 model whose projections all run tokenmill's AMX kernel
-(:class:`~tokenmill.model.prepacked.AmxLinear`, CPUs with AMX-BF16) gets the same
-treatment from ``decoder_stack_bf16`` (``decoder_stack_bf16.c``), on the bfloat16
-kernels: a batch-8 decode step of SmolLM2 spent 8-10 ms of ~30 in dispatch.
+(:class:`~tokenmill.model.prepacked.AmxLinear`, CPUs with AMX-BF16) or its
+AVX512-BF16 kernel (:class:`~tokenmill.model.prepacked.Bf16DotLinear`, CPUs with
+bfloat16 dot products but no AMX) gets the same treatment from ``decoder_stack_bf16``
+(``decoder_stack_bf16.c``), on the bfloat16 kernels: a batch-8 decode step of SmolLM2
+spent 8-10 ms of ~30 in dispatch.
 
 A float32 model whose dense projections all run tokenmill's panel kernel
 (:class:`~tokenmill.model.prepacked.F32PanelLinear`, AVX2 CPUs without AVX-512)
@@ -25,14 +27,14 @@ runs on ``decoder_stack_f32`` too.
 
 It covers what those kernels cover: float32 activations and KV cache on the
 CPU with every projection quantized with the native int4 or int8 kernel or on
-float32 panels, or bfloat16 activations and KV cache with every projection on AMX; RMSNorm
-pre-norm layers with a SwiGLU MLP, full-width rotary from one table, no
-QK-norm, no sandwich norms, no mixture of experts, no tensor parallelism. A
-step takes it when its row count stays below the quantized layers' dense-GEMM
-threshold and - for the bfloat16 stack, or where the prefill-attention kernel
-is missing - each sequence has at most ``SHORT_QUERY_LEN`` new tokens; any
-other step runs the per-layer path. ``TOKENMILL_CPU_NATIVE_STACK=0``
-turns it off (A/B measurements).
+float32 panels, or bfloat16 activations and KV cache with every projection on
+AMX or AVX512-BF16; RMSNorm pre-norm layers with a SwiGLU MLP, full-width rotary
+from one table, no QK-norm, no sandwich norms, no mixture of experts, no tensor
+parallelism. A step takes it when its row count stays below the quantized layers'
+dense-GEMM threshold and - for the bfloat16 stack, or where the prefill-attention
+kernel is missing - each sequence has at most ``SHORT_QUERY_LEN`` new tokens; any
+other step runs the per-layer path. ``TOKENMILL_CPU_NATIVE_STACK=0`` turns it off
+(A/B measurements).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import torch
 from tokenmill.attention.torch_backend import SHORT_QUERY_LEN
 from tokenmill.kernels import cpu as cpu_kernels
 from tokenmill.model.layers import RMSNorm, silu_and_mul
-from tokenmill.model.prepacked import AmxLinear, F32PanelLinear
+from tokenmill.model.prepacked import AmxLinear, Bf16DotLinear, F32PanelLinear
 from tokenmill.model.quantization import Int4Linear, Int8Linear
 
 if TYPE_CHECKING:
@@ -81,15 +83,15 @@ class _Step(ctypes.Structure):
 
 
 # Projection kinds (tm_qlinear.kind) each stack takes, by activation dtype.
-_KINDS = {torch.float32: (0, 1, 3), torch.bfloat16: (2,)}
+_KINDS = {torch.float32: (0, 1, 3), torch.bfloat16: (2, 4)}
 # The kinds of tokenmill's packed-weight layers.
-_PACKED_KINDS = {AmxLinear: 2, F32PanelLinear: 3}
+_PACKED_KINDS = {AmxLinear: 2, F32PanelLinear: 3, Bf16DotLinear: 4}
 
 
 def _qlinear(module: torch.nn.Module) -> _QLinear | None:
     """The kernel arguments of a projection, or None if it is not one the native
-    kernels run: kind 0 int4, 1 int8, 3 float32 panels (float32 bias), 2 AMX bfloat16
-    (bfloat16 bias)."""
+    kernels run: kind 0 int4, 1 int8, 3 float32 panels (float32 bias), 2 AMX bfloat16,
+    4 AVX512-BF16 bfloat16 (bfloat16 bias)."""
     bias = getattr(module, "bias", None)
     bias_ptr = None if bias is None else bias.data_ptr()
     kind = _PACKED_KINDS.get(type(module))

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c",
             "dequantize.c", "rope_kv_write.c", "decoder_stack.c", "bf16_ops.c",
             "bf16_matmul.c", "argmax.c", "decoder_stack_bf16.c", "f32_matmul.c",
-            "prefill_attention.c")
+            "prefill_attention.c", "bf16_matmul_dot.c")
 # Included by the sources: part of the cache key, not compiled on their own.
 _HEADERS = ("q8_input.h", "bf16.h", "vec_math.h", "decoder_stack.h", "paged_attention_avx2.inc",
             "paged_attention_items.h", "prefill_attention.inc")
@@ -169,6 +169,10 @@ def cpu_kernels() -> ctypes.CDLL | None:
     lib.bf16_matmul_amx.restype = ctypes.c_int
     lib.bf16_matmul_amx_init.argtypes = []
     lib.bf16_matmul_amx_init.restype = ctypes.c_int
+    lib.bf16_matmul_dot.argtypes = _PACKED_MATMUL_ARGTYPES
+    lib.bf16_matmul_dot.restype = ctypes.c_int
+    lib.bf16_matmul_dot_available.argtypes = []
+    lib.bf16_matmul_dot_available.restype = ctypes.c_int
     lib.f32_matmul_packed.argtypes = _PACKED_MATMUL_ARGTYPES
     lib.f32_matmul_packed.restype = ctypes.c_int
     lib.f32_matmul_available.argtypes = []
@@ -234,6 +238,27 @@ def bf16_matmul_amx(
     if not amx_bf16_available() or not amx_shape_supported(n, k):
         return None
     return _packed_matmul("bf16_matmul_amx", torch.bfloat16, x, packed, bias, n, k)
+
+
+@functools.cache
+def bf16_dot_available() -> bool:
+    """Whether :func:`bf16_matmul_dot` runs here: the library was built for a CPU with
+    AVX512-BF16 (``-march`` of a CPU that has it)."""
+    lib = cpu_kernels()
+    return lib is not None and lib.bf16_matmul_dot_available() == 1
+
+
+def bf16_matmul_dot(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """:func:`bf16_matmul_amx`'s product on AVX512-BF16 dot products (``vdpbf16ps``), for
+    CPUs without AMX: the same inputs (``packed`` from :func:`pack_bf16_amx`) and the
+    same arithmetic up to summation order. None, having done nothing, when the kernel
+    cannot run these inputs."""
+    n, k = packed.shape[0] * 16, packed.shape[1] * 32
+    if not bf16_dot_available() or not amx_shape_supported(n, k):
+        return None
+    return _packed_matmul("bf16_matmul_dot", torch.bfloat16, x, packed, bias, n, k)
 
 
 @functools.cache

@@ -1,13 +1,14 @@
 /*
  * The decoder stack of a bfloat16 llama-style model in one call, for steps of few
- * tokens (decode) on CPUs with AMX-BF16: the float32 stack's idea (decoder_stack.c) on
- * the bfloat16 kernels. At batch 1-8 a step of SmolLM2 spent 8-10 ms of ~30 in Python
- * and PyTorch dispatch around ~12 calls per layer.
+ * tokens (decode) on CPUs with AMX-BF16 or AVX512-BF16: the float32 stack's idea
+ * (decoder_stack.c) on the bfloat16 kernels. At batch 1-8 a step of SmolLM2 spent
+ * 8-10 ms of ~30 in Python and PyTorch dispatch around ~12 calls per layer.
  *
  * Per layer, in the per-layer path's order and on its kernels: rms_norm_bf16 (after
- * the residual add from the second layer on), bf16_matmul_amx for the fused QKV,
- * rope_kv_write_bf16, paged_attention_bf16, the output projection, rms_norm_bf16 with
- * the residual, the fused gate/up projection, silu_mul_bf16 and the down projection.
+ * the residual add from the second layer on), bf16_matmul_amx or bf16_matmul_dot for
+ * the fused QKV, rope_kv_write_bf16, paged_attention_bf16, the output projection,
+ * rms_norm_bf16 with the residual, the fused gate/up projection, silu_mul_bf16 and the
+ * down projection.
  * A model with this stack runs silu_mul_bf16 on its per-layer path too, so both paths
  * give bit-identical hidden states (tests/test_decoder_stack.py).
  */
@@ -18,6 +19,8 @@
 #include "decoder_stack.h"
 
 int bf16_matmul_amx(const uint16_t *x, int64_t ldx, const uint16_t *packed,
+                    const uint16_t *bias, uint16_t *y, int64_t ldy, int M, int N, int K);
+int bf16_matmul_dot(const uint16_t *x, int64_t ldx, const uint16_t *packed,
                     const uint16_t *bias, uint16_t *y, int64_t ldy, int M, int N, int K);
 void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *res_in,
                    uint16_t *res_out, const uint16_t *w, uint16_t *y, int T, int N, float eps);
@@ -33,16 +36,17 @@ void paged_attention_bf16(const uint16_t *q, int64_t q_stride, uint16_t *out,
                           float scale, int max_q_len, int window);
 
 static int linear(const tm_qlinear *l, const uint16_t *x, uint16_t *out, int M) {
-    if (l->kind != 2) return -1;
-    return bf16_matmul_amx(x, l->k, (const uint16_t *)l->w0, (const uint16_t *)l->bias, out,
-                           l->n, M, l->n, l->k);
+    const uint16_t *w = (const uint16_t *)l->w0, *bias = (const uint16_t *)l->bias;
+    if (l->kind == 2) return bf16_matmul_amx(x, l->k, w, bias, out, l->n, M, l->n, l->k);
+    if (l->kind == 4) return bf16_matmul_dot(x, l->k, w, bias, out, l->n, M, l->n, l->k);
+    return -1;
 }
 
 /*
  * hidden [T, hidden] in: the embeddings; out: the last layer's MLP output, with
  * residual (written, not read) holding the stream before it (the pair
  * DecoderLayer.forward returns). Returns 0, -1 when out of memory, -2 when a
- * projection is not an AMX one (nothing useful written).
+ * projection is not an AMX or AVX512-BF16 one (nothing useful written).
  */
 int decoder_stack_bf16(const tm_dims *dims, const tm_layer *layers, int num_layers,
                        const tm_step *step, uint16_t *hidden, uint16_t *residual) {
