@@ -257,6 +257,10 @@ static void tile_4x1(const uint8_t *w, const uint16_t *d, const uint16_t *mn, co
         for (int j = 0; j < pairs; j++) {
             const int g = g0 + 2 * j;
             const __m256i xlo = TM_LOAD(TM_X(0, g)), xhi = TM_LOAD(TM_X(0, g) + 32);
+            /* the rows two quads ahead (as int8_matmul.c's tile_4x1_q8): 1.4-1.5x on a
+               decode step's 30 layers at one row */
+            for (int r = 8; r < 12; r++)
+                _mm_prefetch((const char *)(w + r * wrow + g * 16), _MM_HINT_T0);
 #define TM_ROW(I, A, S)                                                                        \
             {                                                                                  \
                 __m256i lo, hi;                                                                \
@@ -310,6 +314,9 @@ static void tile_2x4(const uint8_t *w, const uint16_t *d, const uint16_t *mn, co
         for (int j = 0; j < pairs; j++) {
             const int g = g0 + 2 * j;
             __m256i lo0, hi0, lo1, hi1;
+            /* this tile's rows two quads ahead, for steps of few rows */
+            _mm_prefetch((const char *)(w + 8 * wrow + g * 16), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + 9 * wrow + g * 16), _MM_HINT_T0);
             tm_unpack_pair(w + g * 16, &lo0, &hi0);
             tm_unpack_pair(w + wrow + g * 16, &lo1, &hi1);
 #define TM_STEP(R, A0, A1)                                                                     \
