@@ -305,8 +305,9 @@ def run_hf_static(model: Any, name: str, prompts: list[list[int]], output_lens: 
     ``max_time``: HF stops decoding once it is spent (after the step in
     flight), and that batch counts the tokens it produced for each request
     (only requests it finished count as requests). The phase therefore ends
-    within about one prefill plus one decode step of ``seconds_cap``.
-    Returns None if not even one token was produced.
+    within about one prefill plus one decode step of ``seconds_cap``; the first
+    batch starts even if the cap is already spent (so it produces at least one
+    token). Returns None if not even one token was produced.
     """
     done_requests = useful = prompt_tokens = 0
     cut = False
@@ -314,8 +315,11 @@ def run_hf_static(model: Any, name: str, prompts: list[list[int]], output_lens: 
     with torch.inference_mode():
         for start in range(0, len(prompts), batch):
             left = seconds_cap - (time.perf_counter() - t0)
-            if left <= 0:
+            if left <= 0 and start > 0:
                 break
+            # The first batch always starts (a tiny cap still measures its first step):
+            # HF stops it after the step in which max_time ran out.
+            left = max(left, 1e-6)
             chunk, outs = prompts[start:start + batch], output_lens[start:start + batch]
             width = max(map(len, chunk))
             ids = torch.zeros((len(chunk), width), dtype=torch.long)
