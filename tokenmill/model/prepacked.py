@@ -35,9 +35,9 @@ bit-identical to oneDNN's up to 32 rows (``benchmarks/cpu_gemm.py``).
 
 Where the CPU has AVX512-BF16 but no AMX (AMD Zen 4/5), a bfloat16 layer becomes a
 :class:`Bf16DotLinear`: tokenmill's ``vdpbf16ps`` kernel (``kernels/cpu/bf16_matmul_dot.c``)
-on the same packed layout. On a 2-core Zen 4 VM one decoder layer's matmuls ran 1.4x
-faster than oneDNN's at 1 row, 1.1-1.2x at 4-8 and the same (0.98-1.03x) from 32 to
-512 rows; what it buys most is that bfloat16 models there run the native decoder
+on the same packed layout. On a 2-core Zen 4 VM one decoder layer's matmuls ran
+1.36x faster than oneDNN's at 1 row, 1.19x at 8 and 32, 1.09x at 128 (the LM head
+0.95-1.12x); what it buys most is that bfloat16 models there run the native decoder
 stack too (a decode step 1.5x faster at batch 1, 1.2x at 32).
 
 On CPUs with AVX2 but no AVX-512, a float32 layer (output size a multiple of 16)
