@@ -169,12 +169,18 @@ class AmxLinear(NativePackedLinear):
     matmul = staticmethod(cpu_kernels.bf16_matmul_amx)
 
 
+def _bf16_kernel_usable(weight: torch.Tensor, available: Callable[[], bool]) -> bool:
+    """bfloat16 on the CPU, sizes the packed layout fits (both bfloat16 kernels share it),
+    ``TOKENMILL_CPU_GEMM=auto`` or ``native``, and ``available()``: the kernel runs here."""
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and cpu_kernels.amx_shape_supported(*weight.shape)
+            and cpu_gemm() in ("auto", "native") and available())
+
+
 def amx_usable(weight: torch.Tensor) -> bool:
     """Whether a weight becomes an :class:`AmxLinear`: bfloat16 on the CPU, sizes the
     kernel's blocking fits, an AMX-BF16 CPU, ``TOKENMILL_CPU_GEMM=auto`` or ``native``."""
-    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-            and cpu_kernels.amx_shape_supported(*weight.shape)
-            and cpu_gemm() in ("auto", "native") and cpu_kernels.amx_bf16_available())
+    return _bf16_kernel_usable(weight, cpu_kernels.amx_bf16_available)
 
 
 class Bf16DotLinear(NativePackedLinear):
@@ -193,9 +199,7 @@ def bf16_dot_usable(weight: torch.Tensor) -> bool:
     """Whether a weight becomes a :class:`Bf16DotLinear`: bfloat16 on the CPU, sizes the
     kernel's blocking fits, the kernel built here, ``TOKENMILL_CPU_GEMM=auto`` or
     ``native`` (AMX, where present, comes first: :func:`amx_usable`)."""
-    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-            and cpu_kernels.amx_shape_supported(*weight.shape)
-            and cpu_gemm() in ("auto", "native") and cpu_kernels.bf16_dot_available())
+    return _bf16_kernel_usable(weight, cpu_kernels.bf16_dot_available)
 
 
 class F32PanelLinear(NativePackedLinear):

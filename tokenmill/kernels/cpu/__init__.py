@@ -234,10 +234,7 @@ def bf16_matmul_amx(
     bfloat16 once (oneDNN's AMX arithmetic; a row's result does not depend on the
     others). None, having done nothing, when the kernel cannot run these inputs.
     """
-    n, k = packed.shape[0] * 16, packed.shape[1] * 32
-    if not amx_bf16_available() or not amx_shape_supported(n, k):
-        return None
-    return _packed_matmul("bf16_matmul_amx", torch.bfloat16, x, packed, bias, n, k)
+    return _bf16_packed_matmul("bf16_matmul_amx", amx_bf16_available(), x, packed, bias)
 
 
 @functools.cache
@@ -255,10 +252,19 @@ def bf16_matmul_dot(
     CPUs without AMX: the same inputs (``packed`` from :func:`pack_bf16_amx`) and the
     same arithmetic up to summation order. None, having done nothing, when the kernel
     cannot run these inputs."""
+    return _bf16_packed_matmul("bf16_matmul_dot", bf16_dot_available(), x, packed, bias)
+
+
+def _bf16_packed_matmul(
+    name: str, available: bool, x: torch.Tensor, packed: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """One of the bfloat16 kernels on a :func:`pack_bf16_amx` weight, when ``available``
+    and the sizes fit the layout; None otherwise."""
     n, k = packed.shape[0] * 16, packed.shape[1] * 32
-    if not bf16_dot_available() or not amx_shape_supported(n, k):
+    if not available or not amx_shape_supported(n, k):
         return None
-    return _packed_matmul("bf16_matmul_dot", torch.bfloat16, x, packed, bias, n, k)
+    return _packed_matmul(name, torch.bfloat16, x, packed, bias, n, k)
 
 
 @functools.cache
