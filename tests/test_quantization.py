@@ -124,21 +124,23 @@ def test_quantize_int8_recovers_q8_0_codes_exactly():
     torch.testing.assert_close(got_scales, scales, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("kernel", ["vnni", "native", "fallback"])
 @pytest.mark.parametrize("rows", [1, 5, 70])
-def test_int8_linear_matches_dense_dequantized(monkeypatch, native, rows):
+def test_int8_linear_matches_dense_dequantized(monkeypatch, kernel, rows):
     from tokenmill.kernels import cpu
 
-    if native and cpu.cpu_kernels() is None:
+    if kernel != "fallback" and cpu.cpu_kernels() is None:
         pytest.skip("no C compiler for the native kernels")
-    if not native:
+    if kernel == "vnni" and not cpu.int8_vnni_available():
+        pytest.skip("the int8 VNNI kernel needs AVX512-VNNI")
+    if kernel == "fallback":
         monkeypatch.setattr(cpu, "int8_matmul", lambda *a: None)
     weight = torch.randn(80, 96, generator=torch.Generator().manual_seed(5))
     bias = torch.randn(80)
-    layer = Int8Linear(weight, bias)
+    layer = Int8Linear(weight, bias, kernel="vnni" if kernel == "vnni" else "native")
     layer.dense_min_rows = 0  # the integer path (the dense one: test_dequant_matmul.py)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(6))
-    expected = F.linear(round_to_q8(x), dequantize_int8(layer.codes, layer.scales), bias)
+    expected = F.linear(round_to_q8(x), dequantize_int8(*quantize_int8(weight)), bias)
     got = layer(x)
     assert got.shape == (rows, 80) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import torch
 
-from tokenmill.kernels.cpu_features import has_native_bf16
+from tokenmill.kernels.cpu_features import cpu_flags, has_native_bf16
 
 # Largest dequantized tile: bounds the scratch memory for big layers.
 TILE_BYTES = 32 << 20
@@ -76,18 +76,19 @@ def use_dense(rows: int, min_rows: int) -> bool:
 def tiled_dense_matmul(
     x: torch.Tensor, out_features: int, dequantize: Dequantizer,
     bias: torch.Tensor | None = None, tile_bytes: int = TILE_BYTES,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, row_multiple: int = 1,
 ) -> torch.Tensor | None:
     """``x @ W.T + bias`` with ``W``'s rows ``[start, stop)`` from ``dequantize(start, stop)``.
 
     ``x`` is float32 ``[M, K]``; the result is float32. ``dtype`` is the GEMM's
     type (default :data:`DENSE_DTYPE`; bfloat16 rounds ``x`` and each tile to
     bfloat16 and adds the bias in float32). Returns None, having done nothing,
-    if ``dequantize`` returns None (kernel missing).
+    if ``dequantize`` returns None (kernel missing). Tiles start on multiples of
+    ``row_multiple`` (a packed layout's panel height).
     """
     dtype = DENSE_DTYPE if dtype is None else dtype
     m, k = x.shape
-    tile = max(1, tile_bytes // (4 * k))
+    tile = max(1, tile_bytes // (4 * k) // row_multiple) * row_multiple
     xg = x.to(dtype)
 
     def product(weight: torch.Tensor, part: torch.Tensor | None) -> torch.Tensor:
@@ -107,3 +108,10 @@ def tiled_dense_matmul(
             return None
         out[:, start:stop] = product(weight, None if bias is None else bias[start:stop])
     return out
+# The AVX512-VNNI int4 kernel (kernels/cpu/q4_matmul_vnni.c) beat the dense path at every
+# row count measured on a Zen 4 EPYC (bfloat16 GEMM, no AMX: 0.36x at 64 rows, 0.69x at
+# 512), so it has no threshold there; with AMX, whose bfloat16 GEMM is several times
+# faster from a few dozen rows, the dense path keeps the threshold above (not measured
+# against this kernel: no AMX host with it yet).
+VNNI_DENSE_MIN_ROWS = int(os.environ.get(
+    "TOKENMILL_DENSE_MIN_ROWS", DENSE_MIN_ROWS if "amx_bf16" in cpu_flags() else 0))

@@ -31,6 +31,7 @@ scalar path about 10x slower).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -147,32 +148,46 @@ def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` as int8 codes and float32 group scales.
 
-    Computed by the native CPU kernel (input rounded to 8 bits per group of
-    32, integer dot products); without it (no C compiler) the weight is
-    dequantized per call and multiplied with the same rounded input: slower,
-    the same numbers up to summation order.
+    Computed by a native CPU kernel (input rounded to 8 bits per group of 32,
+    integer dot products): ``vnni`` (:func:`tokenmill.kernels.cpu.int8_matmul_vnni`,
+    CPUs with AVX512-VNNI, output size a multiple of 16, the weight packed in panels
+    of 16 output columns) or ``native`` (:func:`tokenmill.kernels.cpu.int8_matmul`,
+    the weight row by row); see :func:`default_quantized_kernel`. Without either (no
+    C compiler) the weight is dequantized per call and multiplied with the same
+    rounded input: slower, the same numbers up to summation order.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 kernel: str | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.kernel = default_quantized_kernel(self.out_features, 8) if kernel is None else kernel
+        if self.kernel not in ("native", "vnni"):
+            raise ValueError(f"unknown int8 kernel {self.kernel!r}")
         codes, scales = quantize_int8(weight)
-        self.register_buffer("codes", codes)
-        self.register_buffer("scales", scales.contiguous())
+        if self.kernel == "vnni":  # codes (offset to unsigned) and scales per 16-column panel
+            self.register_buffer("packed", cpu.pack_int8_vnni(codes, scales))
+        else:
+            self.register_buffer("codes", codes)
+            self.register_buffer("scales", scales.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
                                                            requires_grad=False)
         # Input rows from which a float GEMM on dequantized tiles runs instead (prefill).
-        self.dense_min_rows = dequant_matmul.DENSE_MIN_ROWS
+        self.dense_min_rows = (dequant_matmul.VNNI_DENSE_MIN_ROWS if self.kernel == "vnni"
+                               else dequant_matmul.DENSE_MIN_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).float()
         y = None
         if dequant_matmul.use_dense(flat.shape[0], self.dense_min_rows):
-            y = dequant_matmul.tiled_dense_matmul(
-                flat, self.out_features,
-                lambda start, stop: cpu.q8_dequantize(self.codes, self.scales, start, stop),
-                self.bias)
+            y = dequant_matmul.tiled_dense_matmul(flat, self.out_features,
+                                                  self._dequantize_rows, self.bias,
+                                                  row_multiple=16)
+        if y is None and self.kernel == "vnni":
+            y = cpu.int8_matmul_vnni(flat, self.packed, self.bias)
+            if y is None:
+                raise RuntimeError("the int8 VNNI kernel is not available on this CPU")
         if y is None:
             y = cpu.int8_matmul(flat, self.codes, self.scales, self.bias)
         if y is None:
@@ -180,24 +195,48 @@ class Int8Linear(nn.Module):
                 round_to_q8(flat), dequantize_int8(self.codes, self.scales), self.bias)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
+    def _dequantize_rows(self, start: int, stop: int) -> torch.Tensor | None:
+        if self.kernel == "vnni":
+            return cpu.int8_vnni_dequantize(self.packed, start, stop)
+        return cpu.q8_dequantize(self.codes, self.scales, start, stop)
+
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group={INT8_GROUP_SIZE}, "
-                f"bias={self.bias is not None}")
+                f"kernel={self.kernel}, bias={self.bias is not None}")
+
+
+def default_quantized_kernel(out_features: int, bits: int = 4) -> str:
+    """The :class:`Int4Linear` (``bits`` 4) or :class:`Int8Linear` (8) kernel for a layer
+    of ``out_features`` outputs on this CPU: ``vnni`` where the CPU has AVX512-VNNI and
+    the outputs fill 16-column panels (unless ``TOKENMILL_CPU_VNNI=0``), else ``native``
+    (for int4: ``torch`` without the C kernels; int8 then falls back per call)."""
+    if cpu.cpu_kernels() is None:
+        return "torch" if bits == 4 else "native"
+    available = cpu.q4_vnni_available if bits == 4 else cpu.int8_vnni_available
+    if (out_features % 16 == 0 and os.environ.get("TOKENMILL_CPU_VNNI", "1") != "0"
+            and available()):
+        return "vnni"
+    return "native"
 
 
 class Int4Linear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` in 4-bit groups of 32.
 
-    Two CPU kernels, picked once at construction:
+    Three CPU kernels, picked once at construction (:func:`default_quantized_kernel`):
 
     - ``native`` (:func:`tokenmill.kernels.cpu.q4_matmul`, when a C compiler is
       available): Q4_1-layout weights (scale and minimum per group in half
       precision) times the input rounded to 8 bits per group, integer dot
       products, the way llama.cpp runs its Q4 files;
+    - ``vnni`` (:func:`tokenmill.kernels.cpu.q4_matmul_vnni`, CPUs with
+      AVX512-VNNI, output size a multiple of 16): the same codes, scales and
+      rounded input, the weight packed in panels of 16 output columns for
+      ``vpdpbusd``; the same exact integer sums per group, scaled and summed in
+      another order;
     - ``torch`` (``aten._weight_int4pack_mm_for_cpu``): the same codes with
       bfloat16 scales and a bfloat16 copy of the input.
 
-    Both give the same greedy result as float32 most of the time, never
+    All give the same greedy result as float32 most of the time, never
     bit-identical logits; ``tokenmill eval ppl`` measures the cost.
     """
 
@@ -212,20 +251,24 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.group_size = group_size
         if kernel is None:
-            kernel = "native" if cpu.cpu_kernels() is not None and group_size == 32 else "torch"
-        if kernel not in ("native", "torch"):
+            kernel = (default_quantized_kernel(self.out_features, 4) if group_size == 32
+                      else "torch")
+        if kernel not in ("native", "vnni", "torch"):
             raise ValueError(f"unknown int4 kernel {kernel!r}")
         self.kernel = kernel
         codes, scales, zeros = quantize_int4(weight, group_size)
         # Buffers, not parameters: nothing here is trainable, and module.to(dtype)
         # must not cast the packed bytes.
-        if kernel == "native":
-            self.register_buffer("packed", cpu.pack_q4(codes))
+        if kernel in ("native", "vnni"):
             # Half-precision d and m, as in llama.cpp's files: 0.625 bytes per weight in
             # all instead of 0.75, and single-stream decode is bound by bytes.
             d, m = q4_1_scales(scales, zeros)
+        if kernel == "native":
+            self.register_buffer("packed", cpu.pack_q4(codes))
             self.register_buffer("scales", d)
             self.register_buffer("mins", m)
+        elif kernel == "vnni":  # codes, d and m interleaved per 16-column panel
+            self.register_buffer("packed", cpu.pack_q4_vnni(codes, d, m))
         else:
             self.register_buffer(
                 "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
@@ -239,7 +282,8 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
         # Input rows from which a float GEMM on dequantized tiles runs instead (prefill).
-        self.dense_min_rows = dequant_matmul.DENSE_MIN_ROWS
+        self.dense_min_rows = (dequant_matmul.VNNI_DENSE_MIN_ROWS if kernel == "vnni"
+                               else dequant_matmul.DENSE_MIN_ROWS)
 
     @classmethod
     def from_linear(cls, linear: Linear, group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
@@ -248,14 +292,19 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
-        if self.kernel == "native":
+        if self.kernel in ("native", "vnni"):
             bias = None if self.bias is None else self.bias.float()
             y = None
             if dequant_matmul.use_dense(flat.shape[0], self.dense_min_rows):
                 y = dequant_matmul.tiled_dense_matmul(
-                    flat.float(), self.out_features, self._dequantize_rows, bias)
-            if y is None:
+                    flat.float(), self.out_features, self._dequantize_rows, bias,
+                    row_multiple=16)
+            if y is None and self.kernel == "vnni":
+                y = cpu.q4_matmul_vnni(flat.float(), self.packed, bias)
+            elif y is None:
                 y = cpu.q4_matmul(flat.float(), self.packed, self.scales, self.mins, bias)
+            if y is None:
+                raise RuntimeError(f"int4 kernel {self.kernel!r} is not available on this CPU")
             return y.to(x.dtype).reshape(*lead, self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros
@@ -265,6 +314,8 @@ class Int4Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _dequantize_rows(self, start: int, stop: int) -> torch.Tensor | None:
+        if self.kernel == "vnni":
+            return cpu.q4_vnni_dequantize(self.packed, start, stop)
         return cpu.q4_dequantize(self.packed, self.scales, self.mins, start, stop)
 
     def extra_repr(self) -> str:

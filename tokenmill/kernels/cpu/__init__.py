@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c",
             "dequantize.c", "rope_kv_write.c", "decoder_stack.c", "bf16_ops.c",
             "bf16_matmul.c", "argmax.c", "decoder_stack_bf16.c", "f32_matmul.c",
-            "prefill_attention.c", "bf16_matmul_dot.c")
+            "prefill_attention.c", "bf16_matmul_dot.c", "q4_matmul_vnni.c",
+            "int8_matmul_vnni.c")
 # Included by the sources: part of the cache key, not compiled on their own.
 _HEADERS = ("q8_input.h", "bf16.h", "vec_math.h", "decoder_stack.h", "paged_attention_avx2.inc",
             "paged_attention_items.h", "prefill_attention.inc")
@@ -62,6 +63,7 @@ _Q8_ATTENTION_ARGTYPES = [*_ATTENTION_ARGTYPES, _i32, _i32]
 _INT8_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 _Q4_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 _Q4_DEQUANTIZE_ARGTYPES = [_ptr, _ptr, _ptr, _ptr, _i32, _i32]
+_VNNI_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 _Q8_DEQUANTIZE_ARGTYPES = [_ptr, _ptr, _ptr, _i32, _i32]
 _ROPE_KV_WRITE_ARGTYPES = [_ptr, _i64, _i32, _i32, _i32, _i32, _ptr, _ptr, _ptr, _ptr, _ptr,
                            _ptr]
@@ -150,6 +152,17 @@ def cpu_kernels() -> ctypes.CDLL | None:
     lib.q4_matmul_f32.restype = ctypes.c_int
     lib.q4_dequantize_f32.argtypes = _Q4_DEQUANTIZE_ARGTYPES
     lib.q4_dequantize_f32.restype = None
+    lib.q4_matmul_vnni_f32.argtypes = _VNNI_MATMUL_ARGTYPES
+    lib.q4_matmul_vnni_f32.restype = ctypes.c_int
+    lib.q4_matmul_vnni_available.argtypes = []
+    lib.q4_matmul_vnni_available.restype = ctypes.c_int
+    lib.int8_matmul_vnni_f32.argtypes = _VNNI_MATMUL_ARGTYPES
+    lib.int8_matmul_vnni_f32.restype = ctypes.c_int
+    lib.int8_matmul_vnni_available.argtypes = []
+    lib.int8_matmul_vnni_available.restype = ctypes.c_int
+    for name in ("q4_vnni_dequantize_f32", "q8_vnni_dequantize_f32"):
+        getattr(lib, name).argtypes = [_ptr, _ptr, _i32, _i32]
+        getattr(lib, name).restype = None
     lib.q8_dequantize_f32.argtypes = _Q8_DEQUANTIZE_ARGTYPES
     lib.q8_dequantize_f32.restype = None
     for name in ("rope_kv_write_f32", "rope_kv_write_bf16"):
@@ -417,6 +430,150 @@ def q4_dequantize(
                           scales.data_ptr() + 2 * start * groups,
                           mins.data_ptr() + 2 * start * groups, out.data_ptr(), rows, k)
     return out
+
+
+# Bytes of one (16-column panel, group of 32) block of pack_q4_vnni's layout.
+Q4_VNNI_BLOCK = 320
+
+
+def q4_vnni_available() -> bool:
+    """Whether :func:`q4_matmul_vnni` runs here: the library was built for a CPU with
+    AVX512-VNNI (``-march`` of a CPU that has it)."""
+    lib = cpu_kernels()
+    return lib is not None and lib.q4_matmul_vnni_available() == 1
+
+
+def pack_q4_vnni(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Q4_1 codes ``[N, K]`` (0..15) with their float16 ``scales``/``mins`` ``[N, K // 32]``
+    in :func:`q4_matmul_vnni`'s layout: ``[N // 16, K // 32, 320]`` bytes, one block per
+    panel of 16 output columns and group of 32 inputs (``kernels/cpu/q4_matmul_vnni.c``).
+
+    Block bytes ``64 h + 4 c + b`` hold column ``c``'s codes for inputs ``8 h + b`` (low
+    nibble) and ``8 h + 4 + b`` (high nibble); then the 16 columns' scales and minimums.
+    ``N % 16 == 0``, ``K % 32 == 0``.
+    """
+    n, k = codes.shape
+    if n % 16 or k % 32:
+        raise ValueError(f"pack_q4_vnni needs N % 16 == 0 and K % 32 == 0, got {n} x {k}")
+    _check_q4_scales(scales, mins)
+    panels, groups = n // 16, k // 32
+    nibbles = codes.to(torch.uint8).reshape(panels, 16, groups, 4, 2, 4)
+    data = (nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)
+
+    def per_panel(t: torch.Tensor) -> torch.Tensor:  # [N, G] halves -> [P, G, 32] bytes
+        return t.view(torch.uint8).reshape(panels, 16, groups, 2).permute(0, 2, 1, 3)
+
+    return torch.cat([data.reshape(panels, groups, 256), per_panel(scales).reshape(
+        panels, groups, 32), per_panel(mins).reshape(panels, groups, 32)], dim=2).contiguous()
+
+
+def _vnni_matmul(name: str, block: int, x: torch.Tensor, packed: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor | None:
+    lib = cpu_kernels()
+    if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu"
+            or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
+        return None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    n = packed.shape[0] * 16
+    if packed.shape[1:] != (k // 32, block):
+        raise ValueError(f"packed weight {tuple(packed.shape)} does not fit input size {k}")
+    out = torch.empty(m, n, dtype=torch.float32)
+    if m == 0:
+        return out
+    status = getattr(lib, name)(x.data_ptr(), x.stride(0), packed.data_ptr(),
+                                None if bias is None else bias.data_ptr(), out.data_ptr(),
+                                n, m, n, k)
+    if status == -2:
+        return None
+    if status != 0:
+        raise MemoryError(f"{name}: out of memory for the quantized input")
+    return out
+
+
+def _vnni_dequantize(name: str, packed: torch.Tensor, start: int,
+                     stop: int | None) -> torch.Tensor | None:
+    lib = cpu_kernels()
+    if lib is None:
+        return None
+    n, groups = packed.shape[0] * 16, packed.shape[1]
+    stop = n if stop is None else stop
+    if start % 16 or stop % 16:
+        raise ValueError(f"rows {start}:{stop} must start and stop on 16-row panels")
+    out = torch.empty(stop - start, groups * 32, dtype=torch.float32)
+    getattr(lib, name)(packed[start // 16:].data_ptr(), out.data_ptr(), (stop - start) // 16,
+                       groups * 32)
+    return out
+
+
+def q4_matmul_vnni(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """:func:`q4_matmul`'s product on AVX512-VNNI, the weight from :func:`pack_q4_vnni`: the
+    same rounded input and the same exact integer sums per group, scaled and summed in
+    another order (float32 rounding apart, the same result). A row's result does not
+    depend on the other rows. None, having done nothing, when the kernel is unavailable
+    or ``x`` is not float32 on the CPU.
+    """
+    return _vnni_matmul("q4_matmul_vnni_f32", Q4_VNNI_BLOCK, x, packed, bias)
+
+
+def q4_vnni_dequantize(
+    packed: torch.Tensor, start: int = 0, stop: int | None = None,
+) -> torch.Tensor | None:
+    """Float32 rows ``start:stop`` (multiples of 16) of a :func:`pack_q4_vnni` weight,
+    equal to :func:`q4_dequantize` of the same codes; None when the kernels are
+    unavailable."""
+    return _vnni_dequantize("q4_vnni_dequantize_f32", packed, start, stop)
+
+
+# Bytes of one (16-column panel, group of 32) block of pack_int8_vnni's layout.
+INT8_VNNI_BLOCK = 576
+
+
+def int8_vnni_available() -> bool:
+    """Whether :func:`int8_matmul_vnni` runs here (AVX512-VNNI)."""
+    lib = cpu_kernels()
+    return lib is not None and lib.int8_matmul_vnni_available() == 1
+
+
+def pack_int8_vnni(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Q8_0 codes ``[N, K]`` (-127..127) and float32 ``scales`` ``[N, K // 32]`` in
+    :func:`int8_matmul_vnni`'s layout: ``[N // 16, K // 32, 576]`` bytes, one block per
+    panel of 16 output columns and group of 32 inputs (``kernels/cpu/int8_matmul_vnni.c``).
+
+    Block bytes ``64 s + 4 c + b`` hold column ``c``'s code for input ``4 s + b`` plus 128;
+    then the 16 columns' scales. ``N % 16 == 0``, ``K % 32 == 0``.
+    """
+    n, k = codes.shape
+    if n % 16 or k % 32:
+        raise ValueError(f"pack_int8_vnni needs N % 16 == 0 and K % 32 == 0, got {n} x {k}")
+    panels, groups = n // 16, k // 32
+    offset = (codes.to(torch.int16) + 128).to(torch.uint8).reshape(panels, 16, groups, 8, 4)
+    data = offset.permute(0, 2, 3, 1, 4).reshape(panels, groups, 512)
+    scale_bytes = scales.float().contiguous().view(torch.uint8).reshape(panels, 16, groups, 4)
+    return torch.cat([data, scale_bytes.permute(0, 2, 1, 3).reshape(panels, groups, 64)],
+                     dim=2).contiguous()
+
+
+def int8_matmul_vnni(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """:func:`int8_matmul`'s product on AVX512-VNNI, the weight from :func:`pack_int8_vnni`:
+    the same rounded input and exact integer sums per group, summed in another float
+    order. A row's result does not depend on the other rows. None, having done nothing,
+    when the kernel is unavailable or ``x`` is not float32 on the CPU."""
+    return _vnni_matmul("int8_matmul_vnni_f32", INT8_VNNI_BLOCK, x, packed, bias)
+
+
+def int8_vnni_dequantize(
+    packed: torch.Tensor, start: int = 0, stop: int | None = None,
+) -> torch.Tensor | None:
+    """Float32 rows ``start:stop`` (multiples of 16) of a :func:`pack_int8_vnni` weight,
+    equal to :func:`q8_dequantize` of the same codes; None when the kernels are
+    unavailable."""
+    return _vnni_dequantize("q8_vnni_dequantize_f32", packed, start, stop)
 
 
 def q8_dequantize(

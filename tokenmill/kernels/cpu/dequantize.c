@@ -84,3 +84,57 @@ void q8_dequantize_f32(const int8_t *codes, const float *scales, float *out, int
         }
     }
 }
+
+/* The rows of `panels` 16-column panels of a weight in q4_matmul_vnni.c's layout (blocks
+   of 320 bytes per panel and group: codes, then 16 half-precision d, then 16 m), out
+   [16 * panels, K]. Each output element as q4_dequantize_f32's: d * q + m, rounded twice. */
+void q4_vnni_dequantize_f32(const uint8_t *packed, float *out, int panels, int K) {
+    const int groups = K / 32;
+    #pragma omp parallel for schedule(static)
+    for (int p = 0; p < panels; p++) {
+        for (int g = 0; g < groups; g++) {
+            const uint8_t *blk = packed + ((int64_t)p * groups + g) * 320;
+            const uint16_t *d = (const uint16_t *)(blk + 256), *mn = (const uint16_t *)(blk + 288);
+            for (int c = 0; c < 16; c++) {
+                const float scale = tm_f16_to_f32(d[c]), low = tm_f16_to_f32(mn[c]);
+                float *o = out + (int64_t)(16 * p + c) * K + 32 * g;
+                for (int h = 0; h < 4; h++) {
+                    const uint8_t *bytes = blk + 64 * h + 4 * c;
+#if defined(__AVX2__)
+                    uint32_t four;
+                    __builtin_memcpy(&four, bytes, 4);
+                    const uint64_t eight = (uint64_t)(four & 0x0F0F0F0Fu)
+                                           | (uint64_t)((four >> 4) & 0x0F0F0F0Fu) << 32;
+                    tm_q4_scale8(_mm_cvtsi64_si128((long long)eight), _mm256_set1_ps(scale),
+                                 _mm256_set1_ps(low), o + 8 * h);
+#else
+                    for (int b = 0; b < 4; b++) {
+                        o[8 * h + b] = scale * (float)(bytes[b] & 0x0F) + low;
+                        o[8 * h + 4 + b] = scale * (float)(bytes[b] >> 4) + low;
+                    }
+#endif
+                }
+            }
+        }
+    }
+}
+
+/* The rows of `panels` 16-column panels of a weight in int8_matmul_vnni.c's layout (blocks
+   of 576 bytes per panel and group: codes + 128, then 16 float scales), out
+   [16 * panels, K]: code * scale, as q8_dequantize_f32. */
+void q8_vnni_dequantize_f32(const uint8_t *packed, float *out, int panels, int K) {
+    const int groups = K / 32;
+    #pragma omp parallel for schedule(static)
+    for (int p = 0; p < panels; p++) {
+        for (int g = 0; g < groups; g++) {
+            const uint8_t *blk = packed + ((int64_t)p * groups + g) * 576;
+            const float *scales = (const float *)(blk + 512);
+            for (int c = 0; c < 16; c++) {
+                float *o = out + (int64_t)(16 * p + c) * K + 32 * g;
+                for (int s = 0; s < 8; s++)
+                    for (int b = 0; b < 4; b++)
+                        o[4 * s + b] = (float)((int)blk[64 * s + 4 * c + b] - 128) * scales[c];
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+/*
+ * y = x @ W.T (+ bias) for a Q8_0 weight (w = code * scale per group of 32, codes in
+ * -127..127) on AVX512-VNNI, the weight packed in panels of 16 output columns: the int8
+ * companion of q4_matmul_vnni.c (see there for the idea), used by an int4 model's 8-bit
+ * LM head as much as by int8 models.
+ *
+ * vpdpbusd multiplies unsigned by signed bytes. The weight is stored offset to unsigned
+ * (code + 128, 1..255) and the input codes stay signed, broadcast four at a time, so each
+ * group's sum is sum((code + 128) * qx) = dot + 128 * sum(qx): exact in int32, and the
+ * input's code sum per group (computed once per row) takes the offset back out.
+ *
+ * Packed layout (pack_int8_vnni in kernels/cpu/__init__.py): for each panel p of 16
+ * columns and each group g, a block of TM_Q8V_BLOCK bytes, blocks in (p, g) order:
+ *   bytes 64 s + 4 c + b (s 0..7, c 0..15, b 0..3): code[16 p + c][32 g + 4 s + b] + 128
+ *   bytes 512 + 4 c: scale[16 p + c][g] (float32).
+ * 1.125 bytes per weight, as the row layout. Each output is summed over its groups in the
+ * same order whatever the number of rows, so a row's result does not depend on the batch.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "q8_input.h"
+
+#define TM_Q8V_BLOCK 576
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#include <omp.h>
+#define TM_Q8V 1
+#define TM_Q8V_ROWS 8
+
+/* R input rows (qx rows K bytes apart; xsum their per-group code sums) against one
+   panel; out rows ldo apart. */
+static inline __attribute__((always_inline)) void q8v_rows(
+    const int R, const uint8_t *panel, int groups, const int8_t *qx, int K, const float *dx,
+    const int32_t *xsum, const float *bias, float *out, int64_t ldo) {
+    __m512 f[TM_Q8V_ROWS];
+    for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        const uint8_t *blk = panel + (int64_t)g * TM_Q8V_BLOCK;
+        __m512i acc[TM_Q8V_ROWS];
+        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
+        for (int s = 0; s < 8; s++) {
+            const __m512i w = _mm512_loadu_si512((const void *)(blk + 64 * s));
+            for (int r = 0; r < R; r++) {
+                int32_t x4;
+                __builtin_memcpy(&x4, qx + (int64_t)r * K + 32 * g + 4 * s, 4);
+                acc[r] = _mm512_dpbusd_epi32(acc[r], w, _mm512_set1_epi32(x4));
+            }
+        }
+        const __m512 scale = _mm512_loadu_ps((const float *)(blk + 512));
+        for (int r = 0; r < R; r++) {
+            const int64_t i = (int64_t)r * groups + g;
+            const __m512i dot = _mm512_sub_epi32(acc[r], _mm512_set1_epi32(128 * xsum[i]));
+            f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                   _mm512_mul_ps(scale, _mm512_set1_ps(dx[i])), f[r]);
+        }
+    }
+    const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * ldo, _mm512_add_ps(f[r], b));
+}
+#endif
+
+int int8_matmul_vnni_available(void) {
+#ifdef TM_Q8V
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* out[M, N] = x[M, K] @ W^T (+ bias[N]); x rows x_stride floats apart, out rows
+   out_stride apart, W packed as above. N % 16 == 0, K % 32 == 0. Returns 0, -1 when out
+   of memory for the rounded input, -2 when this build has no VNNI path (nothing written). */
+int int8_matmul_vnni_f32(const float *x, int64_t x_stride, const uint8_t *packed,
+                         const float *bias, float *out, int64_t out_stride, int M, int N, int K) {
+#ifdef TM_Q8V
+    const int groups = K / 32, panels = N / 16;
+    const int64_t panel_bytes = (int64_t)groups * TM_Q8V_BLOCK;
+    tm_q8_input in;
+    if (tm_q8_input_make(&in, x, x_stride, M, K, 0) != 0) return -1;
+    int32_t *xsum = malloc(sizeof(int32_t) * ((size_t)M * groups + 1));
+    if (!xsum) {
+        tm_q8_input_free(&in);
+        return -1;
+    }
+    const int8_t *qx = in.qx;
+    const float *dx = in.dx;
+    for (int64_t i = 0; i < (int64_t)M * groups; i++) {
+        int32_t sum = 0;
+        for (int j = 0; j < 32; j++) sum += qx[32 * i + j];
+        xsum[i] = sum;
+    }
+    #pragma omp parallel
+    {
+        const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int p_begin = (int)((int64_t)panels * t / nt);
+        const int p_end = (int)((int64_t)panels * (t + 1) / nt);
+        /* 6 row blocks of x at a time stay in L2 while the thread's panels pass */
+        for (int m0 = 0; m0 < M; m0 += 6 * TM_Q8V_ROWS) {
+            const int m_end = M - m0 < 6 * TM_Q8V_ROWS ? M : m0 + 6 * TM_Q8V_ROWS;
+            for (int p = p_begin; p < p_end; p++) {
+                const uint8_t *panel = packed + p * panel_bytes;
+                const float *b = bias ? bias + 16 * p : NULL;
+                for (int m = m0; m < m_end; m += TM_Q8V_ROWS) {
+                    const int8_t *xm = qx + (int64_t)m * K;
+                    const float *dxm = dx + (int64_t)m * groups;
+                    const int32_t *sm = xsum + (int64_t)m * groups;
+                    float *o = out + (int64_t)m * out_stride + 16 * p;
+                    switch (m_end - m < TM_Q8V_ROWS ? m_end - m : TM_Q8V_ROWS) {
+#define TM_CASE(R) case R: q8v_rows(R, panel, groups, xm, K, dxm, sm, b, o, out_stride); break;
+                    TM_CASE(1) TM_CASE(2) TM_CASE(3) TM_CASE(4) TM_CASE(5) TM_CASE(6)
+                    TM_CASE(7)
+                    default: q8v_rows(TM_Q8V_ROWS, panel, groups, xm, K, dxm, sm, b, o,
+                                      out_stride); break;
+#undef TM_CASE
+                    }
+                }
+            }
+        }
+    }
+    free(xsum);
+    tm_q8_input_free(&in);
+    return 0;
+#else
+    (void)x; (void)x_stride; (void)packed; (void)bias; (void)out; (void)out_stride;
+    (void)M; (void)N; (void)K;
+    return -2;
+#endif
+}
