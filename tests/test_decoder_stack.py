@@ -90,14 +90,17 @@ needs_f32_panel = pytest.mark.skipif(not cpu_kernels.f32_panel_available(),
                                      reason="the float32 panel kernel needs AVX2/FMA")
 
 
-needs_vnni = pytest.mark.skipif(not cpu_kernels.q4_vnni_available(),
-                                reason="no AVX512-VNNI here: the row kernels are the default")
+# Where the panel kernels run, "int4"/"int8" take them and the "-rows" cases the row layout.
+needs_q4_panels = pytest.mark.skipif(not cpu_kernels.q4_panels_available(),
+                                     reason="no int4 panel kernel here: rows are the default")
+needs_int8_panels = pytest.mark.skipif(not cpu_kernels.int8_panels_available(),
+                                       reason="no int8 panel kernel here: rows are the default")
 
 
 @pytest.mark.parametrize("quantization", [
-    "int4", "int8",  # this CPU's default kernels (AVX512-VNNI panels where it has them)
-    pytest.param("int4-rows", marks=needs_vnni),  # the row-layout kernels on a VNNI CPU
-    pytest.param("int8-rows", marks=needs_vnni),
+    "int4", "int8",  # this CPU's default kernels
+    pytest.param("int4-rows", marks=needs_q4_panels),
+    pytest.param("int8-rows", marks=needs_int8_panels),
     pytest.param("bfloat16", marks=needs_amx),  # bfloat16: AMX projections
     pytest.param("bfloat16-dot", marks=needs_bf16_dot),  # bfloat16: AVX512-BF16 projections
     pytest.param("float32", marks=needs_f32_panel),  # dense float32 on the panel kernel
@@ -114,7 +117,7 @@ def test_bit_identical_to_per_layer_path(cls, quantization: str,
         prepack_linears(model)
     else:
         if quantization.endswith("-rows"):
-            monkeypatch.setenv("TOKENMILL_CPU_VNNI", "0")
+            monkeypatch.setenv("TOKENMILL_CPU_PANELS", "0")
         model = _model(cls, quantization.removesuffix("-rows"))
     stack = NativeDecoderStack.build(model.model)
     assert stack is not None

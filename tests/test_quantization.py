@@ -124,20 +124,20 @@ def test_quantize_int8_recovers_q8_0_codes_exactly():
     torch.testing.assert_close(got_scales, scales, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("kernel", ["vnni", "native", "fallback"])
+@pytest.mark.parametrize("kernel", ["panels", "native", "fallback"])
 @pytest.mark.parametrize("rows", [1, 5, 70])
 def test_int8_linear_matches_dense_dequantized(monkeypatch, kernel, rows):
     from tokenmill.kernels import cpu
 
     if kernel != "fallback" and cpu.cpu_kernels() is None:
         pytest.skip("no C compiler for the native kernels")
-    if kernel == "vnni" and not cpu.int8_vnni_available():
-        pytest.skip("the int8 VNNI kernel needs AVX512-VNNI")
+    if kernel == "panels" and not cpu.int8_panels_available():
+        pytest.skip("the int8 panel kernel needs AVX512-VNNI")
     if kernel == "fallback":
         monkeypatch.setattr(cpu, "int8_matmul", lambda *a: None)
     weight = torch.randn(80, 96, generator=torch.Generator().manual_seed(5))
     bias = torch.randn(80)
-    layer = Int8Linear(weight, bias, kernel="vnni" if kernel == "vnni" else "native")
+    layer = Int8Linear(weight, bias, kernel="panels" if kernel == "panels" else "native")
     layer.dense_min_rows = 0  # the integer path (the dense one: test_dequant_matmul.py)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(6))
     expected = F.linear(round_to_q8(x), dequantize_int8(*quantize_int8(weight)), bias)

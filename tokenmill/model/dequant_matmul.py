@@ -25,6 +25,11 @@ On CPUs with bfloat16 dot products in hardware (AVX512_BF16, AMX-BF16; see
 weight tile rounded to bfloat16, float32 accumulation and output - and in
 float32 elsewhere, where bfloat16 is emulated and slower.
 
+Layers on the AVX512-VNNI kernels (weights in 16-column panels; see
+:class:`~tokenmill.model.quantization.Int4Linear`) spend their instructions on
+multiply-adds at any row count and beat the dense path throughout on a CPU
+without AMX, so they take it only on AMX CPUs (:data:`PANEL_DENSE_MIN_ROWS`).
+
 ``TOKENMILL_DENSE_MIN_ROWS`` overrides the threshold (0 turns the dense path
 off), ``TOKENMILL_DENSE_DTYPE`` (``float32``/``bfloat16``) the GEMM's type.
 """
@@ -108,10 +113,10 @@ def tiled_dense_matmul(
             return None
         out[:, start:stop] = product(weight, None if bias is None else bias[start:stop])
     return out
-# The AVX512-VNNI int4 kernel (kernels/cpu/q4_matmul_vnni.c) beat the dense path at every
+# The AVX512-VNNI int4 kernel (kernels/cpu/q4_matmul_panels.c) beat the dense path at every
 # row count measured on a Zen 4 EPYC (bfloat16 GEMM, no AMX: 0.36x at 64 rows, 0.69x at
 # 512), so it has no threshold there; with AMX, whose bfloat16 GEMM is several times
 # faster from a few dozen rows, the dense path keeps the threshold above (not measured
 # against this kernel: no AMX host with it yet).
-VNNI_DENSE_MIN_ROWS = int(os.environ.get(
+PANEL_DENSE_MIN_ROWS = int(os.environ.get(
     "TOKENMILL_DENSE_MIN_ROWS", DENSE_MIN_ROWS if "amx_bf16" in cpu_flags() else 0))

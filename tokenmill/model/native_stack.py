@@ -90,7 +90,7 @@ _PACKED_KINDS = {AmxLinear: 2, F32PanelLinear: 3, Bf16DotLinear: 4}
 
 def _qlinear(module: torch.nn.Module) -> _QLinear | None:
     """The kernel arguments of a projection, or None if it is not one the native
-    kernels run: kind 0 int4, 1 int8, 5 and 6 int4 and int8 on AVX512-VNNI panels,
+    kernels run: kind 0 int4, 1 int8, 5 and 6 int4 and int8 on 16-column panels,
     3 float32 panels (float32 bias), 2 AMX bfloat16, 4 AVX512-BF16 bfloat16 (bfloat16
     bias)."""
     bias = getattr(module, "bias", None)
@@ -103,13 +103,13 @@ def _qlinear(module: torch.nn.Module) -> _QLinear | None:
                         module.packed.data_ptr(), None, None, bias_ptr)
     if not _contiguous(torch.float32, bias):
         return None
-    if isinstance(module, Int4Linear) and module.kernel == "vnni":
+    if isinstance(module, Int4Linear) and module.kernel == "panels":
         return _QLinear(5, module.out_features, module.in_features, 0, module.packed.data_ptr(),
                         None, None, bias_ptr)
     if isinstance(module, Int4Linear) and module.kernel == "native":
         return _QLinear(0, module.out_features, module.in_features, 0, module.packed.data_ptr(),
                         module.scales.data_ptr(), module.mins.data_ptr(), bias_ptr)
-    if isinstance(module, Int8Linear) and module.kernel == "vnni":
+    if isinstance(module, Int8Linear) and module.kernel == "panels":
         return _QLinear(6, module.out_features, module.in_features, 0, module.packed.data_ptr(),
                         None, None, bias_ptr)
     if isinstance(module, Int8Linear):

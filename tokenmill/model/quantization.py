@@ -149,7 +149,7 @@ class Int8Linear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` as int8 codes and float32 group scales.
 
     Computed by a native CPU kernel (input rounded to 8 bits per group of 32,
-    integer dot products): ``vnni`` (:func:`tokenmill.kernels.cpu.int8_matmul_vnni`,
+    integer dot products): ``panels`` (:func:`tokenmill.kernels.cpu.int8_matmul_panels`,
     CPUs with AVX512-VNNI, output size a multiple of 16, the weight packed in panels
     of 16 output columns) or ``native`` (:func:`tokenmill.kernels.cpu.int8_matmul`,
     the weight row by row); see :func:`default_quantized_kernel`. Without either (no
@@ -162,18 +162,18 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.kernel = default_quantized_kernel(self.out_features, 8) if kernel is None else kernel
-        if self.kernel not in ("native", "vnni"):
+        if self.kernel not in ("native", "panels"):
             raise ValueError(f"unknown int8 kernel {self.kernel!r}")
         codes, scales = quantize_int8(weight)
-        if self.kernel == "vnni":  # codes (offset to unsigned) and scales per 16-column panel
-            self.register_buffer("packed", cpu.pack_int8_vnni(codes, scales))
+        if self.kernel == "panels":  # codes (offset to unsigned) and scales per 16-column panel
+            self.register_buffer("packed", cpu.pack_int8_panels(codes, scales))
         else:
             self.register_buffer("codes", codes)
             self.register_buffer("scales", scales.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
                                                            requires_grad=False)
         # Input rows from which a float GEMM on dequantized tiles runs instead (prefill).
-        self.dense_min_rows = (dequant_matmul.VNNI_DENSE_MIN_ROWS if self.kernel == "vnni"
+        self.dense_min_rows = (dequant_matmul.PANEL_DENSE_MIN_ROWS if self.kernel == "panels"
                                else dequant_matmul.DENSE_MIN_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,10 +184,10 @@ class Int8Linear(nn.Module):
             y = dequant_matmul.tiled_dense_matmul(flat, self.out_features,
                                                   self._dequantize_rows, self.bias,
                                                   row_multiple=16)
-        if y is None and self.kernel == "vnni":
-            y = cpu.int8_matmul_vnni(flat, self.packed, self.bias)
+        if y is None and self.kernel == "panels":
+            y = cpu.int8_matmul_panels(flat, self.packed, self.bias)
             if y is None:
-                raise RuntimeError("the int8 VNNI kernel is not available on this CPU")
+                raise RuntimeError("the int8 panel kernel is not available on this CPU")
         if y is None:
             y = cpu.int8_matmul(flat, self.codes, self.scales, self.bias)
         if y is None:
@@ -196,8 +196,8 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def _dequantize_rows(self, start: int, stop: int) -> torch.Tensor | None:
-        if self.kernel == "vnni":
-            return cpu.int8_vnni_dequantize(self.packed, start, stop)
+        if self.kernel == "panels":
+            return cpu.int8_panels_dequantize(self.packed, start, stop)
         return cpu.q8_dequantize(self.codes, self.scales, start, stop)
 
     def extra_repr(self) -> str:
@@ -207,15 +207,16 @@ class Int8Linear(nn.Module):
 
 def default_quantized_kernel(out_features: int, bits: int = 4) -> str:
     """The :class:`Int4Linear` (``bits`` 4) or :class:`Int8Linear` (8) kernel for a layer
-    of ``out_features`` outputs on this CPU: ``vnni`` where the CPU has AVX512-VNNI and
-    the outputs fill 16-column panels (unless ``TOKENMILL_CPU_VNNI=0``), else ``native``
-    (for int4: ``torch`` without the C kernels; int8 then falls back per call)."""
+    of ``out_features`` outputs on this CPU: ``panels`` where the outputs fill 16-column
+    panels and the CPU runs the panel kernel (int4: AVX2 or AVX512-VNNI; int8:
+    AVX512-VNNI), unless ``TOKENMILL_CPU_PANELS=0``; else ``native`` (for int4:
+    ``torch`` without the C kernels; int8 then falls back per call)."""
     if cpu.cpu_kernels() is None:
         return "torch" if bits == 4 else "native"
-    available = cpu.q4_vnni_available if bits == 4 else cpu.int8_vnni_available
-    if (out_features % 16 == 0 and os.environ.get("TOKENMILL_CPU_VNNI", "1") != "0"
+    available = cpu.q4_panels_available if bits == 4 else cpu.int8_panels_available
+    if (out_features % 16 == 0 and os.environ.get("TOKENMILL_CPU_PANELS", "1") != "0"
             and available()):
-        return "vnni"
+        return "panels"
     return "native"
 
 
@@ -228,11 +229,13 @@ class Int4Linear(nn.Module):
       available): Q4_1-layout weights (scale and minimum per group in half
       precision) times the input rounded to 8 bits per group, integer dot
       products, the way llama.cpp runs its Q4 files;
-    - ``vnni`` (:func:`tokenmill.kernels.cpu.q4_matmul_vnni`, CPUs with
-      AVX512-VNNI, output size a multiple of 16): the same codes, scales and
-      rounded input, the weight packed in panels of 16 output columns for
-      ``vpdpbusd``; the same exact integer sums per group, scaled and summed in
-      another order;
+    - ``panels`` (:func:`tokenmill.kernels.cpu.q4_matmul_panels`, CPUs with AVX2
+      or AVX512-VNNI, output size a multiple of 16): the same codes, scales and
+      rounded input, the weight packed in panels of 16 output columns, one
+      load serving 16 (or 8) columns and every input row of a block; the same
+      exact integer sums per group, scaled and summed in another order. At one
+      input row it streams the weight as fast as the row kernel, from a few rows
+      on it is 1.5-3x faster (docs/performance.md);
     - ``torch`` (``aten._weight_int4pack_mm_for_cpu``): the same codes with
       bfloat16 scales and a bfloat16 copy of the input.
 
@@ -253,13 +256,13 @@ class Int4Linear(nn.Module):
         if kernel is None:
             kernel = (default_quantized_kernel(self.out_features, 4) if group_size == 32
                       else "torch")
-        if kernel not in ("native", "vnni", "torch"):
+        if kernel not in ("native", "panels", "torch"):
             raise ValueError(f"unknown int4 kernel {kernel!r}")
         self.kernel = kernel
         codes, scales, zeros = quantize_int4(weight, group_size)
         # Buffers, not parameters: nothing here is trainable, and module.to(dtype)
         # must not cast the packed bytes.
-        if kernel in ("native", "vnni"):
+        if kernel in ("native", "panels"):
             # Half-precision d and m, as in llama.cpp's files: 0.625 bytes per weight in
             # all instead of 0.75, and single-stream decode is bound by bytes.
             d, m = q4_1_scales(scales, zeros)
@@ -267,8 +270,8 @@ class Int4Linear(nn.Module):
             self.register_buffer("packed", cpu.pack_q4(codes))
             self.register_buffer("scales", d)
             self.register_buffer("mins", m)
-        elif kernel == "vnni":  # codes, d and m interleaved per 16-column panel
-            self.register_buffer("packed", cpu.pack_q4_vnni(codes, d, m))
+        elif kernel == "panels":  # codes, d and m interleaved per 16-column panel
+            self.register_buffer("packed", cpu.pack_q4_panels(codes, d, m))
         else:
             self.register_buffer(
                 "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
@@ -282,7 +285,7 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
         # Input rows from which a float GEMM on dequantized tiles runs instead (prefill).
-        self.dense_min_rows = (dequant_matmul.VNNI_DENSE_MIN_ROWS if kernel == "vnni"
+        self.dense_min_rows = (dequant_matmul.PANEL_DENSE_MIN_ROWS if kernel == "panels"
                                else dequant_matmul.DENSE_MIN_ROWS)
 
     @classmethod
@@ -292,15 +295,15 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
-        if self.kernel in ("native", "vnni"):
+        if self.kernel in ("native", "panels"):
             bias = None if self.bias is None else self.bias.float()
             y = None
             if dequant_matmul.use_dense(flat.shape[0], self.dense_min_rows):
                 y = dequant_matmul.tiled_dense_matmul(
                     flat.float(), self.out_features, self._dequantize_rows, bias,
                     row_multiple=16)
-            if y is None and self.kernel == "vnni":
-                y = cpu.q4_matmul_vnni(flat.float(), self.packed, bias)
+            if y is None and self.kernel == "panels":
+                y = cpu.q4_matmul_panels(flat.float(), self.packed, bias)
             elif y is None:
                 y = cpu.q4_matmul(flat.float(), self.packed, self.scales, self.mins, bias)
             if y is None:
@@ -314,8 +317,8 @@ class Int4Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _dequantize_rows(self, start: int, stop: int) -> torch.Tensor | None:
-        if self.kernel == "vnni":
-            return cpu.q4_vnni_dequantize(self.packed, start, stop)
+        if self.kernel == "panels":
+            return cpu.q4_panels_dequantize(self.packed, start, stop)
         return cpu.q4_dequantize(self.packed, self.scales, self.mins, start, stop)
 
     def extra_repr(self) -> str:

@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_matmul.c",
             "dequantize.c", "rope_kv_write.c", "decoder_stack.c", "bf16_ops.c",
             "bf16_matmul.c", "argmax.c", "decoder_stack_bf16.c", "f32_matmul.c",
-            "prefill_attention.c", "bf16_matmul_dot.c", "q4_matmul_vnni.c",
-            "int8_matmul_vnni.c")
+            "prefill_attention.c", "bf16_matmul_dot.c", "q4_matmul_panels.c",
+            "int8_matmul_panels.c")
 # Included by the sources: part of the cache key, not compiled on their own.
 _HEADERS = ("q8_input.h", "bf16.h", "vec_math.h", "decoder_stack.h", "paged_attention_avx2.inc",
             "paged_attention_items.h", "prefill_attention.inc")
@@ -63,7 +63,7 @@ _Q8_ATTENTION_ARGTYPES = [*_ATTENTION_ARGTYPES, _i32, _i32]
 _INT8_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 _Q4_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 _Q4_DEQUANTIZE_ARGTYPES = [_ptr, _ptr, _ptr, _ptr, _i32, _i32]
-_VNNI_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
+_PANEL_MATMUL_ARGTYPES = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i32, _i32, _i32]
 _Q8_DEQUANTIZE_ARGTYPES = [_ptr, _ptr, _ptr, _i32, _i32]
 _ROPE_KV_WRITE_ARGTYPES = [_ptr, _i64, _i32, _i32, _i32, _i32, _ptr, _ptr, _ptr, _ptr, _ptr,
                            _ptr]
@@ -152,15 +152,15 @@ def cpu_kernels() -> ctypes.CDLL | None:
     lib.q4_matmul_f32.restype = ctypes.c_int
     lib.q4_dequantize_f32.argtypes = _Q4_DEQUANTIZE_ARGTYPES
     lib.q4_dequantize_f32.restype = None
-    lib.q4_matmul_vnni_f32.argtypes = _VNNI_MATMUL_ARGTYPES
-    lib.q4_matmul_vnni_f32.restype = ctypes.c_int
-    lib.q4_matmul_vnni_available.argtypes = []
-    lib.q4_matmul_vnni_available.restype = ctypes.c_int
-    lib.int8_matmul_vnni_f32.argtypes = _VNNI_MATMUL_ARGTYPES
-    lib.int8_matmul_vnni_f32.restype = ctypes.c_int
-    lib.int8_matmul_vnni_available.argtypes = []
-    lib.int8_matmul_vnni_available.restype = ctypes.c_int
-    for name in ("q4_vnni_dequantize_f32", "q8_vnni_dequantize_f32"):
+    lib.q4_matmul_panels_f32.argtypes = _PANEL_MATMUL_ARGTYPES
+    lib.q4_matmul_panels_f32.restype = ctypes.c_int
+    lib.q4_matmul_panels_available.argtypes = []
+    lib.q4_matmul_panels_available.restype = ctypes.c_int
+    lib.int8_matmul_panels_f32.argtypes = _PANEL_MATMUL_ARGTYPES
+    lib.int8_matmul_panels_f32.restype = ctypes.c_int
+    lib.int8_matmul_panels_available.argtypes = []
+    lib.int8_matmul_panels_available.restype = ctypes.c_int
+    for name in ("q4_panels_dequantize_f32", "q8_panels_dequantize_f32"):
         getattr(lib, name).argtypes = [_ptr, _ptr, _i32, _i32]
         getattr(lib, name).restype = None
     lib.q8_dequantize_f32.argtypes = _Q8_DEQUANTIZE_ARGTYPES
@@ -432,21 +432,21 @@ def q4_dequantize(
     return out
 
 
-# Bytes of one (16-column panel, group of 32) block of pack_q4_vnni's layout.
-Q4_VNNI_BLOCK = 320
+# Bytes of one (16-column panel, group of 32) block of pack_q4_panels's layout.
+Q4_PANEL_BLOCK = 320
 
 
-def q4_vnni_available() -> bool:
-    """Whether :func:`q4_matmul_vnni` runs here: the library was built for a CPU with
-    AVX512-VNNI (``-march`` of a CPU that has it)."""
+def q4_panels_available() -> bool:
+    """Whether :func:`q4_matmul_panels` runs here: the library was built for a CPU with
+    AVX512-VNNI or with AVX2, FMA and F16C (``-march`` of such a CPU)."""
     lib = cpu_kernels()
-    return lib is not None and lib.q4_matmul_vnni_available() == 1
+    return lib is not None and lib.q4_matmul_panels_available() == 1
 
 
-def pack_q4_vnni(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+def pack_q4_panels(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """Q4_1 codes ``[N, K]`` (0..15) with their float16 ``scales``/``mins`` ``[N, K // 32]``
-    in :func:`q4_matmul_vnni`'s layout: ``[N // 16, K // 32, 320]`` bytes, one block per
-    panel of 16 output columns and group of 32 inputs (``kernels/cpu/q4_matmul_vnni.c``).
+    in :func:`q4_matmul_panels`'s layout: ``[N // 16, K // 32, 320]`` bytes, one block per
+    panel of 16 output columns and group of 32 inputs (``kernels/cpu/q4_matmul_panels.c``).
 
     Block bytes ``64 h + 4 c + b`` hold column ``c``'s codes for inputs ``8 h + b`` (low
     nibble) and ``8 h + 4 + b`` (high nibble); then the 16 columns' scales and minimums.
@@ -454,7 +454,7 @@ def pack_q4_vnni(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) 
     """
     n, k = codes.shape
     if n % 16 or k % 32:
-        raise ValueError(f"pack_q4_vnni needs N % 16 == 0 and K % 32 == 0, got {n} x {k}")
+        raise ValueError(f"pack_q4_panels needs N % 16 == 0 and K % 32 == 0, got {n} x {k}")
     _check_q4_scales(scales, mins)
     panels, groups = n // 16, k // 32
     nibbles = codes.to(torch.uint8).reshape(panels, 16, groups, 4, 2, 4)
@@ -467,7 +467,7 @@ def pack_q4_vnni(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) 
         panels, groups, 32), per_panel(mins).reshape(panels, groups, 32)], dim=2).contiguous()
 
 
-def _vnni_matmul(name: str, block: int, x: torch.Tensor, packed: torch.Tensor,
+def _panel_matmul(name: str, block: int, x: torch.Tensor, packed: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor | None:
     lib = cpu_kernels()
     if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu"
@@ -492,7 +492,7 @@ def _vnni_matmul(name: str, block: int, x: torch.Tensor, packed: torch.Tensor,
     return out
 
 
-def _vnni_dequantize(name: str, packed: torch.Tensor, start: int,
+def _panel_dequantize(name: str, packed: torch.Tensor, start: int,
                      stop: int | None) -> torch.Tensor | None:
     lib = cpu_kernels()
     if lib is None:
@@ -507,48 +507,49 @@ def _vnni_dequantize(name: str, packed: torch.Tensor, start: int,
     return out
 
 
-def q4_matmul_vnni(
+def q4_matmul_panels(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """:func:`q4_matmul`'s product on AVX512-VNNI, the weight from :func:`pack_q4_vnni`: the
-    same rounded input and the same exact integer sums per group, scaled and summed in
-    another order (float32 rounding apart, the same result). A row's result does not
+    """:func:`q4_matmul`'s product with the weight from :func:`pack_q4_panels`
+    (``vpdpbusd`` on AVX512-VNNI CPUs, ``maddubs`` on AVX2): the same rounded input and
+    the same exact integer sums per group, scaled and summed in another order (float32
+    rounding apart, the same result). A row's result does not
     depend on the other rows. None, having done nothing, when the kernel is unavailable
     or ``x`` is not float32 on the CPU.
     """
-    return _vnni_matmul("q4_matmul_vnni_f32", Q4_VNNI_BLOCK, x, packed, bias)
+    return _panel_matmul("q4_matmul_panels_f32", Q4_PANEL_BLOCK, x, packed, bias)
 
 
-def q4_vnni_dequantize(
+def q4_panels_dequantize(
     packed: torch.Tensor, start: int = 0, stop: int | None = None,
 ) -> torch.Tensor | None:
-    """Float32 rows ``start:stop`` (multiples of 16) of a :func:`pack_q4_vnni` weight,
+    """Float32 rows ``start:stop`` (multiples of 16) of a :func:`pack_q4_panels` weight,
     equal to :func:`q4_dequantize` of the same codes; None when the kernels are
     unavailable."""
-    return _vnni_dequantize("q4_vnni_dequantize_f32", packed, start, stop)
+    return _panel_dequantize("q4_panels_dequantize_f32", packed, start, stop)
 
 
-# Bytes of one (16-column panel, group of 32) block of pack_int8_vnni's layout.
-INT8_VNNI_BLOCK = 576
+# Bytes of one (16-column panel, group of 32) block of pack_int8_panels's layout.
+INT8_PANEL_BLOCK = 576
 
 
-def int8_vnni_available() -> bool:
-    """Whether :func:`int8_matmul_vnni` runs here (AVX512-VNNI)."""
+def int8_panels_available() -> bool:
+    """Whether :func:`int8_matmul_panels` runs here (AVX512-VNNI)."""
     lib = cpu_kernels()
-    return lib is not None and lib.int8_matmul_vnni_available() == 1
+    return lib is not None and lib.int8_matmul_panels_available() == 1
 
 
-def pack_int8_vnni(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def pack_int8_panels(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Q8_0 codes ``[N, K]`` (-127..127) and float32 ``scales`` ``[N, K // 32]`` in
-    :func:`int8_matmul_vnni`'s layout: ``[N // 16, K // 32, 576]`` bytes, one block per
-    panel of 16 output columns and group of 32 inputs (``kernels/cpu/int8_matmul_vnni.c``).
+    :func:`int8_matmul_panels`'s layout: ``[N // 16, K // 32, 576]`` bytes, one block per
+    panel of 16 output columns and group of 32 inputs (``kernels/cpu/int8_matmul_panels.c``).
 
     Block bytes ``64 s + 4 c + b`` hold column ``c``'s code for input ``4 s + b`` plus 128;
     then the 16 columns' scales. ``N % 16 == 0``, ``K % 32 == 0``.
     """
     n, k = codes.shape
     if n % 16 or k % 32:
-        raise ValueError(f"pack_int8_vnni needs N % 16 == 0 and K % 32 == 0, got {n} x {k}")
+        raise ValueError(f"pack_int8_panels needs N % 16 == 0 and K % 32 == 0, got {n} x {k}")
     panels, groups = n // 16, k // 32
     offset = (codes.to(torch.int16) + 128).to(torch.uint8).reshape(panels, 16, groups, 8, 4)
     data = offset.permute(0, 2, 3, 1, 4).reshape(panels, groups, 512)
@@ -557,23 +558,23 @@ def pack_int8_vnni(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
                      dim=2).contiguous()
 
 
-def int8_matmul_vnni(
+def int8_matmul_panels(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """:func:`int8_matmul`'s product on AVX512-VNNI, the weight from :func:`pack_int8_vnni`:
+    """:func:`int8_matmul`'s product on AVX512-VNNI, the weight from :func:`pack_int8_panels`:
     the same rounded input and exact integer sums per group, summed in another float
     order. A row's result does not depend on the other rows. None, having done nothing,
     when the kernel is unavailable or ``x`` is not float32 on the CPU."""
-    return _vnni_matmul("int8_matmul_vnni_f32", INT8_VNNI_BLOCK, x, packed, bias)
+    return _panel_matmul("int8_matmul_panels_f32", INT8_PANEL_BLOCK, x, packed, bias)
 
 
-def int8_vnni_dequantize(
+def int8_panels_dequantize(
     packed: torch.Tensor, start: int = 0, stop: int | None = None,
 ) -> torch.Tensor | None:
-    """Float32 rows ``start:stop`` (multiples of 16) of a :func:`pack_int8_vnni` weight,
+    """Float32 rows ``start:stop`` (multiples of 16) of a :func:`pack_int8_panels` weight,
     equal to :func:`q8_dequantize` of the same codes; None when the kernels are
     unavailable."""
-    return _vnni_dequantize("q8_vnni_dequantize_f32", packed, start, stop)
+    return _panel_dequantize("q8_panels_dequantize_f32", packed, start, stop)
 
 
 def q8_dequantize(

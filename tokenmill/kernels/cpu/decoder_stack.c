@@ -39,9 +39,9 @@ int f32_matmul_packed(const float *x, int64_t x_stride, const float *packed, con
                       float *y, int64_t y_stride, int M, int N, int K);
 int int8_matmul_f32(const float *x, int64_t x_stride, const int8_t *codes, const float *scales,
                     const float *bias, float *out, int64_t out_stride, int M, int N, int K);
-int q4_matmul_vnni_f32(const float *x, int64_t x_stride, const uint8_t *packed,
+int q4_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *packed,
                        const float *bias, float *out, int64_t out_stride, int M, int N, int K);
-int int8_matmul_vnni_f32(const float *x, int64_t x_stride, const uint8_t *packed,
+int int8_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *packed,
                          const float *bias, float *out, int64_t out_stride, int M, int N, int K);
 void rope_kv_write_f32(const float *qkv, int64_t qkv_stride, int T, int H, int KVH, int D,
                        const float *cos, const float *sin_f, float *q_out, float *k_cache,
@@ -114,10 +114,10 @@ static int linear(const tm_qlinear *l, const float *x, float *out, int M) {
         return f32_matmul_packed(x, l->k, (const float *)l->w0, l->bias, out, l->n, M, l->n,
                                  l->k);
     if (l->kind == 5)
-        return q4_matmul_vnni_f32(x, l->k, (const uint8_t *)l->w0, l->bias, out, l->n, M, l->n,
+        return q4_matmul_panels_f32(x, l->k, (const uint8_t *)l->w0, l->bias, out, l->n, M, l->n,
                                   l->k);
     if (l->kind == 6)
-        return int8_matmul_vnni_f32(x, l->k, (const uint8_t *)l->w0, l->bias, out, l->n, M,
+        return int8_matmul_panels_f32(x, l->k, (const uint8_t *)l->w0, l->bias, out, l->n, M,
                                     l->n, l->k);
     if (l->kind == 0)
         return q4_matmul_f32(x, l->k, (const uint8_t *)l->w0, l->w1, l->w2, l->bias, out, l->n,

@@ -13,7 +13,7 @@
    precision), 1 = Q8_0 (w0 codes, w1 float scales), 2 = bfloat16 AMX tiles (w0 from
    pack_bf16_amx), 3 = float32 panels (w0 from pack_f32_panels), 4 = bfloat16 on
    AVX512-BF16 dot products (w0 from pack_bf16_amx), 5 = Q4_1 on AVX512-VNNI (w0 from
-   pack_q4_vnni, scales inside), 6 = Q8_0 on AVX512-VNNI (w0 from pack_int8_vnni); bias
+   pack_q4_panels, scales inside), 6 = Q8_0 on AVX512-VNNI (w0 from pack_int8_panels); bias
    in the activations' dtype or NULL. */
 typedef struct {
     int32_t kind, n, k, _pad;

@@ -85,10 +85,10 @@ void q8_dequantize_f32(const int8_t *codes, const float *scales, float *out, int
     }
 }
 
-/* The rows of `panels` 16-column panels of a weight in q4_matmul_vnni.c's layout (blocks
+/* The rows of `panels` 16-column panels of a weight in q4_matmul_panels.c's layout (blocks
    of 320 bytes per panel and group: codes, then 16 half-precision d, then 16 m), out
    [16 * panels, K]. Each output element as q4_dequantize_f32's: d * q + m, rounded twice. */
-void q4_vnni_dequantize_f32(const uint8_t *packed, float *out, int panels, int K) {
+void q4_panels_dequantize_f32(const uint8_t *packed, float *out, int panels, int K) {
     const int groups = K / 32;
     #pragma omp parallel for schedule(static)
     for (int p = 0; p < panels; p++) {
@@ -119,10 +119,10 @@ void q4_vnni_dequantize_f32(const uint8_t *packed, float *out, int panels, int K
     }
 }
 
-/* The rows of `panels` 16-column panels of a weight in int8_matmul_vnni.c's layout (blocks
+/* The rows of `panels` 16-column panels of a weight in int8_matmul_panels.c's layout (blocks
    of 576 bytes per panel and group: codes + 128, then 16 float scales), out
    [16 * panels, K]: code * scale, as q8_dequantize_f32. */
-void q8_vnni_dequantize_f32(const uint8_t *packed, float *out, int panels, int K) {
+void q8_panels_dequantize_f32(const uint8_t *packed, float *out, int panels, int K) {
     const int groups = K / 32;
     #pragma omp parallel for schedule(static)
     for (int p = 0; p < panels; p++) {

@@ -1,6 +1,6 @@
-"""The AVX512-VNNI int4 and int8 kernels (kernels/cpu/q4_matmul_vnni.c,
-int8_matmul_vnni.c) and their packed layouts, against the dense reference and the
-row-layout kernels they replace (no timing)."""
+"""The int4 and int8 matmuls on weights packed in 16-column panels
+(kernels/cpu/q4_matmul_panels.c: AVX512-VNNI or AVX2; int8_matmul_panels.c: AVX512-VNNI)
+against the dense reference and the row-layout kernels they replace (no timing)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ from tokenmill.model.quantization import (
     round_to_q8,
 )
 
-needs_vnni = pytest.mark.skipif(not cpu.q4_vnni_available() or not cpu.int8_vnni_available(),
-                                reason="the VNNI kernels need AVX512-VNNI")
+needs_q4 = pytest.mark.skipif(not cpu.q4_panels_available(),
+                              reason="the int4 panel kernel needs AVX2 or AVX512-VNNI")
+needs_int8 = pytest.mark.skipif(not cpu.int8_panels_available(),
+                                reason="the int8 panel kernel needs AVX512-VNNI")
 
 
 def _weight(n: int, k: int, seed: int):
@@ -38,8 +40,8 @@ def test_pack_layout():
     if cpu.cpu_kernels() is None:
         pytest.skip("no C compiler")
     codes, d, mins, _ = _weight(32, 64, 0)
-    packed = cpu.pack_q4_vnni(codes, d, mins)
-    assert packed.shape == (2, 2, cpu.Q4_VNNI_BLOCK) and packed.dtype == torch.uint8
+    packed = cpu.pack_q4_panels(codes, d, mins)
+    assert packed.shape == (2, 2, cpu.Q4_PANEL_BLOCK) and packed.dtype == torch.uint8
     for p, g, h, c, b in [(0, 0, 0, 0, 0), (1, 1, 3, 15, 3), (0, 1, 2, 7, 1), (1, 0, 1, 4, 2)]:
         byte = int(packed[p, g, 64 * h + 4 * c + b])
         row, k = 16 * p + c, 32 * g + 8 * h + b
@@ -48,10 +50,10 @@ def test_pack_layout():
     assert torch.equal(block[256:288].view(torch.float16), d[16:32, 1])
     assert torch.equal(block[288:320].view(torch.float16), mins[16:32, 1])
     with pytest.raises(ValueError, match="N % 16"):
-        cpu.pack_q4_vnni(codes[:24], d[:24], mins[:24])
+        cpu.pack_q4_panels(codes[:24], d[:24], mins[:24])
 
 
-@needs_vnni
+@needs_q4
 @pytest.mark.parametrize("m", [1, 7, 8, 9, 50, 130])  # row blocks of 8, chunks of 48 rows
 @pytest.mark.parametrize("n", [16, 48])
 @pytest.mark.parametrize("k", [32, 96, 544])
@@ -59,38 +61,39 @@ def test_matches_dense(m: int, n: int, k: int):
     codes, d, mins, g = _weight(n, k, m * 10 + n + k)
     x = torch.randn(m, k, generator=g) * 4
     bias = torch.randn(n, generator=g)
-    packed = cpu.pack_q4_vnni(codes, d, mins)
+    packed = cpu.pack_q4_panels(codes, d, mins)
     expected = round_to_q8(x) @ dequantize_q4_1(codes, d, mins).T
-    torch.testing.assert_close(cpu.q4_matmul_vnni(x, packed, bias), expected + bias,
+    torch.testing.assert_close(cpu.q4_matmul_panels(x, packed, bias), expected + bias,
                                rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(cpu.q4_matmul_vnni(x, packed), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cpu.q4_matmul_panels(x, packed), expected, rtol=1e-4, atol=1e-4)
     # the row-layout kernel: the same rounded input and integer sums, another float order
     rows = cpu.q4_matmul(x, cpu.pack_q4(codes), d, mins, bias)
-    torch.testing.assert_close(cpu.q4_matmul_vnni(x, packed, bias), rows, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cpu.q4_matmul_panels(x, packed, bias), rows, rtol=1e-4, atol=1e-4)
 
 
-@needs_vnni
+@needs_q4
 def test_rows_do_not_depend_on_the_batch():
     """A row's result is the same bits alone, in a full block of 8 rows, in a partial
     block, and in a later chunk of 48 rows."""
     codes, d, mins, g = _weight(64, 576, 3)
-    packed = cpu.pack_q4_vnni(codes, d, mins)
+    packed = cpu.pack_q4_panels(codes, d, mins)
     bias = torch.randn(64, generator=g)
     x = torch.randn(61, 576, generator=g) * 3
-    batched = cpu.q4_matmul_vnni(x, packed, bias)
+    batched = cpu.q4_matmul_panels(x, packed, bias)
     for i in range(x.shape[0]):
-        assert torch.equal(cpu.q4_matmul_vnni(x[i:i + 1], packed, bias)[0], batched[i]), i
-    assert torch.equal(cpu.q4_matmul_vnni(x[5:19], packed, bias), batched[5:19])
+        assert torch.equal(cpu.q4_matmul_panels(x[i:i + 1], packed, bias)[0], batched[i]), i
+    assert torch.equal(cpu.q4_matmul_panels(x[5:19], packed, bias), batched[5:19])
 
 
-@needs_vnni
+@needs_q4
 def test_strided_input_rows():
     codes, d, mins, g = _weight(32, 64, 4)
-    packed = cpu.pack_q4_vnni(codes, d, mins)
+    packed = cpu.pack_q4_panels(codes, d, mins)
     wide = torch.randn(5, 100, generator=g)
     x = wide[:, 10:74]  # rows 100 floats apart
     assert not x.is_contiguous()
-    assert torch.equal(cpu.q4_matmul_vnni(x, packed), cpu.q4_matmul_vnni(x.contiguous(), packed))
+    want = cpu.q4_matmul_panels(x.contiguous(), packed)
+    assert torch.equal(cpu.q4_matmul_panels(x, packed), want)
 
 
 def test_dequantize_equals_the_row_layout():
@@ -98,47 +101,48 @@ def test_dequantize_equals_the_row_layout():
         pytest.skip("no C compiler")
     codes, d, mins, _ = _weight(48, 96, 5)
     want = cpu.q4_dequantize(cpu.pack_q4(codes), d, mins)
-    packed = cpu.pack_q4_vnni(codes, d, mins)
-    assert torch.equal(cpu.q4_vnni_dequantize(packed), want)
-    assert torch.equal(cpu.q4_vnni_dequantize(packed, 16, 48), want[16:48])
+    packed = cpu.pack_q4_panels(codes, d, mins)
+    assert torch.equal(cpu.q4_panels_dequantize(packed), want)
+    assert torch.equal(cpu.q4_panels_dequantize(packed, 16, 48), want[16:48])
     with pytest.raises(ValueError, match="16-row panels"):
-        cpu.q4_vnni_dequantize(packed, 8, 48)
+        cpu.q4_panels_dequantize(packed, 8, 48)
 
 
-@needs_vnni
-def test_int4_linear_picks_the_kernel(monkeypatch: pytest.MonkeyPatch):
-    assert default_quantized_kernel(64) == "vnni"
-    assert default_quantized_kernel(64, 8) == "vnni"
+@needs_q4
+def test_quantized_linear_picks_the_kernel(monkeypatch: pytest.MonkeyPatch):
+    assert default_quantized_kernel(64) == "panels"
     assert default_quantized_kernel(40) == "native"  # not a multiple of 16
-    assert Int4Linear(torch.randn(64, 64)).kernel == "vnni"
-    assert Int8Linear(torch.randn(64, 64)).kernel == "vnni"
+    assert Int4Linear(torch.randn(64, 64)).kernel == "panels"
+    int8 = "panels" if cpu.int8_panels_available() else "native"
+    assert default_quantized_kernel(64, 8) == int8
+    assert Int8Linear(torch.randn(64, 64)).kernel == int8
     assert Int8Linear(torch.randn(40, 64)).kernel == "native"
-    monkeypatch.setenv("TOKENMILL_CPU_VNNI", "0")
+    monkeypatch.setenv("TOKENMILL_CPU_PANELS", "0")
     assert Int4Linear(torch.randn(64, 64)).kernel == "native"
     assert Int8Linear(torch.randn(64, 64)).kernel == "native"
 
 
-@needs_vnni
+@needs_q4
 @pytest.mark.parametrize("rows", [1, 9, 70])
 def test_int4_linear_on_both_layouts(rows: int):
-    """The same weight as a vnni and as a native layer: close on the integer path, and
+    """The same weight as a panels and as a native layer: close on the integer path, and
     the same bits on the dense path (the same dequantized weight)."""
     g = torch.Generator().manual_seed(rows)
     weight, bias = torch.randn(80, 96, generator=g), torch.randn(80, generator=g)
-    vnni = Int4Linear(weight, bias, kernel="vnni")
+    panel = Int4Linear(weight, bias, kernel="panels")
     native = Int4Linear(weight, bias, kernel="native")
     x = torch.randn(rows, 96, generator=g)
-    vnni.dense_min_rows = native.dense_min_rows = 0
-    torch.testing.assert_close(vnni(x), native(x), rtol=1e-5, atol=1e-5)
-    vnni.dense_min_rows = native.dense_min_rows = 1
-    assert torch.equal(vnni(x), native(x))
+    panel.dense_min_rows = native.dense_min_rows = 0
+    torch.testing.assert_close(panel(x), native(x), rtol=1e-5, atol=1e-5)
+    panel.dense_min_rows = native.dense_min_rows = 1
+    assert torch.equal(panel(x), native(x))
 
 
-@needs_vnni
+@needs_q4
 def test_dense_tiles_start_on_panels():
     """A tile size that is not a multiple of 16 rows is rounded to panels."""
     g = torch.Generator().manual_seed(8)
-    layer = Int4Linear(torch.randn(80, 64, generator=g), kernel="vnni")
+    layer = Int4Linear(torch.randn(80, 64, generator=g), kernel="panels")
     x = torch.randn(3, 64, generator=g)
     whole = dequant_matmul.tiled_dense_matmul(x, 80, layer._dequantize_rows, None,
                                               dtype=torch.float32)
@@ -148,24 +152,39 @@ def test_dense_tiles_start_on_panels():
     torch.testing.assert_close(tiled, whole)
 
 
-def test_builds_without_vnni_fall_back(monkeypatch: pytest.MonkeyPatch):
-    """Built for AVX2 only (-march=haswell), the kernel reports itself missing and layers
-    take the row layout."""
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_builds_without_the_kernels_fall_back(monkeypatch: pytest.MonkeyPatch, march: str):
+    """Built for AVX2 without AVX-512 (haswell) the int4 panels run on maddubs and the
+    int8 kernel reports itself missing; built without AVX2 (x86-64) both are missing and
+    layers take the row layout."""
     if cpu.cpu_kernels() is None:
         pytest.skip("no C compiler")
     import platform
     if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("x86 build")
-    monkeypatch.setenv("TOKENMILL_CPU_MARCH", "haswell")
+        pytest.skip("x86 builds")
+    g = torch.Generator().manual_seed(9)
+    codes, d, mins, _ = _weight(32, 64, 9)
+    codes8, scales8 = quantize_int8(torch.randn(32, 64, generator=g))
+    x = torch.randn(11, 64, generator=g) * 3
+    native = cpu.q4_matmul_panels(x, cpu.pack_q4_panels(codes, d, mins))
+    monkeypatch.setenv("TOKENMILL_CPU_MARCH", march)
     cpu.cpu_kernels.cache_clear()
     try:
-        assert not cpu.q4_vnni_available() and not cpu.int8_vnni_available()
-        assert default_quantized_kernel(64) == default_quantized_kernel(64, 8) == "native"
-        codes, d, mins, g = _weight(16, 32, 9)
-        assert cpu.q4_matmul_vnni(torch.randn(2, 32), cpu.pack_q4_vnni(codes, d, mins)) is None
-        codes8, scales8 = quantize_int8(torch.randn(16, 32))
-        assert cpu.int8_matmul_vnni(torch.randn(2, 32),
-                                    cpu.pack_int8_vnni(codes8, scales8)) is None
+        assert not cpu.int8_panels_available()
+        assert cpu.int8_matmul_panels(x, cpu.pack_int8_panels(codes8, scales8)) is None
+        got = cpu.q4_matmul_panels(x, cpu.pack_q4_panels(codes, d, mins))
+        if march == "haswell":
+            assert cpu.q4_panels_available() and default_quantized_kernel(64) == "panels"
+            want = round_to_q8(x) @ dequantize_q4_1(codes, d, mins).T
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            if native is not None:  # the AVX-512 path: the same sums, another float order
+                torch.testing.assert_close(got, native, rtol=1e-5, atol=1e-5)
+            alone = [cpu.q4_matmul_panels(x[i:i + 1], cpu.pack_q4_panels(codes, d, mins))
+                     for i in range(x.shape[0])]
+            assert torch.equal(torch.cat(alone), got)  # rows independent of the batch here too
+        else:
+            assert not cpu.q4_panels_available() and got is None
+            assert default_quantized_kernel(64) == default_quantized_kernel(64, 8) == "native"
     finally:
         monkeypatch.delenv("TOKENMILL_CPU_MARCH")
         cpu.cpu_kernels.cache_clear()
@@ -184,18 +203,18 @@ def test_int8_pack_layout():
         pytest.skip("no C compiler")
     codes, scales, _ = _weight8(32, 64, 0)
     codes[0, 0], codes[17, 63] = -127, 127
-    packed = cpu.pack_int8_vnni(codes, scales)
-    assert packed.shape == (2, 2, cpu.INT8_VNNI_BLOCK) and packed.dtype == torch.uint8
+    packed = cpu.pack_int8_panels(codes, scales)
+    assert packed.shape == (2, 2, cpu.INT8_PANEL_BLOCK) and packed.dtype == torch.uint8
     for p, g, s, c, b in [(0, 0, 0, 0, 0), (1, 1, 7, 1, 3), (0, 1, 5, 9, 2), (1, 0, 2, 15, 1)]:
         want = int(codes[16 * p + c, 32 * g + 4 * s + b]) + 128
         assert int(packed[p, g, 64 * s + 4 * c + b]) == want
     assert torch.equal(packed[1, 1, 512:].view(torch.float32), scales[16:32, 1])
-    assert torch.equal(cpu.int8_vnni_dequantize(packed), cpu.q8_dequantize(codes, scales))
-    assert torch.equal(cpu.int8_vnni_dequantize(packed, 16, 32),
+    assert torch.equal(cpu.int8_panels_dequantize(packed), cpu.q8_dequantize(codes, scales))
+    assert torch.equal(cpu.int8_panels_dequantize(packed, 16, 32),
                        cpu.q8_dequantize(codes, scales)[16:32])
 
 
-@needs_vnni
+@needs_int8
 @pytest.mark.parametrize("m", [1, 7, 9, 50, 130])
 @pytest.mark.parametrize("n", [16, 48])
 @pytest.mark.parametrize("k", [32, 544])
@@ -205,36 +224,36 @@ def test_int8_matches_dense(m: int, n: int, k: int):
     codes[1 % n, :32] = -127
     x = torch.randn(m, k, generator=g) * 4
     bias = torch.randn(n, generator=g)
-    packed = cpu.pack_int8_vnni(codes, scales)
+    packed = cpu.pack_int8_panels(codes, scales)
     expected = round_to_q8(x) @ dequantize_int8(codes, scales).T
-    torch.testing.assert_close(cpu.int8_matmul_vnni(x, packed, bias), expected + bias,
+    torch.testing.assert_close(cpu.int8_matmul_panels(x, packed, bias), expected + bias,
                                rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(cpu.int8_matmul_vnni(x, packed), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cpu.int8_matmul_panels(x, packed), expected, rtol=1e-4, atol=1e-4)
     rows = cpu.int8_matmul(x, codes, scales, bias)
-    torch.testing.assert_close(cpu.int8_matmul_vnni(x, packed, bias), rows, rtol=1e-4,
+    torch.testing.assert_close(cpu.int8_matmul_panels(x, packed, bias), rows, rtol=1e-4,
                                atol=1e-4)
 
 
-@needs_vnni
+@needs_int8
 def test_int8_rows_do_not_depend_on_the_batch():
     codes, scales, g = _weight8(64, 576, 3)
-    packed = cpu.pack_int8_vnni(codes, scales)
+    packed = cpu.pack_int8_panels(codes, scales)
     bias = torch.randn(64, generator=g)
     x = torch.randn(61, 576, generator=g) * 3
-    batched = cpu.int8_matmul_vnni(x, packed, bias)
+    batched = cpu.int8_matmul_panels(x, packed, bias)
     for i in range(x.shape[0]):
-        assert torch.equal(cpu.int8_matmul_vnni(x[i:i + 1], packed, bias)[0], batched[i]), i
+        assert torch.equal(cpu.int8_matmul_panels(x[i:i + 1], packed, bias)[0], batched[i]), i
 
 
-@needs_vnni
+@needs_int8
 @pytest.mark.parametrize("rows", [1, 9, 70])
 def test_int8_linear_on_both_layouts(rows: int):
     g = torch.Generator().manual_seed(rows)
     weight, bias = torch.randn(80, 96, generator=g), torch.randn(80, generator=g)
-    vnni = Int8Linear(weight, bias, kernel="vnni")
+    panel = Int8Linear(weight, bias, kernel="panels")
     native = Int8Linear(weight, bias, kernel="native")
     x = torch.randn(rows, 96, generator=g)
-    vnni.dense_min_rows = native.dense_min_rows = 0
-    torch.testing.assert_close(vnni(x), native(x), rtol=1e-5, atol=1e-5)
-    vnni.dense_min_rows = native.dense_min_rows = 1
-    assert torch.equal(vnni(x), native(x))
+    panel.dense_min_rows = native.dense_min_rows = 0
+    torch.testing.assert_close(panel(x), native(x), rtol=1e-5, atol=1e-5)
+    panel.dense_min_rows = native.dense_min_rows = 1
+    assert torch.equal(panel(x), native(x))

@@ -1,7 +1,7 @@
 /*
  * y = x @ W.T (+ bias) for a Q8_0 weight (w = code * scale per group of 32, codes in
  * -127..127) on AVX512-VNNI, the weight packed in panels of 16 output columns: the int8
- * companion of q4_matmul_vnni.c (see there for the idea), used by an int4 model's 8-bit
+ * companion of q4_matmul_panels.c (see there for the idea), used by an int4 model's 8-bit
  * LM head as much as by int8 models.
  *
  * vpdpbusd multiplies unsigned by signed bytes. The weight is stored offset to unsigned
@@ -9,7 +9,7 @@
  * group's sum is sum((code + 128) * qx) = dot + 128 * sum(qx): exact in int32, and the
  * input's code sum per group (computed once per row) takes the offset back out.
  *
- * Packed layout (pack_int8_vnni in kernels/cpu/__init__.py): for each panel p of 16
+ * Packed layout (pack_int8_panels in kernels/cpu/__init__.py): for each panel p of 16
  * columns and each group g, a block of TM_Q8V_BLOCK bytes, blocks in (p, g) order:
  *   bytes 64 s + 4 c + b (s 0..7, c 0..15, b 0..3): code[16 p + c][32 g + 4 s + b] + 128
  *   bytes 512 + 4 c: scale[16 p + c][g] (float32).
@@ -61,7 +61,7 @@ static inline __attribute__((always_inline)) void q8v_rows(
 }
 #endif
 
-int int8_matmul_vnni_available(void) {
+int int8_matmul_panels_available(void) {
 #ifdef TM_Q8V
     return 1;
 #else
@@ -72,7 +72,7 @@ int int8_matmul_vnni_available(void) {
 /* out[M, N] = x[M, K] @ W^T (+ bias[N]); x rows x_stride floats apart, out rows
    out_stride apart, W packed as above. N % 16 == 0, K % 32 == 0. Returns 0, -1 when out
    of memory for the rounded input, -2 when this build has no VNNI path (nothing written). */
-int int8_matmul_vnni_f32(const float *x, int64_t x_stride, const uint8_t *packed,
+int int8_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *packed,
                          const float *bias, float *out, int64_t out_stride, int M, int N, int K) {
 #ifdef TM_Q8V
     const int groups = K / 32, panels = N / 16;
