@@ -46,6 +46,7 @@ def test_quantized_engine_invariance(tiny_llama, quant, monkeypatch):
     # dense prefill path (steps of many rows: float GEMM, float activations) does not
     # round activations to 8 bits, so it is checked separately below.
     monkeypatch.setattr(dequant_matmul, "DENSE_MIN_ROWS", 0)
+    monkeypatch.setattr(dequant_matmul, "PANEL_DENSE_MIN_ROWS", 0)
     # Likewise attention: prompts longer than SHORT_QUERY_LEN take PyTorch's prefill path
     # unchunked and the native kernel in chunks, which round differently (~1e-6), and
     # 8-bit activation rounding can blow that up to a flipped token. One kernel for all
@@ -84,6 +85,7 @@ def test_dense_prefill_matches_integer_kernels(tiny_llama, quant, monkeypatch):
 
     def logprobs(min_rows: int, quantization: str | None = quant) -> list[float]:
         monkeypatch.setattr(dequant_matmul, "DENSE_MIN_ROWS", min_rows)
+        monkeypatch.setattr(dequant_matmul, "PANEL_DENSE_MIN_ROWS", min_rows)  # panel layers
         llm = LLM(tiny_llama, num_threads=1, quantization=quantization)
         out = llm.generate([prompt], params, use_tqdm=False)[0]
         return [lp.logprob for lp in out.prompt_logprobs[1:]]
