@@ -69,6 +69,14 @@ DENSE_DTYPE = default_dense_dtype()
 # at 128 and 1.2x at 512; docs/performance.md).
 _MIN_ROWS = {torch.bfloat16: 64, torch.float32: 512}
 DENSE_MIN_ROWS = int(os.environ.get("TOKENMILL_DENSE_MIN_ROWS", _MIN_ROWS[DENSE_DTYPE]))
+# The panel kernels (kernels/cpu/q4_matmul_panels.c, int8_matmul_panels.c) beat the dense
+# path at every row count measured on a Zen 4 EPYC (benchmarks/quantized_prefill.py: dense
+# 0.36x / 0.57x at 64 / 512 rows against a bfloat16 GEMM, 0.61x / 0.65x at 128 / 512 held
+# to AVX2 against float32), so they have no threshold there; with AMX, whose bfloat16 GEMM
+# is several times faster from a few dozen rows, the dense path keeps the threshold above
+# (not measured against these kernels: no AMX host with them yet).
+PANEL_DENSE_MIN_ROWS = int(os.environ.get(
+    "TOKENMILL_DENSE_MIN_ROWS", DENSE_MIN_ROWS if "amx_bf16" in cpu_flags() else 0))
 
 Dequantizer = Callable[[int, int], "torch.Tensor | None"]
 
@@ -113,10 +121,3 @@ def tiled_dense_matmul(
             return None
         out[:, start:stop] = product(weight, None if bias is None else bias[start:stop])
     return out
-# The AVX512-VNNI int4 kernel (kernels/cpu/q4_matmul_panels.c) beat the dense path at every
-# row count measured on a Zen 4 EPYC (bfloat16 GEMM, no AMX: 0.36x at 64 rows, 0.69x at
-# 512), so it has no threshold there; with AMX, whose bfloat16 GEMM is several times
-# faster from a few dozen rows, the dense path keeps the threshold above (not measured
-# against this kernel: no AMX host with it yet).
-PANEL_DENSE_MIN_ROWS = int(os.environ.get(
-    "TOKENMILL_DENSE_MIN_ROWS", DENSE_MIN_ROWS if "amx_bf16" in cpu_flags() else 0))

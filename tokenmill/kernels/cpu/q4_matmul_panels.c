@@ -27,8 +27,8 @@
  *
  * Each output is summed over its groups in the same order whatever the number of rows
  * (row blocks of any size take the same path), so a row's result does not depend on
- * the batch. The two paths differ only in float summation order. The input is rounded
- * to 8 bits per group as for q4_matmul_f32.
+ * the batch; the two paths add the same float terms in the same order, so they give the
+ * same bits. The input is rounded to 8 bits per group as for q4_matmul_f32.
  */
 #include <stdint.h>
 
