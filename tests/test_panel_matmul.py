@@ -155,8 +155,8 @@ def test_dense_tiles_start_on_panels():
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])
 def test_builds_without_the_kernels_fall_back(monkeypatch: pytest.MonkeyPatch, march: str):
     """Built for AVX2 without AVX-512 (haswell) the int4 panels run on maddubs, with the
-    same bits as the AVX512-VNNI path, and the int8 kernel reports itself missing; built without AVX2 (x86-64) both are missing and
-    layers take the row layout."""
+    same bits as the AVX512-VNNI path, and the int8 kernel reports itself missing; built
+    without AVX2 (x86-64) both are missing and layers take the row layout."""
     if cpu.cpu_kernels() is None:
         pytest.skip("no C compiler")
     import platform
