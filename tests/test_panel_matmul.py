@@ -122,15 +122,16 @@ def test_quantized_linear_picks_the_kernel(monkeypatch: pytest.MonkeyPatch):
     assert Int8Linear(torch.randn(64, 64)).kernel == "native"
 
 
-@needs_q4
+@pytest.mark.parametrize("cls", [pytest.param(Int4Linear, marks=needs_q4),
+                                 pytest.param(Int8Linear, marks=needs_int8)])
 @pytest.mark.parametrize("rows", [1, 9, 70])
-def test_int4_linear_on_both_layouts(rows: int):
+def test_linear_on_both_layouts(cls: type, rows: int):
     """The same weight as a panels and as a native layer: close on the integer path, and
     the same bits on the dense path (the same dequantized weight)."""
     g = torch.Generator().manual_seed(rows)
     weight, bias = torch.randn(80, 96, generator=g), torch.randn(80, generator=g)
-    panel = Int4Linear(weight, bias, kernel="panels")
-    native = Int4Linear(weight, bias, kernel="native")
+    panel = cls(weight, bias, kernel="panels")
+    native = cls(weight, bias, kernel="native")
     x = torch.randn(rows, 96, generator=g)
     panel.dense_min_rows = native.dense_min_rows = 0
     torch.testing.assert_close(panel(x), native(x), rtol=1e-5, atol=1e-5)
@@ -243,17 +244,3 @@ def test_int8_rows_do_not_depend_on_the_batch():
     batched = cpu.int8_matmul_panels(x, packed, bias)
     for i in range(x.shape[0]):
         assert torch.equal(cpu.int8_matmul_panels(x[i:i + 1], packed, bias)[0], batched[i]), i
-
-
-@needs_int8
-@pytest.mark.parametrize("rows", [1, 9, 70])
-def test_int8_linear_on_both_layouts(rows: int):
-    g = torch.Generator().manual_seed(rows)
-    weight, bias = torch.randn(80, 96, generator=g), torch.randn(80, generator=g)
-    panel = Int8Linear(weight, bias, kernel="panels")
-    native = Int8Linear(weight, bias, kernel="native")
-    x = torch.randn(rows, 96, generator=g)
-    panel.dense_min_rows = native.dense_min_rows = 0
-    torch.testing.assert_close(panel(x), native(x), rtol=1e-5, atol=1e-5)
-    panel.dense_min_rows = native.dense_min_rows = 1
-    assert torch.equal(panel(x), native(x))
