@@ -234,8 +234,8 @@ class Int4Linear(nn.Module):
       rounded input, the weight packed in panels of 16 output columns, one
       load serving 16 (or 8) columns and every input row of a block; the same
       exact integer sums per group, scaled and summed in another order. At one
-      input row it streams the weight as fast as the row kernel, from a few rows
-      on it is 1.5-3x faster (docs/performance.md);
+      input row it streams the weight at least as fast as the row kernel, from a
+      few rows on it is 1.2-2.6x faster (docs/performance.md);
     - ``torch`` (``aten._weight_int4pack_mm_for_cpu``): the same codes with
       bfloat16 scales and a bfloat16 copy of the input.
 
