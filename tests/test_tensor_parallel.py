@@ -33,6 +33,7 @@ from tokenmill.config import ModelConfig
 from tokenmill.distributed import TPGroup
 from tokenmill.llm import LLM
 from tokenmill.model.loader import load_model, resolve_model
+from tokenmill.model.quantization import Int4Linear, Int8Linear
 from tokenmill.model.sharding import check_tensor_parallel, shard_plan
 from tokenmill.sampling import SamplingParams
 
@@ -127,16 +128,23 @@ def test_sharded_logprobs_match_unsharded(tiny):
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
 
 
+@pytest.mark.parametrize("layout", ["default", "rows"])  # default: panels where they run
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_every_quantized_shard_equals_the_unsharded_slice(tiny, method):
+def test_every_quantized_shard_equals_the_unsharded_slice(tiny, method, layout, monkeypatch):
     """Loading rank r of 2 needs no peers; its quantized weights must be exactly the
-    matching rows (column-parallel) or input groups (row-parallel) of the whole model."""
+    matching rows (column-parallel) or input groups (row-parallel) of the whole model:
+    compared as the exact weights the codes and scales stand for, whatever the layout."""
+    if layout == "rows":
+        monkeypatch.setenv("TOKENMILL_CPU_PANELS", "0")
     backend = get_attention_backend("torch")
     resolved = resolve_model(tiny)
 
     def buffers(tp: TPGroup) -> dict[str, torch.Tensor]:
         model = load_model(resolved, torch.float32, "cpu", backend, method, tp).model
-        return {n: b for n, b in model.named_buffers() if "layers.0." in n}
+        layers = {n: m for n, m in model.named_modules()
+                  if "layers.0." in n and isinstance(m, (Int4Linear, Int8Linear))}
+        assert layers
+        return {n: m._dequantize_rows(0, m.out_features) for n, m in layers.items()}
 
     whole = buffers(TPGroup())
     hd = 16
@@ -147,7 +155,7 @@ def test_every_quantized_shard_equals_the_unsharded_slice(tiny, method):
         for name, value in part.items():
             full = whole[name]
             if "o_proj" in name or "down_proj" in name:
-                # Row-parallel: input columns (codes) and their groups (scales) split.
+                # Row-parallel: input columns (and with them whole groups) split.
                 cols = full.shape[1] // 2
                 expected = full[:, rank * cols:(rank + 1) * cols]
             elif "qkv_proj" in name:
