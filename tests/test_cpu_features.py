@@ -101,13 +101,13 @@ def test_max_isa_drives_every_choice() -> None:
 
 
 def test_default_step_budget_per_device() -> None:
-    """The token budget per step: 1,024 on the CPU (a 2,048-token step stalls every stream
+    """The token budget per step: 512 on the CPU (a 2,048-token step stalls every stream
     for seconds there), 8,192 on a GPU; a given budget wins, and without chunked prefill
     it still covers a whole prompt."""
     from tokenmill.engine.args import EngineArgs
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert EngineArgs().scheduler_config(8192, cpu).max_num_batched_tokens == 1024
+    assert EngineArgs().scheduler_config(8192, cpu).max_num_batched_tokens == 512
     assert EngineArgs().scheduler_config(8192, cuda).max_num_batched_tokens == 8192
     assert EngineArgs(max_num_batched_tokens=64).scheduler_config(
         8192, cpu).max_num_batched_tokens == 64

@@ -28,11 +28,13 @@ _AUTO = "auto"
 CPU_DTYPE_ENV = "TOKENMILL_CPU_DTYPE"
 
 # Token budget per step when none is given. On the CPU a step of 2,048 prompt tokens
-# takes seconds, and every running stream waits for it; 1,024 keeps the GEMMs as
-# efficient (hundreds of rows already fill the cores) while the first prompts of a
-# burst start decoding one step sooner: at 32 streams, mean time to first token
-# 0.57x and output tok/s 1.18x of 2,048's (docs/performance.md).
-DEFAULT_BATCHED_TOKENS = {"cuda": 8192, "cpu": 1024}
+# takes seconds, and every running stream waits for it; a few hundred rows already
+# fill the cores' matmuls, so a smaller budget lets the first prompts of a burst start
+# decoding sooner at no cost in throughput: 1,024 gave 0.57x the mean time to first
+# token of 2,048 at 32 streams; with the panel matmuls 512 gives 0.76-0.85x that of
+# 1,024 at 8 and 32 streams, 0.99-1.08x the output tok/s, and a 2,000-token prompt no
+# slower (docs/performance.md).
+DEFAULT_BATCHED_TOKENS = {"cuda": 8192, "cpu": 512}
 
 
 def default_cpu_dtype(quantization: str | None, native_bf16: bool | None = None) -> torch.dtype:
@@ -251,7 +253,7 @@ class EngineArgs:
         g.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
                        action="store_false", help="disable automatic prefix caching")
         g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                       help="token budget per step (default 1024 CPU / 8192 GPU)")
+                       help="token budget per step (default 512 CPU / 8192 GPU)")
         g.add_argument("--max-num-seqs", type=int, default=None,
                        help="max sequences per step (default 64 CPU / 256 GPU)")
         g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill",
