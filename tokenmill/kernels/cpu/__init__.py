@@ -152,14 +152,11 @@ def cpu_kernels() -> ctypes.CDLL | None:
     lib.q4_matmul_f32.restype = ctypes.c_int
     lib.q4_dequantize_f32.argtypes = _Q4_DEQUANTIZE_ARGTYPES
     lib.q4_dequantize_f32.restype = None
-    lib.q4_matmul_panels_f32.argtypes = _PANEL_MATMUL_ARGTYPES
-    lib.q4_matmul_panels_f32.restype = ctypes.c_int
-    lib.q4_matmul_panels_available.argtypes = []
-    lib.q4_matmul_panels_available.restype = ctypes.c_int
-    lib.int8_matmul_panels_f32.argtypes = _PANEL_MATMUL_ARGTYPES
-    lib.int8_matmul_panels_f32.restype = ctypes.c_int
-    lib.int8_matmul_panels_available.argtypes = []
-    lib.int8_matmul_panels_available.restype = ctypes.c_int
+    for kind in ("q4", "int8"):
+        getattr(lib, f"{kind}_matmul_panels_f32").argtypes = _PANEL_MATMUL_ARGTYPES
+        getattr(lib, f"{kind}_matmul_panels_f32").restype = ctypes.c_int
+        getattr(lib, f"{kind}_matmul_panels_available").argtypes = []
+        getattr(lib, f"{kind}_matmul_panels_available").restype = ctypes.c_int
     for name in ("q4_panels_dequantize_f32", "q8_panels_dequantize_f32"):
         getattr(lib, name).argtypes = [_ptr, _ptr, _i32, _i32]
         getattr(lib, name).restype = None
@@ -436,6 +433,15 @@ def q4_dequantize(
 Q4_PANEL_BLOCK = 320
 
 
+def _per_panel_bytes(values: torch.Tensor) -> torch.Tensor:
+    """Per-(column, group) values ``[N, G]`` as the bytes of their 16-column panels:
+    ``[N // 16, G, 16 * itemsize]``, panel p's block for group g holding columns
+    16 p .. 16 p + 15 in order (the scale part of both panel layouts)."""
+    n, groups = values.shape
+    raw = values.contiguous().view(torch.uint8).reshape(n // 16, 16, groups, -1)
+    return raw.permute(0, 2, 1, 3).reshape(n // 16, groups, -1)
+
+
 def q4_panels_available() -> bool:
     """Whether :func:`q4_matmul_panels` runs here: the library was built for a CPU with
     AVX512-VNNI or with AVX2, FMA and F16C (``-march`` of such a CPU)."""
@@ -459,12 +465,8 @@ def pack_q4_panels(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     panels, groups = n // 16, k // 32
     nibbles = codes.to(torch.uint8).reshape(panels, 16, groups, 4, 2, 4)
     data = (nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)
-
-    def per_panel(t: torch.Tensor) -> torch.Tensor:  # [N, G] halves -> [P, G, 32] bytes
-        return t.view(torch.uint8).reshape(panels, 16, groups, 2).permute(0, 2, 1, 3)
-
-    return torch.cat([data.reshape(panels, groups, 256), per_panel(scales).reshape(
-        panels, groups, 32), per_panel(mins).reshape(panels, groups, 32)], dim=2).contiguous()
+    return torch.cat([data.reshape(panels, groups, 256), _per_panel_bytes(scales),
+                      _per_panel_bytes(mins)], dim=2).contiguous()
 
 
 def _panel_matmul(name: str, block: int, x: torch.Tensor, packed: torch.Tensor,
@@ -513,9 +515,9 @@ def q4_matmul_panels(
     """:func:`q4_matmul`'s product with the weight from :func:`pack_q4_panels`
     (``vpdpbusd`` on AVX512-VNNI CPUs, ``maddubs`` on AVX2): the same rounded input and
     the same exact integer sums per group, scaled and summed in another order (float32
-    rounding apart, the same result). A row's result does not
-    depend on the other rows. None, having done nothing, when the kernel is unavailable
-    or ``x`` is not float32 on the CPU.
+    rounding apart, the same result). A row's result does not depend on the other rows.
+    None, having done nothing, when the kernel is unavailable or ``x`` is not float32 on
+    the CPU.
     """
     return _panel_matmul("q4_matmul_panels_f32", Q4_PANEL_BLOCK, x, packed, bias)
 
@@ -553,9 +555,7 @@ def pack_int8_panels(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     panels, groups = n // 16, k // 32
     offset = (codes.to(torch.int16) + 128).to(torch.uint8).reshape(panels, 16, groups, 8, 4)
     data = offset.permute(0, 2, 3, 1, 4).reshape(panels, groups, 512)
-    scale_bytes = scales.float().contiguous().view(torch.uint8).reshape(panels, 16, groups, 4)
-    return torch.cat([data, scale_bytes.permute(0, 2, 1, 3).reshape(panels, groups, 64)],
-                     dim=2).contiguous()
+    return torch.cat([data, _per_panel_bytes(scales.float())], dim=2).contiguous()
 
 
 def int8_matmul_panels(
