@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             if gemm is not None:
                 os.environ["TOKENMILL_CPU_GEMM"] = gemm  # read when the model loads
             label = quant if gemm is None else f"{quant}/{gemm}"
-            extra = {} if quant == "none" else {"quantization": quant}
+            extra = {"quantization": None if quant == "none" else quant}
             llm = LLM(args.model, dtype=args.dtype, num_threads=args.num_threads, **extra)
             for batch in args.batch_sizes:
                 plain, split = profile(llm, batch, args.steps)

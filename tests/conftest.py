@@ -4,7 +4,9 @@
 (:func:`tokenmill.engine.args.default_cpu_dtype`). Most tests compare the engine with
 float32 references (HF transformers, the PyTorch path) token for token, so the suite
 pins ``auto`` to float32 on every machine, for this process and the servers it
-starts; tests of the bfloat16 path ask for it by name or clear the variable.
+starts; tests of the bfloat16 path ask for it by name or clear the variable. For the
+same reason ``--quantization auto`` is pinned to float weights (the bundled Q4_1 file
+would otherwise run on its int4 codes); quantized tests ask for int4/int8 by name.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import os
 import pytest
 import torch
 
-from tokenmill.engine.args import CPU_DTYPE_ENV
+from tokenmill.engine.args import CPU_DTYPE_ENV, CPU_QUANTIZATION_ENV
 
 os.environ.setdefault(CPU_DTYPE_ENV, "float32")
+os.environ.setdefault(CPU_QUANTIZATION_ENV, "none")
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,10 @@ _AUTO = "auto"
 # Overrides what ``--dtype auto`` picks on the CPU (e.g. float32 on every machine: the
 # test suite compares against float32 references).
 CPU_DTYPE_ENV = "TOKENMILL_CPU_DTYPE"
+# Overrides what ``--quantization auto`` picks on the CPU (none / int4 / int8; the test
+# suite sets none: its references run float weights).
+CPU_QUANTIZATION_ENV = "TOKENMILL_CPU_QUANTIZATION"
+QUANTIZATION_CHOICES = (_AUTO, "none", "int4", "int8")
 
 # Token budget per step when none is given. On the CPU a step of 2,048 prompt tokens
 # takes seconds, and every running stream waits for it; a few hundred rows already
@@ -58,6 +62,35 @@ def default_cpu_dtype(quantization: str | None, native_bf16: bool | None = None)
     return torch.bfloat16 if native and quantization is None else torch.float32
 
 
+def auto_quantization(resolved: Any, device: torch.device, dtype: str = _AUTO) -> str | None:
+    """What ``--quantization auto`` means: a GGUF file's own weight quantization on
+    CPUs whose integer kernels run it, as llama.cpp runs its files.
+
+    A file whose decoder matrices are all Q4_0/Q4_1 gets ``int4``, all Q8_0 ``int8``
+    (:func:`~tokenmill.model.gguf_loader.file_quantization`; the codes load exactly)
+    where the CPU has the panel kernels (int4: AVX2 or AVX512-VNNI; int8: AVX512-VNNI),
+    and ``--dtype`` is auto or float32 (the kernels take float32 activations). Everything
+    else - GPUs, safetensors, float or K-quant files, other CPUs - loads float weights.
+    ``resolved`` is the :class:`~tokenmill.model.loader.ResolvedModel`.
+    ``TOKENMILL_CPU_QUANTIZATION`` (none / int4 / int8) overrides the choice on the CPU.
+    """
+    if device.type != "cpu":
+        return None
+    override = os.environ.get(CPU_QUANTIZATION_ENV, "")
+    if override:
+        if override not in QUANTIZATION_CHOICES[1:]:
+            raise ValueError(f"{CPU_QUANTIZATION_ENV}={override!r}: choose none, int4 or int8")
+        return None if override == "none" else override
+    if resolved.format != "gguf" or dtype not in (_AUTO, "float32"):
+        return None
+    from tokenmill.kernels import cpu
+    from tokenmill.model.gguf_loader import file_quantization, open_gguf
+
+    method = file_quantization(open_gguf(resolved.gguf_file))
+    runs = {"int4": cpu.q4_panels_available, "int8": cpu.int8_panels_available}
+    return method if method is not None and runs[method]() else None
+
+
 @dataclass
 class EngineArgs:
     """Everything a user may set when creating an engine; ``None``/"auto" = pick a default."""
@@ -67,7 +100,9 @@ class EngineArgs:
     load_format: str = _AUTO  # auto | safetensors | gguf | dummy
     # auto: bfloat16 on GPU; on CPU see default_cpu_dtype | float32 | bfloat16 | float16
     dtype: str = _AUTO
-    quantization: str | None = None  # None | "int4" | "int8" (weight-only, CPU)
+    # auto (a GGUF file's own int4/int8 on the CPU, see auto_quantization) | None/"none"
+    # | "int4" | "int8" (weight-only, CPU)
+    quantization: str | None = _AUTO
     device: str = _AUTO  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None
     block_size: int = 16
@@ -120,11 +155,26 @@ class EngineArgs:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
+    def resolved_quantization(self, device: torch.device) -> str | None:
+        """The weight quantization to load: None, "int4" or "int8" ("auto" resolved)."""
+        if self.quantization in (None, "none"):
+            return None
+        if self.quantization != _AUTO:
+            return self.quantization
+        from tokenmill.model.loader import resolve_model
+
+        return auto_quantization(resolve_model(self.model, self.load_format), device, self.dtype)
+
+    def with_resolved_quantization(self, device: torch.device) -> EngineArgs:
+        """These arguments with ``quantization`` resolved for ``device`` (idempotent)."""
+        return dataclasses.replace(self, quantization=self.resolved_quantization(device))
+
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        """The model's dtype (on the CPU it depends on the resolved quantization)."""
         if self.dtype == _AUTO:
             if device.type == "cuda":
                 return torch.bfloat16
-            return default_cpu_dtype(self.quantization)
+            return default_cpu_dtype(self.resolved_quantization(device))
         dtype = parse_dtype(self.dtype)
         if dtype == torch.float16 and device.type == "cpu":
             raise ValueError("float16 is supported on GPU only; use float32 or bfloat16 on CPU")
@@ -226,10 +276,12 @@ class EngineArgs:
                        help="auto | float32 | bfloat16 | float16 (GPU only); auto = bfloat16 on "
                             "GPU and on CPUs with bfloat16 in hardware (AVX512_BF16/AMX) "
                             "unless --quantization is set, else float32")
-        g.add_argument("--quantization", default=None, choices=["int4", "int8"],
+        g.add_argument("--quantization", default=_AUTO, choices=list(QUANTIZATION_CHOICES),
                        help="weight-only quantization (CPU): int4 = 4-bit groups of 32 "
                             "(a Q4_0/Q4_1 GGUF keeps its own codes), 8-bit LM head; "
-                            "int8 = 8-bit groups of 32 everywhere (Q8_0); default: none")
+                            "int8 = 8-bit groups of 32 everywhere (Q8_0); none = float "
+                            "weights; auto (default) = a GGUF file's own Q4_0/Q4_1 (int4) "
+                            "or Q8_0 (int8) on CPUs with the integer kernels, else none")
         g.add_argument("--device", default=_AUTO, help="auto | cpu | cuda | cuda:N")
         g.add_argument("--max-model-len", type=int, default=None)
         g.add_argument("--block-size", type=int, default=16)

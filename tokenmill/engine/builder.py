@@ -84,6 +84,7 @@ def build_rank_model(
     """
     from tokenmill.model.loader import load_model, resolve_model
 
+    args = args.with_resolved_quantization(device)
     dtype = args.resolved_dtype(device)
     backend = get_attention_backend(args.resolved_backend(device))
     t0 = time.perf_counter()
@@ -141,6 +142,8 @@ def build_engine(args: EngineArgs, log_level: str = "info") -> BuiltEngine:
     sampler and speculator run here only.
     """
     pc = args.parallel_config()
+    # "auto" is resolved once, here, so this node's ranks all load the same layers.
+    args = args.with_resolved_quantization(rank_device(args, 0, pc))
     launch = None
     group = TPGroup()
     if pc.tensor_parallel_size > 1:
@@ -260,7 +263,9 @@ def _assemble(args: EngineArgs, rank: RankModel, device: torch.device,
     logger.info(
         "loaded %s (%s, %s) in %.1fs on %s%s; KV cache (%s): %d blocks x %d tokens = %d tokens "
         "(%.0f MiB%s); max concurrency at full context (%d tokens): %.2f",
-        model_config.architecture, resolved.format, str(dtype).replace("torch.", ""),
+        model_config.architecture, resolved.format,
+        str(dtype).replace("torch.", "") + (f", {args.quantization} weights"
+                                            if args.quantization else ""),
         rank.load_s, device, f" (tensor parallel {tp})" if tp > 1 else "",
         cache_cfg.kv_cache_dtype, num_blocks,
         cache_cfg.block_size, capacity, kv_mib, " per rank" if tp > 1 else "",

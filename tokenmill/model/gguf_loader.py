@@ -146,6 +146,23 @@ def _arch(reader: GGUFReader, source: str) -> _Arch:
     return _GGUF_ARCHITECTURES[arch]
 
 
+# GGML block types whose codes and scales a tokenmill quantization method keeps as they
+# are (quantization.py): Q4_0/Q4_1 blocks are int4's groups of 32, Q8_0 blocks int8's.
+_NATIVE_QUANTIZATION = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
+
+
+def file_quantization(reader: GGUFReader) -> str | None:
+    """The weight quantization (``"int4"``/``"int8"``) that runs this file's decoder
+    matrices on their own codes, or None when they are float or of other block types
+    (K-quants, mixed files): those would be rounded again, so they load as floats."""
+    kinds = {
+        _NATIVE_QUANTIZATION.get(t.tensor_type.name)
+        for t in reader.tensors
+        if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) >= 2
+    }
+    return kinds.pop() if len(kinds) == 1 else None
+
+
 def gguf_architecture(reader: GGUFReader, source: str) -> tuple[str, bool]:
     """(HF architecture name, whether Q/K rows are permuted) of a GGUF file."""
     info = _arch(reader, source)
@@ -398,6 +415,7 @@ def iter_gguf_weights(
 __all__ = [
     "config_from_gguf",
     "dequantize_tensor",
+    "file_quantization",
     "hf_tensor_name",
     "iter_gguf_weights",
     "open_gguf",
