@@ -222,12 +222,13 @@ def test_cli_compare_table(tiny, tmp_path, capsys):
     text = capsys.readouterr().out
     table = text[text.index("config"):].strip().splitlines()
     assert len(table) == 3
-    assert table[0].split() == ["config", "dtype", "tokens", "NLL", "PPL", "dPPL", "dPPL",
-                                "%", "time", "s"]
+    assert table[0].split() == ["config", "dtype", "weights", "tokens", "NLL", "PPL", "dPPL",
+                                "dPPL", "%", "time", "s"]
     base, var = table[1].split(), table[2].split()
-    assert base[:2] == ["baseline", "float32"] and var[:2] == ["dtype=bfloat16", "bfloat16"]
-    assert base[2] == var[2] == str(300 - math.ceil(300 / 64))
-    assert base[5:7] == ["+0.000", "+0.00%"]
+    assert base[:3] == ["baseline", "float32", "float"]
+    assert var[:3] == ["dtype=bfloat16", "bfloat16", "float"]
+    assert base[3] == var[3] == str(300 - math.ceil(300 / 64))
+    assert base[6:8] == ["+0.000", "+0.00%"]
     data = json.loads(out.read_text())
     assert [r["label"] for r in data["results"]] == ["baseline", "dtype=bfloat16"]
     assert data["results"][1]["overrides"] == {"dtype": "bfloat16"}

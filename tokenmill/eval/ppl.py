@@ -324,13 +324,14 @@ def format_table(results: Sequence[PerplexityResult]) -> str:
     """One row per configuration; deltas are against the first (baseline) row."""
     base = results[0]
     width = max(16, *(len(r.label) + 2 for r in results))
-    lines = [f"{'config':<{width}}{'dtype':>10}{'tokens':>8}{'NLL':>9}{'PPL':>10}"
-             f"{'dPPL':>9}{'dPPL %':>9}{'time s':>9}"]
+    lines = [f"{'config':<{width}}{'dtype':>10}{'weights':>8}{'tokens':>8}{'NLL':>9}"
+             f"{'PPL':>10}{'dPPL':>9}{'dPPL %':>9}{'time s':>9}"]
     for r in results:
         d = r.perplexity - base.perplexity
         pct = 100.0 * d / base.perplexity if base.perplexity else math.nan
+        weights = r.engine.get("quantization") or "float"  # the resolved --quantization
         lines.append(
-            f"{r.label:<{width}}{r.engine.get('dtype', '?'):>10}{r.num_tokens:>8}"
+            f"{r.label:<{width}}{r.engine.get('dtype', '?'):>10}{weights:>8}{r.num_tokens:>8}"
             f"{r.mean_nll:>9.4f}{r.perplexity:>10.3f}{d:>+9.3f}{pct:>+8.2f}%{r.seconds:>9.1f}"
         )
     return "\n".join(lines)
