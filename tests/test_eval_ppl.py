@@ -127,14 +127,14 @@ def test_nll_and_perplexity_arithmetic():
 def test_format_table_deltas():
     base = PerplexityResult("baseline", 100, 100 * math.log(10.0), 2.0,
                             engine={"dtype": "float32"})
-    var = PerplexityResult("dtype=bfloat16", 100, 100 * math.log(11.0), 1.0,
-                           engine={"dtype": "bfloat16"})
+    var = PerplexityResult("quantization=int4", 100, 100 * math.log(11.0), 1.0,
+                           engine={"dtype": "float32", "quantization": "int4"})
     lines = format_table([base, var]).splitlines()
     assert len(lines) == 3 and lines[0].split()[0] == "config"
-    assert lines[1].split() == ["baseline", "float32", "100", "2.3026", "10.000", "+0.000",
-                                "+0.00%", "2.0"]
-    assert lines[2].split() == ["dtype=bfloat16", "bfloat16", "100", "2.3979", "11.000",
-                                "+1.000", "+10.00%", "1.0"]
+    assert lines[1].split() == ["baseline", "float32", "float", "100", "2.3026", "10.000",
+                                "+0.000", "+0.00%", "2.0"]
+    assert lines[2].split() == ["quantization=int4", "float32", "int4", "100", "2.3979",
+                                "11.000", "+1.000", "+10.00%", "1.0"]
 
 
 # ---------------------------------------------------------------- overrides
