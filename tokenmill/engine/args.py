@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from tokenmill.config import (
     parse_memory,
 )
 from tokenmill.kernels.cpu_features import has_native_bf16
+
+if TYPE_CHECKING:
+    from tokenmill.model.loader import ResolvedModel
 
 _AUTO = "auto"
 
@@ -62,7 +65,9 @@ def default_cpu_dtype(quantization: str | None, native_bf16: bool | None = None)
     return torch.bfloat16 if native and quantization is None else torch.float32
 
 
-def auto_quantization(resolved: Any, device: torch.device, dtype: str = _AUTO) -> str | None:
+def auto_quantization(
+    resolved: ResolvedModel, device: torch.device, dtype: str = _AUTO
+) -> str | None:
     """What ``--quantization auto`` means: a GGUF file's own weight quantization on
     CPUs whose integer kernels run it, as llama.cpp runs its files.
 
@@ -71,7 +76,6 @@ def auto_quantization(resolved: Any, device: torch.device, dtype: str = _AUTO) -
     where the CPU has the panel kernels (int4: AVX2 or AVX512-VNNI; int8: AVX512-VNNI),
     and ``--dtype`` is auto or float32 (the kernels take float32 activations). Everything
     else - GPUs, safetensors, float or K-quant files, other CPUs - loads float weights.
-    ``resolved`` is the :class:`~tokenmill.model.loader.ResolvedModel`.
     ``TOKENMILL_CPU_QUANTIZATION`` (none / int4 / int8) overrides the choice on the CPU.
     """
     if device.type != "cpu":
@@ -275,7 +279,8 @@ class EngineArgs:
         g.add_argument("--dtype", default=_AUTO,
                        help="auto | float32 | bfloat16 | float16 (GPU only); auto = bfloat16 on "
                             "GPU and on CPUs with bfloat16 in hardware (AVX512_BF16/AMX) "
-                            "unless --quantization is set, else float32")
+                            "unless the weights are quantized (--quantization, or auto on a "
+                            "Q4/Q8_0 GGUF), else float32")
         g.add_argument("--quantization", default=_AUTO, choices=list(QUANTIZATION_CHOICES),
                        help="weight-only quantization (CPU): int4 = 4-bit groups of 32 "
                             "(a Q4_0/Q4_1 GGUF keeps its own codes), 8-bit LM head; "
