@@ -74,7 +74,7 @@ def test_auto_picks_the_file_quantization_where_the_kernels_run(monkeypatch, tmp
     assert auto_quantization(bundled, torch.device("cuda")) is None
     assert auto_quantization(ResolvedModel(str(tmp_path), "hf"), CPU) is None
     q8 = _write(tmp_path / "q8.gguf", _layers(attn_q=Q.Q8_0))
-    want8 = "int8" if cpu.int8_panels_available() else None
+    want8 = "int8" if cpu.int8_panels_vnni() else None
     assert auto_quantization(resolve_model(q8), CPU) == want8
 
 

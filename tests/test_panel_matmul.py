@@ -24,7 +24,7 @@ from tokenmill.model.quantization import (
 needs_q4 = pytest.mark.skipif(not cpu.q4_panels_available(),
                               reason="the int4 panel kernel needs AVX2 or AVX512-VNNI")
 needs_int8 = pytest.mark.skipif(not cpu.int8_panels_available(),
-                                reason="the int8 panel kernel needs AVX512-VNNI")
+                                reason="the int8 panel kernel needs AVX2 or AVX512-VNNI")
 
 
 def _weight(n: int, k: int, seed: int):
@@ -155,9 +155,9 @@ def test_dense_tiles_start_on_panels():
 
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])
 def test_builds_without_the_kernels_fall_back(monkeypatch: pytest.MonkeyPatch, march: str):
-    """Built for AVX2 without AVX-512 (haswell) the int4 panels run on maddubs, with the
-    same bits as the AVX512-VNNI path, and the int8 kernel reports itself missing; built
-    without AVX2 (x86-64) both are missing and layers take the row layout."""
+    """Built for AVX2 without AVX-512 (haswell) both panel kernels run on maddubs, with the
+    same bits as the AVX512-VNNI paths (int8 on two nibble planes); built without AVX2
+    (x86-64) both are missing and layers take the row layout."""
     if cpu.cpu_kernels() is None:
         pytest.skip("no C compiler")
     import platform
@@ -167,24 +167,34 @@ def test_builds_without_the_kernels_fall_back(monkeypatch: pytest.MonkeyPatch, m
     codes, d, mins, _ = _weight(32, 64, 9)
     codes8, scales8 = quantize_int8(torch.randn(32, 64, generator=g))
     x = torch.randn(11, 64, generator=g) * 3
+    packed8 = cpu.pack_int8_panels(codes8, scales8)
     native = cpu.q4_matmul_panels(x, cpu.pack_q4_panels(codes, d, mins))
+    native8 = cpu.int8_matmul_panels(x, packed8)
     monkeypatch.setenv("TOKENMILL_CPU_MARCH", march)
     cpu.cpu_kernels.cache_clear()
     try:
-        assert not cpu.int8_panels_available()
-        assert cpu.int8_matmul_panels(x, cpu.pack_int8_panels(codes8, scales8)) is None
+        assert not cpu.int8_panels_vnni()
         got = cpu.q4_matmul_panels(x, cpu.pack_q4_panels(codes, d, mins))
+        got8 = cpu.int8_matmul_panels(x, packed8)
         if march == "haswell":
             assert cpu.q4_panels_available() and default_quantized_kernel(64) == "panels"
+            assert cpu.int8_panels_available() and default_quantized_kernel(64, 8) == "panels"
             want = round_to_q8(x) @ dequantize_q4_1(codes, d, mins).T
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            want8 = round_to_q8(x) @ cpu.q8_dequantize(codes8, scales8).T
+            torch.testing.assert_close(got8, want8, rtol=1e-4, atol=1e-4)
             if native is not None:  # the AVX-512 path adds the same terms in the same order
                 assert torch.equal(got, native)
-            alone = [cpu.q4_matmul_panels(x[i:i + 1], cpu.pack_q4_panels(codes, d, mins))
-                     for i in range(x.shape[0])]
-            assert torch.equal(torch.cat(alone), got)  # rows independent of the batch here too
+            if native8 is not None:
+                assert torch.equal(got8, native8)
+            for kernel, weight, out in ((cpu.q4_matmul_panels,
+                                         cpu.pack_q4_panels(codes, d, mins), got),
+                                        (cpu.int8_matmul_panels, packed8, got8)):
+                alone = [kernel(x[i:i + 1], weight) for i in range(x.shape[0])]
+                assert torch.equal(torch.cat(alone), out)  # rows independent of the batch
         else:
             assert not cpu.q4_panels_available() and got is None
+            assert not cpu.int8_panels_available() and got8 is None
             assert default_quantized_kernel(64) == default_quantized_kernel(64, 8) == "native"
     finally:
         monkeypatch.delenv("TOKENMILL_CPU_MARCH")

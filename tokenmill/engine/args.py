@@ -91,7 +91,8 @@ def auto_quantization(
     from tokenmill.model.gguf_loader import file_quantization, open_gguf
 
     method = file_quantization(open_gguf(resolved.gguf_file))
-    runs = {"int4": cpu.q4_panels_available, "int8": cpu.int8_panels_available}
+    # int8 only where measured ahead of float weights at every batch: the VNNI path.
+    runs = {"int4": cpu.q4_panels_available, "int8": cpu.int8_panels_vnni}
     return method if method is not None and runs[method]() else None
 
 

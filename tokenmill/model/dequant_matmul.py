@@ -25,7 +25,8 @@ On CPUs with bfloat16 dot products in hardware (AVX512_BF16, AMX-BF16; see
 weight tile rounded to bfloat16, float32 accumulation and output - and in
 float32 elsewhere, where bfloat16 is emulated and slower.
 
-Layers on the AVX512-VNNI kernels (weights in 16-column panels; see
+Layers on the panel kernels (weights in 16-column panels; int4 on AVX2 or AVX512-VNNI,
+int8 on AVX512-VNNI; see
 :class:`~tokenmill.model.quantization.Int4Linear`) spend their instructions on
 multiply-adds at any row count and beat the dense path throughout on a CPU
 without AMX, so they take it only on AMX CPUs (:data:`PANEL_DENSE_MIN_ROWS`).

@@ -150,7 +150,7 @@ class Int8Linear(nn.Module):
 
     Computed by a native CPU kernel (input rounded to 8 bits per group of 32,
     integer dot products): ``panels`` (:func:`tokenmill.kernels.cpu.int8_matmul_panels`,
-    CPUs with AVX512-VNNI, output size a multiple of 16, the weight packed in panels
+    CPUs with AVX512-VNNI or AVX2, output size a multiple of 16, the weight packed in panels
     of 16 output columns) or ``native`` (:func:`tokenmill.kernels.cpu.int8_matmul`,
     the weight row by row); see :func:`default_quantized_kernel`. Without either (no
     C compiler) the weight is dequantized per call and multiplied with the same
@@ -173,7 +173,10 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
                                                            requires_grad=False)
         # Input rows from which a float GEMM on dequantized tiles runs instead (prefill).
-        self.dense_min_rows = (dequant_matmul.PANEL_DENSE_MIN_ROWS if self.kernel == "panels"
+        # (On AVX2 the int8 panels are not faster than the rows from a few rows on, so
+        # prompts keep the rows' dense threshold there.)
+        self.dense_min_rows = (dequant_matmul.PANEL_DENSE_MIN_ROWS
+                               if self.kernel == "panels" and cpu.int8_panels_vnni()
                                else dequant_matmul.DENSE_MIN_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,9 +211,9 @@ class Int8Linear(nn.Module):
 def default_quantized_kernel(out_features: int, bits: int = 4) -> str:
     """The :class:`Int4Linear` (``bits`` 4) or :class:`Int8Linear` (8) kernel for a layer
     of ``out_features`` outputs on this CPU: ``panels`` where the outputs fill 16-column
-    panels and the CPU runs the panel kernel (int4: AVX2 or AVX512-VNNI; int8:
-    AVX512-VNNI), unless ``TOKENMILL_CPU_PANELS=0``; else ``native`` (for int4:
-    ``torch`` without the C kernels; int8 then falls back per call)."""
+    panels and the CPU runs the panel kernel (AVX2 or AVX512-VNNI), unless
+    ``TOKENMILL_CPU_PANELS=0``; else ``native`` (for int4: ``torch`` without the C
+    kernels; int8 then falls back per call)."""
     if cpu.cpu_kernels() is None:
         return "torch" if bits == 4 else "native"
     available = cpu.q4_panels_available if bits == 4 else cpu.int8_panels_available

@@ -536,9 +536,16 @@ INT8_PANEL_BLOCK = 576
 
 
 def int8_panels_available() -> bool:
-    """Whether :func:`int8_matmul_panels` runs here (AVX512-VNNI)."""
+    """Whether :func:`int8_matmul_panels` runs here (AVX512-VNNI, or AVX2 with FMA and F16C)."""
     lib = cpu_kernels()
-    return lib is not None and lib.int8_matmul_panels_available() == 1
+    return lib is not None and lib.int8_matmul_panels_available() >= 1
+
+
+def int8_panels_vnni() -> bool:
+    """Whether :func:`int8_matmul_panels` runs on AVX512-VNNI here (one ``vpdpbusd`` per 64
+    byte products; the AVX2 path needs two ``maddubs`` per 32)."""
+    lib = cpu_kernels()
+    return lib is not None and lib.int8_matmul_panels_available() == 2
 
 
 def pack_int8_panels(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -561,7 +568,8 @@ def pack_int8_panels(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def int8_matmul_panels(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """:func:`int8_matmul`'s product on AVX512-VNNI, the weight from :func:`pack_int8_panels`:
+    """:func:`int8_matmul`'s product on AVX512-VNNI or AVX2 (the same bits), the weight from
+    :func:`pack_int8_panels`:
     the same rounded input and exact integer sums per group, summed in another float
     order. A row's result does not depend on the other rows. None, having done nothing,
     when the kernel is unavailable or ``x`` is not float32 on the CPU."""

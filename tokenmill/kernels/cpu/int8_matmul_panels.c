@@ -1,8 +1,8 @@
 /*
  * y = x @ W.T (+ bias) for a Q8_0 weight (w = code * scale per group of 32, codes in
- * -127..127) on AVX512-VNNI, the weight packed in panels of 16 output columns: the int8
- * companion of q4_matmul_panels.c (see there for the idea), used by an int4 model's 8-bit
- * LM head as much as by int8 models.
+ * -127..127) on AVX512-VNNI or AVX2, the weight packed in panels of 16 output columns: the
+ * int8 companion of q4_matmul_panels.c (see there for the idea), used by an int4 model's
+ * 8-bit LM head as much as by int8 models.
  *
  * vpdpbusd multiplies unsigned by signed bytes. The weight is stored offset to unsigned
  * (code + 128, 1..255) and the input codes stay signed, broadcast four at a time, so each
@@ -59,10 +59,69 @@ static inline __attribute__((always_inline)) void q8v_rows(
     const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
     for (int r = 0; r < R; r++) _mm512_storeu_ps(out + (int64_t)r * ldo, _mm512_add_ps(f[r], b));
 }
+#define TM_Q8V_CALL(R) q8v_rows(R, panel, groups, xm, K, dxm, sm, b, o, out_stride)
+#elif defined(TM_AVX2)
+#include <omp.h>
+#define TM_Q8V 1
+#define TM_Q8V_ROWS TM_Q8V_AVX2_ROWS
+#ifndef TM_Q8V_AVX2_ROWS
+#define TM_Q8V_AVX2_ROWS 4
 #endif
 
+/* AVX2 (no VNNI): R input rows against columns 8 part .. 8 part + 7 of one panel. maddubs
+   multiplies unsigned by signed bytes but saturates int16 pair sums, so each stored byte
+   code + 128 is split into its two nibbles, each a maddubs operand as in the int4 panels:
+   nibble x input <= 15 * 127, so a group's eight pair sums per nibble add up exactly in
+   int16, and (16 * high + low) gives the same int32 sum as vpdpbusd above: the same bits. */
+static inline __attribute__((always_inline)) void q8v_rows(
+    const int R, const uint8_t *panel, int part, int groups, const int8_t *qx, int K,
+    const float *dx, const int32_t *xsum, const float *bias, float *out, int64_t ldo) {
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 f[TM_Q8V_ROWS];
+    for (int r = 0; r < R; r++) f[r] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        const uint8_t *blk = panel + (int64_t)g * TM_Q8V_BLOCK;
+        __m256i lo_acc[TM_Q8V_ROWS], hi_acc[TM_Q8V_ROWS];
+        for (int r = 0; r < R; r++) lo_acc[r] = hi_acc[r] = _mm256_setzero_si256();
+        /* rolled: unrolled, GCC hoists the products ahead of their adds and spills */
+        #pragma GCC unroll 1
+        for (int s = 0; s < 8; s++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 64 * s + 32 * part));
+            const __m256i lo = _mm256_and_si256(w, low);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+            for (int r = 0; r < R; r++) {
+                int32_t x4;
+                __builtin_memcpy(&x4, qx + (int64_t)r * K + 32 * g + 4 * s, 4);
+                const __m256i xb = _mm256_set1_epi32(x4);
+                lo_acc[r] = _mm256_add_epi16(lo_acc[r], _mm256_maddubs_epi16(lo, xb));
+                hi_acc[r] = _mm256_add_epi16(hi_acc[r], _mm256_maddubs_epi16(hi, xb));
+            }
+        }
+        const __m256 scale = _mm256_loadu_ps((const float *)(blk + 512) + 8 * part);
+        for (int r = 0; r < R; r++) {
+            const int64_t i = (int64_t)r * groups + g;
+            const __m256i sum = _mm256_add_epi32(
+                _mm256_slli_epi32(_mm256_madd_epi16(hi_acc[r], ones), 4),
+                _mm256_madd_epi16(lo_acc[r], ones));
+            const __m256i dot = _mm256_sub_epi32(sum, _mm256_set1_epi32(128 * xsum[i]));
+            f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                                   _mm256_mul_ps(scale, _mm256_set1_ps(dx[i])), f[r]);
+        }
+    }
+    const __m256 b = bias ? _mm256_loadu_ps(bias + 8 * part) : _mm256_setzero_ps();
+    for (int r = 0; r < R; r++)
+        _mm256_storeu_ps(out + (int64_t)r * ldo + 8 * part, _mm256_add_ps(f[r], b));
+}
+#define TM_Q8V_CALL(R)                                                                    \
+    for (int part = 0; part < 2; part++)                                                  \
+        q8v_rows(R, panel, part, groups, xm, K, dxm, sm, b, o, out_stride)
+#endif
+
+/* 2: the AVX512-VNNI path; 1: the AVX2 one; 0: none (layers keep the row layout). */
 int int8_matmul_panels_available(void) {
-#ifdef TM_Q8V
+#if defined(TM_Q8V) && defined(__AVX512VNNI__)
+    return 2;
+#elif defined(TM_Q8V)
     return 1;
 #else
     return 0;
@@ -71,7 +130,7 @@ int int8_matmul_panels_available(void) {
 
 /* out[M, N] = x[M, K] @ W^T (+ bias[N]); x rows x_stride floats apart, out rows
    out_stride apart, W packed as above. N % 16 == 0, K % 32 == 0. Returns 0, -1 when out
-   of memory for the rounded input, -2 when this build has no VNNI path (nothing written). */
+   of memory for the rounded input, -2 when this build has no panel path (nothing written). */
 int int8_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *packed,
                          const float *bias, float *out, int64_t out_stride, int M, int N, int K) {
 #ifdef TM_Q8V
@@ -108,11 +167,12 @@ int int8_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *pack
                     const int32_t *sm = xsum + (int64_t)m * groups;
                     float *o = out + (int64_t)m * out_stride + 16 * p;
                     switch (m_end - m < TM_Q8V_ROWS ? m_end - m : TM_Q8V_ROWS) {
-#define TM_CASE(R) case R: q8v_rows(R, panel, groups, xm, K, dxm, sm, b, o, out_stride); break;
-                    TM_CASE(1) TM_CASE(2) TM_CASE(3) TM_CASE(4) TM_CASE(5) TM_CASE(6)
-                    TM_CASE(7)
-                    default: q8v_rows(TM_Q8V_ROWS, panel, groups, xm, K, dxm, sm, b, o,
-                                      out_stride); break;
+#define TM_CASE(R) case R: TM_Q8V_CALL(R); break;
+                    TM_CASE(1) TM_CASE(2) TM_CASE(3)
+#if TM_Q8V_ROWS > 4
+                    TM_CASE(4) TM_CASE(5) TM_CASE(6) TM_CASE(7)
+#endif
+                    default: TM_Q8V_CALL(TM_Q8V_ROWS); break;
 #undef TM_CASE
                     }
                 }
