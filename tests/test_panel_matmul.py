@@ -117,6 +117,11 @@ def test_quantized_linear_picks_the_kernel(monkeypatch: pytest.MonkeyPatch):
     assert default_quantized_kernel(64, 8) == int8
     assert Int8Linear(torch.randn(64, 64)).kernel == int8
     assert Int8Linear(torch.randn(40, 64)).kernel == "native"
+    # Prompts skip the dense path on panels, except int8 panels without VNNI (AVX2).
+    assert Int4Linear(torch.randn(64, 64)).dense_min_rows == dequant_matmul.PANEL_DENSE_MIN_ROWS
+    assert Int8Linear(torch.randn(64, 64)).dense_min_rows == (
+        dequant_matmul.PANEL_DENSE_MIN_ROWS if cpu.int8_panels_vnni()
+        else dequant_matmul.DENSE_MIN_ROWS)
     monkeypatch.setenv("TOKENMILL_CPU_PANELS", "0")
     assert Int4Linear(torch.randn(64, 64)).kernel == "native"
     assert Int8Linear(torch.randn(64, 64)).kernel == "native"
