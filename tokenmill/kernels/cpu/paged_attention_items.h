@@ -9,9 +9,9 @@
  * scattered over the pool, which the hardware prefetchers do not follow: without the
  * prefetch the AVX-512 bfloat16 kernel waited on memory at a quarter of the read
  * bandwidth. The AVX2 kernel spreads the next item's prefetches over this item's key
- * loop (tm_prefetch_cursor) instead of issuing them in one burst, whose misses then
- * stall the core before it computes: 1.1-1.3x on float32 K/V at batch 32. Sizes here are in bytes, so the float32, bfloat16 and 8-bit (codes plus
- * a scale) caches share the code. tm_window_start, the first key a query may see under
+ * loop (tm_cursor_step) instead of issuing them in one burst, whose misses then stall
+ * the core before it computes: 1.1-1.3x on float32 K/V at batch 32. Sizes here are in
+ * bytes, so the float32, bfloat16 and 8-bit (codes plus a scale) caches share the code. tm_window_start, the first key a query may see under
  * a sliding window, is shared with prefill_attention.c.
  */
 #ifndef TM_PAGED_ATTENTION_ITEMS_H
@@ -24,26 +24,6 @@
    W > 0 only the last W of them, else all. */
 static inline int tm_window_start(int visible, int window) {
     return window > 0 && visible > window ? visible - window : 0;
-}
-
-/* Prefetch (into L2) one KV head's K and V rows for keys lo..len - 1. head_row: bytes
-   of one (token, head) row; the token stride is num_kv_heads of them. A prefetch never
-   faults, so stale block-table entries are harmless. */
-static inline void tm_prefetch_kv(const void *k_cache, const void *v_cache,
-                                  const int32_t *table, int lo, int len, int block_size,
-                                  int num_kv_heads, int hk, int64_t head_row) {
-    const int64_t row = head_row * num_kv_heads;
-    const char *k = (const char *)k_cache + hk * head_row;
-    const char *v = (const char *)v_cache + hk * head_row;
-    for (int start = lo - lo % block_size; start < len; start += block_size) {
-        const int n = len - start < block_size ? len - start : block_size;
-        const int64_t base = (int64_t)table[start / block_size] * block_size * row;
-        for (int j = start < lo ? lo - start : 0; j < n; j++)
-            for (int64_t l = 0; l < head_row; l += 64) {
-                __builtin_prefetch(k + base + j * row + l, 0, 2);
-                __builtin_prefetch(v + base + j * row + l, 0, 2);
-            }
-    }
 }
 
 /* Keys a sequence's query rows read, for splitting work between threads. */
@@ -78,36 +58,10 @@ static inline void tm_thread_items(const int32_t *query_start, const int32_t *se
     if (*it1 < *it0) *it1 = *it0;
 }
 
-/* tm_prefetch_kv for work item it: the keys its first query row sees (head_row: bytes
-   of one (token, head) row of the cache). */
-static inline void tm_prefetch_item(int it, const void *k_cache, const void *v_cache,
-                                    const int32_t *query_start, const int32_t *seq_lens,
-                                    const int32_t *block_tables, int max_blocks,
-                                    int num_kv_heads, int block_size, int max_q_len,
-                                    int window, int64_t head_row) {
-    const int b = it / num_kv_heads, hk = it % num_kv_heads;
-    const int qlen = query_start[b + 1] - query_start[b];
-    if (qlen <= 0 || qlen > max_q_len) return;
-    const int visible0 = seq_lens[b] - qlen + 1;
-    tm_prefetch_kv(k_cache, v_cache, block_tables + (int64_t)b * max_blocks,
-                   tm_window_start(visible0, window), seq_lens[b],
-                   block_size, num_kv_heads, hk, head_row);
-}
-
-/* Called at the start of item it of this thread's run [it0, it1): prefetch the next
-   item (and, at the first, this one), so its rows arrive while this one computes. */
-static inline void tm_prefetch_ahead(int it, int it0, int it1, const void *k_cache,
-                                     const void *v_cache, const int32_t *query_start,
-                                     const int32_t *seq_lens, const int32_t *block_tables,
-                                     int max_blocks, int num_kv_heads, int block_size,
-                                     int max_q_len, int window, int64_t head_row) {
-    for (int next = it == it0 ? it : it + 1; next <= it + 1 && next < it1; next++)
-        tm_prefetch_item(next, k_cache, v_cache, query_start, seq_lens, block_tables,
-                         max_blocks, num_kv_heads, block_size, max_q_len, window, head_row);
-}
-
-/* A prefetch that follows the computation: the next item's rows, a few at a time, so
-   their misses overlap this item's arithmetic instead of stalling in one burst. */
+/* One work item's K/V rows still to prefetch: the keys its first query row sees, from
+   pos to len - 1 (none for an item the kernel skips or past the thread's run). head_row:
+   bytes of one (token, head) row; the token stride (row) is num_kv_heads of them. A
+   prefetch never faults, so stale block-table entries are harmless. */
 typedef struct {
     const char *k, *v;
     const int32_t *table;
@@ -135,6 +89,7 @@ static inline void tm_cursor_init(tm_prefetch_cursor *c, int it, int it1, const 
     c->row = head_row * num_kv_heads;
 }
 
+/* Prefetch (into L2) the cursor's next `rows` rows: a few per step of the computation. */
 static inline void tm_cursor_step(tm_prefetch_cursor *c, int rows) {
     for (; rows > 0 && c->pos < c->len; rows--, c->pos++) {
         const int64_t off = ((int64_t)c->table[c->pos / c->block_size] * c->block_size
@@ -144,6 +99,47 @@ static inline void tm_cursor_step(tm_prefetch_cursor *c, int rows) {
             __builtin_prefetch(c->v + off + l, 0, 2);
         }
     }
+}
+
+/* Prefetch all the cursor's remaining rows at once, block by block (one table look-up
+   per block). */
+static inline void tm_cursor_finish(tm_prefetch_cursor *c) {
+    if (c->pos >= c->len) return; /* nothing left (and an empty cursor has no block size) */
+    const int bs = c->block_size;
+    for (int start = c->pos - c->pos % bs; start < c->len; start += bs) {
+        const int n = c->len - start < bs ? c->len - start : bs;
+        const int64_t base = (int64_t)c->table[start / bs] * bs * c->row;
+        for (int j = start < c->pos ? c->pos - start : 0; j < n; j++)
+            for (int64_t l = 0; l < c->head_row; l += 64) {
+                __builtin_prefetch(c->k + base + j * c->row + l, 0, 2);
+                __builtin_prefetch(c->v + base + j * c->row + l, 0, 2);
+            }
+    }
+    c->pos = c->len;
+}
+
+/* All of work item it's rows at once. */
+static inline void tm_prefetch_item(int it, const void *k_cache, const void *v_cache,
+                                    const int32_t *query_start, const int32_t *seq_lens,
+                                    const int32_t *block_tables, int max_blocks,
+                                    int num_kv_heads, int block_size, int max_q_len,
+                                    int window, int64_t head_row) {
+    tm_prefetch_cursor c;
+    tm_cursor_init(&c, it, it + 1, k_cache, v_cache, query_start, seq_lens, block_tables,
+                   max_blocks, num_kv_heads, block_size, max_q_len, window, head_row);
+    tm_cursor_finish(&c);
+}
+
+/* Called at the start of item it of this thread's run [it0, it1): prefetch the next
+   item (and, at the first, this one), so its rows arrive while this one computes. */
+static inline void tm_prefetch_ahead(int it, int it0, int it1, const void *k_cache,
+                                     const void *v_cache, const int32_t *query_start,
+                                     const int32_t *seq_lens, const int32_t *block_tables,
+                                     int max_blocks, int num_kv_heads, int block_size,
+                                     int max_q_len, int window, int64_t head_row) {
+    for (int next = it == it0 ? it : it + 1; next <= it + 1 && next < it1; next++)
+        tm_prefetch_item(next, k_cache, v_cache, query_start, seq_lens, block_tables,
+                         max_blocks, num_kv_heads, block_size, max_q_len, window, head_row);
 }
 
 #endif
