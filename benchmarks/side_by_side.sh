@@ -363,7 +363,7 @@ write_machine_info() {
         echo "model: $MODEL"
         echo "threads per server: $THREADS"
         echo "tokenmill commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-        echo "tokenmill serve args: ${TOKENMILL_SERVE_ARGS:-(none)}; --quantization auto, --dtype auto here: $(cd "$ROOT" && MODEL="$MODEL" "$TOKENMILL_PY" -c 'import os, torch; from tokenmill.engine.args import EngineArgs as E; a = E(model=os.environ["MODEL"]).with_resolved_quantization(torch.device("cpu")); print(a.quantization or "float", "weights,", a.resolved_dtype(torch.device("cpu")))' 2>/dev/null || echo unknown)"
+        echo "tokenmill serve args: ${TOKENMILL_SERVE_ARGS:-(none)}; --quantization, --dtype and --kv-cache-dtype auto here: $(cd "$ROOT" && MODEL="$MODEL" "$TOKENMILL_PY" -c 'import os, torch; from tokenmill.engine.args import EngineArgs as E; a = E(model=os.environ["MODEL"]).resolved_for(torch.device("cpu")); print(a.quantization or "float", "weights,", a.resolved_dtype(torch.device("cpu")), "activations,", a.kv_cache_dtype, "KV cache")' 2>/dev/null || echo unknown)"
         echo "tokenmill python: $("$TOKENMILL_PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)' 2>/dev/null || echo unknown)"
         if has_peer llama-cpp-python || has_peer llama-server; then
             if [[ "$EMULATE_AVX2" == "1" ]]; then

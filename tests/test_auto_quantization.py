@@ -94,7 +94,7 @@ def test_engine_args_resolve_quantization(monkeypatch):
     auto = "int4" if cpu.q4_panels_available() else None
     assert EngineArgs().quantization == "auto"
     assert EngineArgs().resolved_quantization(CPU) == auto
-    assert EngineArgs().with_resolved_quantization(CPU).quantization == auto
+    assert EngineArgs().resolved_for(CPU).quantization == auto
     for given in (None, "none"):
         assert EngineArgs(quantization=given).resolved_quantization(CPU) is None
     assert EngineArgs(quantization="int8").resolved_quantization(CPU) == "int8"

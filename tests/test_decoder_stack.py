@@ -41,10 +41,12 @@ def _model(cls: type[LlamaCausalLM], quantization: str | None, window: int | Non
     return model
 
 
-def _kv(model: LlamaCausalLM) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _kv(model: LlamaCausalLM,
+        dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zeroed caches, in the model's dtype unless ``dtype``."""
     cfg = model.config
     shape = (NUM_BLOCKS, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim)
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = dtype or model.model.embed_tokens.weight.dtype
     return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
             for _ in range(cfg.num_hidden_layers)]
 
@@ -164,15 +166,18 @@ def test_sliding_window_layers(kernel: str, monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.skipif(not cpu_kernels.prefill_attention_supported(16),
                     reason="no prefill-attention kernel in this build")
 @pytest.mark.parametrize("window", [None, 7])
-def test_long_prompt_chunks_run_on_the_stack(window: int | None) -> None:
+@pytest.mark.parametrize("kv_dtype", [None, torch.float16, torch.bfloat16])
+def test_long_prompt_chunks_run_on_the_stack(window: int | None,
+                                             kv_dtype: torch.dtype | None) -> None:
     """A step with a chunk longer than SHORT_QUERY_LEN (prefill_attention_f32) next to
-    decodes and a short chunk: on the stack, bit-identical to the per-layer path."""
+    decodes and a short chunk: on the stack, bit-identical to the per-layer path; with a
+    float32 cache and with a 16-bit one (--kv-cache-dtype float16|bfloat16)."""
     model = _model(LlamaCausalLM, "int4", window=window)
     stack = NativeDecoderStack.build(model.model)
     assert stack is not None and stack.long_chunks
     ran = _spied(stack)
     first, long_prompt = [5, 9, 14], [(7 * i) % 90 + 1 for i in range(40)]
-    kv_layers, kv_stack = _kv(model), _kv(model)
+    kv_layers, kv_stack = _kv(model, kv_dtype), _kv(model, kv_dtype)
     works = [Work(first, [0, 1], 0)]
     assert torch.equal(_step(model, kv_stack, works, stack), _step(model, kv_layers, works, None))
     # the long prompt in two chunks (the second after 23 cached tokens), with a decode

@@ -1,6 +1,7 @@
-"""Engine invariance with a quantized KV cache (--kv-cache-dtype int8|fp8).
+"""Engine invariance with a quantized or 16-bit KV cache (--kv-cache-dtype int8|fp8|
+float16|bfloat16, the last two in a float32 model: a cache of another dtype than it).
 
-With 8-bit KV the greedy tokens may differ from model-dtype KV (that is what
+With such a cache the greedy tokens may differ from model-dtype KV (that is what
 the perplexity benchmark measures), but never with how a request was run:
 alone or batched, chunked or not, prefix-cache hit or miss, preempted or not,
 speculated or not, forked or not must all give the same tokens.
@@ -23,7 +24,7 @@ def tiny(tmp_path_factory):
     return _save_tiny(tmp_path_factory.mktemp("kvq"), "llama")[0]
 
 
-@pytest.fixture(scope="module", params=["int8", "fp8"])
+@pytest.fixture(scope="module", params=["int8", "fp8", "float16", "bfloat16"])
 def reference(request, tiny):
     fmt = request.param
     prompts = _prompts(8, seed=1)
@@ -40,12 +41,17 @@ def _run(path, prompts, params=GREEDY, **kw):
     return [o.outputs[0].token_ids for o in outs], llm
 
 
-def test_cache_is_quantized(tiny, reference):
+STORAGE = {"int8": torch.int8, "fp8": torch.uint8, "float16": torch.float16,
+           "bfloat16": torch.bfloat16}
+
+
+def test_cache_storage(tiny, reference):
     fmt, _, _ = reference
     llm = LLM(tiny, kv_cache_dtype=fmt, num_threads=1)
     kv = llm.engine.core.executor.runner.kv_cache
-    assert kv.dtype == (torch.int8 if fmt == "int8" else torch.uint8)
-    assert kv.shape[-1] == 16 + 4  # head_dim 16 codes + a float32 scale
+    assert kv.dtype == STORAGE[fmt]
+    # head_dim 16 codes + a float32 scale, or 16 values
+    assert kv.shape[-1] == (16 + 4 if fmt in ("int8", "fp8") else 16)
 
 
 @pytest.mark.parametrize("engine_args", [
@@ -95,7 +101,7 @@ def test_forked_siblings_share_quantized_blocks(tiny, reference):
 
 
 def test_quantized_tokens_track_model_dtype(tiny, reference):
-    """8-bit KV changes logits slightly: most greedy tokens still agree with float32 KV
+    """8- or 16-bit KV changes logits slightly: most greedy tokens still agree with float32 KV
     (a loose sanity check; the perplexity benchmark measures quality)."""
     fmt, prompts, want = reference
     plain, _ = _run(tiny, prompts)
@@ -109,10 +115,10 @@ def test_bad_kv_cache_dtype(tiny):
 
 
 def test_capacity_gauge_counts_quantized_tokens(tiny):
-    """Same --kv-cache-memory: 8-bit KV holds >= 3.5x the tokens of float32 KV (the stats
-    behind tokenmill_kv_cache_capacity_tokens)."""
+    """Same --kv-cache-memory: 8-bit KV holds >= 3.1x the tokens of float32 KV, 16-bit 2x
+    (the stats behind tokenmill_kv_cache_capacity_tokens)."""
     caps = {}
-    for fmt in ("auto", "int8", "fp8"):
+    for fmt in ("auto", "int8", "fp8", "float16"):
         llm = LLM(tiny, kv_cache_dtype=fmt, kv_cache_memory="4MiB", num_threads=1)
         stats = llm.engine.stats()
         assert stats.kv_cache_capacity_tokens == stats.num_total_blocks * 16
@@ -120,6 +126,7 @@ def test_capacity_gauge_counts_quantized_tokens(tiny):
     # head_dim 16: 64 B float32 rows vs 16 + 4 B quantized rows (3.2x); at head_dim 64
     # (SmolLM2) the ratio is 256 / 68 = 3.76x.
     assert caps["int8"] == caps["fp8"] >= 3.1 * caps["auto"]
+    assert 1.95 * caps["auto"] <= caps["float16"] <= 2 * caps["auto"]
 
 
 def test_bfloat16_model_with_int8_kv_is_invariant(tiny):

@@ -559,7 +559,9 @@ def _arch_from_model_type(model_type: str | None) -> str:
     return by_type.get(model_type or "", f"<unknown model_type {model_type!r}>")
 
 
-KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # auto = the model's dtype; fp8 = e4m3
+# auto = the model's dtype; bfloat16 / float16 = 16 bits per value whatever the model's
+# dtype (llama.cpp's default cache type is float16); fp8 = e4m3
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "int8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -567,7 +569,8 @@ class CacheConfig:
     """Paged KV-cache settings."""
 
     block_size: int = 16
-    # Storage of K/V: the model's dtype, or 8-bit codes with a scale per token and head.
+    # Storage of K/V: the model's dtype, a 16-bit float type, or 8-bit codes with a scale
+    # per token and head.
     kv_cache_dtype: str = "auto"
     # CPU: bytes for the KV cache. GPU: used only if set, else the fraction below.
     kv_cache_memory: int | None = None

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from tokenmill.attention.base import AttentionMetadata, window_start
 from tokenmill.kernels import cpu as cpu_kernels
-from tokenmill.kernels.kv_quant import is_quantized, to_cache_rows, to_model_rows
+from tokenmill.kernels.kv_quant import to_cache_rows, to_model_rows
 
 # Longest query the native CPU kernel takes; longer prefill chunks use SDPA.
 SHORT_QUERY_LEN = 16
@@ -44,7 +44,8 @@ def write_kv_cache(
     """Scatter new K/V rows into their cache slots; slots < 0 are padding.
 
     A quantized cache (``--kv-cache-dtype int8|fp8``) gets the rows quantized,
-    each with its scale (:mod:`tokenmill.kernels.kv_quant`).
+    each with its scale (:mod:`tokenmill.kernels.kv_quant`); a 16-bit one
+    (``bfloat16|float16``) gets them rounded to nearest even.
     ``has_padding`` is the host's answer to "is any slot < 0" (None: check here,
     which syncs with the device).
     """
@@ -167,9 +168,10 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         q_len = q.shape[0]
         out_dtype = q.dtype
-        if is_quantized(k_cache):
-            # 8-bit KV is dequantized to float32 and attended in float32 (as the native
-            # kernel does), not rounded again to a 16-bit model dtype.
+        if k_cache.dtype != q.dtype:
+            # 8-bit KV (or a 16-bit cache of another type than the model's) is widened to
+            # float32 and attended in float32 (as the native kernels do), not rounded again
+            # to a 16-bit model dtype.
             q = q.float()
         # Only blocks holding a key some query of the chunk can see (all, without a window).
         first_block = window_start(seq_len - q_len, window) // k_cache.shape[1]
@@ -206,8 +208,8 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         b, num_heads, head_dim = q.shape
         out_dtype = q.dtype
-        if is_quantized(k_cache):
-            q = q.float()  # attend dequantized 8-bit KV in float32 (see _prefill_one)
+        if k_cache.dtype != q.dtype:
+            q = q.float()  # attend a cache of another type in float32 (see _prefill_one)
         block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
         nblocks = (meta.max_seq_len + block_size - 1) // block_size

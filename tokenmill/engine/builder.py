@@ -84,7 +84,7 @@ def build_rank_model(
     """
     from tokenmill.model.loader import load_model, resolve_model
 
-    args = args.with_resolved_quantization(device)
+    args = args.resolved_for(device)
     dtype = args.resolved_dtype(device)
     backend = get_attention_backend(args.resolved_backend(device))
     t0 = time.perf_counter()
@@ -143,7 +143,7 @@ def build_engine(args: EngineArgs, log_level: str = "info") -> BuiltEngine:
     """
     pc = args.parallel_config()
     # "auto" is resolved once, here, so this node's ranks all load the same layers.
-    args = args.with_resolved_quantization(rank_device(args, 0, pc))
+    args = args.resolved_for(rank_device(args, 0, pc))
     launch = None
     group = TPGroup()
     if pc.tensor_parallel_size > 1:

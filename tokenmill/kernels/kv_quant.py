@@ -1,8 +1,12 @@
-"""Quantized KV-cache format: 8-bit codes with a float32 scale per token and KV head.
+"""KV-cache storage formats; the quantized one: 8-bit codes with a float32 scale per
+token and KV head.
 
 ``--kv-cache-dtype``:
 
 - ``auto``: K/V are stored in the model's dtype, ``[..., head_dim]``;
+- ``bfloat16`` / ``float16``: stored in that dtype whatever the model's (rounded to
+  nearest even), ``[..., head_dim]``; attended widened to float32 when the model's dtype
+  differs;
 - ``int8``: symmetric int8 codes, ``x ~= code * scale`` with
   ``scale = max|x| / 127`` over the token's head (``head_dim`` values);
 - ``fp8``: float8 e4m3 (``e4m3fn``: no infinities, largest finite 448) codes,
@@ -42,6 +46,8 @@ FP8_MAX = 448.0  # largest finite float8 e4m3fn
 # Storage dtype of each quantized format, and back.
 _STORAGE = {"int8": torch.int8, "fp8": torch.uint8}
 _FORMAT = {torch.int8: "int8", torch.uint8: "fp8"}
+# Unquantized formats with a fixed dtype.
+_FLOAT_STORAGE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_kv_cache_dtype(name: str) -> str:
@@ -55,12 +61,14 @@ def check_kv_cache_dtype(name: str) -> str:
 def storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     """Element dtype of the cache tensor for ``kv_cache_dtype``."""
     check_kv_cache_dtype(kv_cache_dtype)
-    return model_dtype if kv_cache_dtype == "auto" else _STORAGE[kv_cache_dtype]
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    return _FLOAT_STORAGE.get(kv_cache_dtype) or _STORAGE[kv_cache_dtype]
 
 
 def row_width(head_dim: int, kv_cache_dtype: str) -> int:
     """Elements in one cache row (one token, one KV head)."""
-    return head_dim if kv_cache_dtype == "auto" else head_dim + SCALE_BYTES
+    return head_dim + SCALE_BYTES if kv_cache_dtype in _STORAGE else head_dim
 
 
 def row_bytes(head_dim: int, kv_cache_dtype: str, model_dtype: torch.dtype) -> int:
@@ -70,7 +78,8 @@ def row_bytes(head_dim: int, kv_cache_dtype: str, model_dtype: torch.dtype) -> i
 
 
 def cache_format(cache: torch.Tensor) -> str:
-    """``"int8"``, ``"fp8"`` or ``"auto"`` (unquantized) for a cache tensor."""
+    """``"int8"``, ``"fp8"`` or ``"auto"`` (unquantized, whatever its dtype) for a cache
+    tensor."""
     return _FORMAT.get(cache.dtype, "auto")
 
 

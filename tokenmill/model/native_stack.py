@@ -73,7 +73,8 @@ class _Layer(ctypes.Structure):
 
 class _Dims(ctypes.Structure):
     _fields_ = [("hidden", _i32), ("heads", _i32), ("kv_heads", _i32), ("head_dim", _i32),
-                ("inter", _i32), ("block_size", _i32), ("eps", _f32), ("scale", _f32)]
+                ("inter", _i32), ("block_size", _i32), ("eps", _f32), ("scale", _f32),
+                ("kv_kind", _i32), ("_pad", _i32)]
 
 
 class _Step(ctypes.Structure):
@@ -162,7 +163,7 @@ class NativeDecoderStack:
         self._layers = (_Layer * len(layers))(*layers)
         self._dims = dims
         self.max_rows = max_rows
-        self.dtype = dtype  # of the activations and the KV cache
+        self.dtype = dtype  # of the activations (and the KV cache, but a float32 one's)
         # Prompt chunks longer than SHORT_QUERY_LEN: the float32 stack attends them with
         # prefill_attention_f32 where this build has it; the bfloat16 one leaves them to
         # the per-layer path (SDPA).
@@ -221,13 +222,18 @@ class NativeDecoderStack:
         return cls(model, layers, dims, max_rows, dtype)
 
     def _bind_caches(self, kv_caches: list) -> bool:
-        """Point the layers at this step's KV caches (the stack's dtype, contiguous)."""
+        """Point the layers at this step's KV caches (contiguous; the stack's dtype, or
+        for the float32 stack also bfloat16 or float16, the same in every layer)."""
         if self._caches is not None and len(kv_caches) == len(self._caches) and all(
                 a is b for a, b in zip(kv_caches, self._caches, strict=True)):
             return True
         block_size = None
+        cache_dtype = kv_caches[0][0].dtype if kv_caches else self.dtype
+        if cache_dtype != self.dtype and not (self.dtype == torch.float32
+                                              and cache_dtype in cpu_kernels.KV_KINDS):
+            return False
         for entry, (k_cache, v_cache) in zip(self._layers, kv_caches, strict=True):
-            if (k_cache.dim() != 4 or not _contiguous(self.dtype, k_cache, v_cache)
+            if (k_cache.dim() != 4 or not _contiguous(cache_dtype, k_cache, v_cache)
                     or k_cache.device.type != "cpu"):
                 return False
             entry.k_cache, entry.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
@@ -235,6 +241,7 @@ class NativeDecoderStack:
                 return False
             block_size = k_cache.shape[1]
         self._dims.block_size = block_size or 0
+        self._dims.kv_kind = cpu_kernels.KV_KINDS[cache_dtype] if self.dtype == torch.float32 else 0
         self._caches = list(kv_caches)
         return True
 

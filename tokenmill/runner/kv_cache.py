@@ -18,7 +18,7 @@ def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype,
                     num_kv_heads: int | None = None, kv_cache_dtype: str = "auto") -> int:
     """Bytes of K and V for ``block_size`` tokens across all layers.
 
-    ``dtype`` is the model's; ``kv_cache_dtype`` (auto | int8 | fp8) how K/V
+    ``dtype`` is the model's; ``kv_cache_dtype`` (auto | bfloat16 | float16 | int8 | fp8) how K/V
     are stored (quantized rows carry their scales). ``num_kv_heads``: the heads
     this tensor-parallel rank holds (default: all).
     """

@@ -42,8 +42,9 @@ _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_ma
             "prefill_attention.c", "bf16_matmul_dot.c", "q4_matmul_panels.c",
             "int8_matmul_panels.c")
 # Included by the sources: part of the cache key, not compiled on their own.
-_HEADERS = ("q8_input.h", "bf16.h", "vec_math.h", "decoder_stack.h", "paged_attention_avx2.inc",
-            "paged_attention_items.h", "prefill_attention.inc")
+_HEADERS = ("q8_input.h", "bf16.h", "fp16.h", "vec_math.h", "decoder_stack.h",
+            "paged_attention_avx2.inc", "paged_attention_items.h", "prefill_attention.inc",
+            "kv_cache_types.h")
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 
@@ -78,6 +79,10 @@ _FUSED_ROPE = os.environ.get("TOKENMILL_CPU_FUSED_ROPE", "1") != "0"
 
 # Quantized KV caches the native kernel reads: storage dtype -> kind argument.
 _Q8_KINDS = {torch.int8: 0, torch.uint8: 1}
+# A float32 model's cache types (kv_cache_types.h): storage dtype -> kv_kind argument, and
+# the suffix of the kernels that read (and write) it.
+KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_KV_SUFFIX = {torch.float32: "", torch.bfloat16: "_kvbf16", torch.float16: "_kvf16"}
 
 
 def _compiler() -> str | None:
@@ -136,11 +141,12 @@ def cpu_kernels() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as exc:
         logger.warning("CPU kernels unavailable, using the PyTorch path: %s", exc)
         return None
-    for name in ("paged_attention_f32", "paged_attention_bf16"):
+    for name in ("paged_attention_f32", "paged_attention_bf16", "paged_attention_f32_kvbf16",
+                 "paged_attention_f32_kvf16"):
         fn = getattr(lib, name)
         fn.argtypes = _ATTENTION_ARGTYPES
         fn.restype = None
-    lib.prefill_attention_f32.argtypes = _ATTENTION_ARGTYPES
+    lib.prefill_attention_f32.argtypes = [*_ATTENTION_ARGTYPES, _i32]  # + kv_kind
     lib.prefill_attention_f32.restype = ctypes.c_int
     lib.prefill_attention_supported.argtypes = [_i32]
     lib.prefill_attention_supported.restype = ctypes.c_int
@@ -162,7 +168,8 @@ def cpu_kernels() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     lib.q8_dequantize_f32.argtypes = _Q8_DEQUANTIZE_ARGTYPES
     lib.q8_dequantize_f32.restype = None
-    for name in ("rope_kv_write_f32", "rope_kv_write_bf16"):
+    for name in ("rope_kv_write_f32", "rope_kv_write_bf16", "rope_kv_write_f32_kvbf16",
+                 "rope_kv_write_f32_kvf16"):
         getattr(lib, name).argtypes = _ROPE_KV_WRITE_ARGTYPES
         getattr(lib, name).restype = None
     lib.rms_norm_f32.argtypes = _RMS_NORM_ARGTYPES
@@ -629,7 +636,8 @@ def rope_kv_write(
     ``qkv`` ``[T, (H + 2 KVH) * D]`` (unit stride in its last dimension); ``cos`` /
     ``sin_folded`` ``[T, 1, D]`` from the rotary table (``sin_folded`` as
     :func:`~tokenmill.model.layers.fold_rotary_sign` makes it); caches
-    ``[num_blocks, block_size, KVH, D]`` of the same dtype, contiguous; ``slot_mapping``
+    ``[num_blocks, block_size, KVH, D]`` of the same dtype (or, for float32 ``qkv``,
+    bfloat16 or float16: K/V rounded to nearest even on store), contiguous; ``slot_mapping``
     ``[T]`` int64 with no padding (every slot >= 0). Returns the rotated Q
     ``[T, H, D]`` - bit-identical to :func:`~tokenmill.model.layers.rotate_eager`
     - or None, having done nothing, when these inputs need the PyTorch path (or
@@ -638,10 +646,13 @@ def rope_kv_write(
     lib = cpu_kernels() if _FUSED_ROPE else None
     tokens = qkv.shape[0]
     head_dim = k_cache.shape[-1] if k_cache.dim() == 4 else 0
+    cache_ok = (k_cache.dtype == v_cache.dtype
+                and (k_cache.dtype == qkv.dtype
+                     or (qkv.dtype == torch.float32 and k_cache.dtype in KV_KINDS)))
     if (
         lib is None or qkv.device.type != "cpu" or head_dim == 0 or head_dim % 2
-        or qkv.dtype not in _ELEMENTWISE_DTYPES
-        or not (qkv.dtype == cos.dtype == sin_folded.dtype == k_cache.dtype == v_cache.dtype)
+        or qkv.dtype not in _ELEMENTWISE_DTYPES or not cache_ok
+        or not (qkv.dtype == cos.dtype == sin_folded.dtype)
         or qkv.dim() != 2 or qkv.stride(1) != 1
         or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim
         or k_cache.shape[2] != num_kv_heads
@@ -653,7 +664,8 @@ def rope_kv_write(
     ):
         return None
     q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype)
-    kernel = getattr(lib, f"rope_kv_write_{_ELEMENTWISE_DTYPES[qkv.dtype]}")
+    suffix = _KV_SUFFIX[k_cache.dtype] if qkv.dtype == torch.float32 else ""
+    kernel = getattr(lib, f"rope_kv_write_{_ELEMENTWISE_DTYPES[qkv.dtype]}{suffix}")
     kernel(
         qkv.data_ptr(), qkv.stride(0), tokens, num_heads, num_kv_heads, head_dim,
         cos.data_ptr(), sin_folded.data_ptr(), q.data_ptr(), k_cache.data_ptr(),
@@ -728,18 +740,20 @@ def paged_attention(
     positions (blocks before them are not read).
 
     ``q``/``out`` are ``[T, H, D]`` with contiguous heads; caches are
-    ``[num_blocks, block_size, KVH, D]`` in ``q``'s dtype, or quantized
+    ``[num_blocks, block_size, KVH, D]`` in ``q``'s dtype (float32 ``q`` may also read a
+    bfloat16 or float16 cache), or quantized
     (``int8``/``uint8`` = fp8 rows of ``D`` codes + a float32 scale, see
     :mod:`tokenmill.kernels.kv_quant`), read in place and
-    dequantized in registers; metadata tensors are int32 on the CPU. Rows of
+    widened or dequantized in registers; metadata tensors are int32 on the CPU. Rows of
     longer sequences are left untouched. Returns False (doing nothing) when the
     kernel cannot run these inputs, so the caller falls back.
     """
     lib = cpu_kernels()
     dtype = q.dtype
     quant = _Q8_KINDS.get(k_cache.dtype)
-    cache_ok = (k_cache.dtype == v_cache.dtype == dtype if quant is None
-                else v_cache.dtype == k_cache.dtype)
+    cache_ok = k_cache.dtype == v_cache.dtype and (
+        quant is not None or k_cache.dtype == dtype
+        or (dtype == torch.float32 and k_cache.dtype in KV_KINDS))
     if (
         lib is None
         or dtype not in (torch.float32, torch.bfloat16)
@@ -756,7 +770,7 @@ def paged_attention(
             return False
         lib.paged_attention_q8(*args, quant, int(dtype == torch.bfloat16))
     elif dtype == torch.float32:
-        lib.paged_attention_f32(*args)
+        getattr(lib, f"paged_attention_f32{_KV_SUFFIX[k_cache.dtype]}")(*args)
     else:
         lib.paged_attention_bf16(*args)
     return True
@@ -784,14 +798,16 @@ def prefill_attention(
     """Attention of every sequence with more than ``min_q_len`` query tokens, into ``out``:
     the long prefill chunks :func:`paged_attention` leaves (tiled, online softmax).
 
-    float32 only; layouts and ``sliding_window`` as :func:`paged_attention`. Rows of
+    float32 queries over a float32, bfloat16 or float16 cache; layouts and
+    ``sliding_window`` as :func:`paged_attention`. Rows of
     shorter sequences are left untouched. Returns False (the caller falls back, and
     rewrites every row it needs) when the kernel cannot run these inputs.
     """
     lib = cpu_kernels()
     if (
         lib is None
-        or not (q.dtype == out.dtype == k_cache.dtype == v_cache.dtype == torch.float32)
+        or not (q.dtype == out.dtype == torch.float32)
+        or k_cache.dtype not in KV_KINDS or v_cache.dtype != k_cache.dtype
         or k_cache.shape[3] != q.shape[2]
         or not _attention_layout_ok(q, out, k_cache, v_cache, query_start_loc, seq_lens,
                                     block_tables)
@@ -799,7 +815,7 @@ def prefill_attention(
         return False
     return bool(lib.prefill_attention_f32(*_attention_args(
         q, out, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, min_q_len,
-        sliding_window)))
+        sliding_window), KV_KINDS[k_cache.dtype]))
 
 
 def _attention_layout_ok(

@@ -9,7 +9,8 @@
  * same order and with the same arithmetic: rms_norm_f32 (optionally after the
  * residual add), the Q4_1, Q8_0 or float32 panel matmul for the fused QKV projection,
  * rope_kv_write_f32, paged_attention_f32 and prefill_attention_f32 (chunks longer
- * than the paged kernel takes), the output projection, the second
+ * than the paged kernel takes; their _kvbf16 / _kvf16 forms over a 16-bit cache),
+ * the output projection, the second
  * norm, the fused gate/up projection, silu_mul_f32 and the down projection.
  * A model with the stack runs rms_norm_f32 and silu_mul_f32 on its per-layer
  * path too, so the two give bit-identical hidden states
@@ -28,6 +29,7 @@
 #include <string.h>
 
 #include "decoder_stack.h"
+#include "kv_cache_types.h"
 #include "vec_math.h"
 
 #pragma GCC optimize("fp-contract=off")
@@ -46,17 +48,59 @@ int int8_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *pack
 void rope_kv_write_f32(const float *qkv, int64_t qkv_stride, int T, int H, int KVH, int D,
                        const float *cos, const float *sin_f, float *q_out, float *k_cache,
                        float *v_cache, const int64_t *slots);
-void paged_attention_f32(const float *q, int64_t q_stride, float *out, int64_t out_stride,
-                         const float *k_cache, const float *v_cache, const int32_t *query_start,
-                         const int32_t *seq_lens, const int32_t *block_tables, int num_seqs,
-                         int max_blocks, int num_heads, int num_kv_heads, int head_dim,
-                         int block_size, float scale, int max_q_len, int window);
+void rope_kv_write_f32_kvbf16(const float *qkv, int64_t qkv_stride, int T, int H, int KVH,
+                              int D, const float *cos, const float *sin_f, float *q_out,
+                              uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots);
+void rope_kv_write_f32_kvf16(const float *qkv, int64_t qkv_stride, int T, int H, int KVH,
+                             int D, const float *cos, const float *sin_f, float *q_out,
+                             uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots);
+/* The three paged-attention entry points share this signature but for the cache's type. */
+#define TM_DECLARE_PAGED_ATTENTION(NAME, KT)                                                   \
+void NAME(const float *q, int64_t q_stride, float *out, int64_t out_stride, const KT *k_cache, \
+          const KT *v_cache, const int32_t *query_start, const int32_t *seq_lens,             \
+          const int32_t *block_tables, int num_seqs, int max_blocks, int num_heads,            \
+          int num_kv_heads, int head_dim, int block_size, float scale, int max_q_len,          \
+          int window);
+TM_DECLARE_PAGED_ATTENTION(paged_attention_f32, float)
+TM_DECLARE_PAGED_ATTENTION(paged_attention_f32_kvbf16, uint16_t)
+TM_DECLARE_PAGED_ATTENTION(paged_attention_f32_kvf16, uint16_t)
 int prefill_attention_f32(const float *q, int64_t q_stride, float *out, int64_t out_stride,
-                          const float *k_cache, const float *v_cache,
+                          const void *k_cache, const void *v_cache,
                           const int32_t *query_start, const int32_t *seq_lens,
                           const int32_t *block_tables, int num_seqs, int max_blocks,
                           int num_heads, int num_kv_heads, int head_dim, int block_size,
-                          float scale, int min_q_len, int window);
+                          float scale, int min_q_len, int window, int kv_kind);
+
+/* Rotary and the K/V store of one layer, into a cache of the stack's type. */
+static void rope_kv_write(const tm_dims *dims, const tm_step *step, const float *qkv,
+                          int64_t qkv_n, float *q, void *k_cache, void *v_cache) {
+    const int T = step->tokens, H = dims->heads, KVH = dims->kv_heads, D = dims->head_dim;
+    if (dims->kv_kind == TM_KV_BF16)
+        rope_kv_write_f32_kvbf16(qkv, qkv_n, T, H, KVH, D, step->cos, step->sin_folded, q,
+                                 k_cache, v_cache, step->slot_mapping);
+    else if (dims->kv_kind == TM_KV_F16)
+        rope_kv_write_f32_kvf16(qkv, qkv_n, T, H, KVH, D, step->cos, step->sin_folded, q,
+                                k_cache, v_cache, step->slot_mapping);
+    else
+        rope_kv_write_f32(qkv, qkv_n, T, H, KVH, D, step->cos, step->sin_folded, q, k_cache,
+                          v_cache, step->slot_mapping);
+}
+
+/* The paged kernel for the stack's cache type. */
+static void paged_attention(const tm_dims *dims, const tm_step *step, const tm_layer *L,
+                            const float *q, float *attn, int64_t q_size) {
+#define TM_PAGED_ARGS                                                                          \
+    q, q_size, attn, q_size, L->k_cache, L->v_cache, step->query_start, step->seq_lens,        \
+        step->block_tables, step->num_seqs, step->max_blocks, dims->heads, dims->kv_heads,     \
+        dims->head_dim, dims->block_size, dims->scale, step->max_q_len, L->window
+    if (dims->kv_kind == TM_KV_BF16)
+        paged_attention_f32_kvbf16(TM_PAGED_ARGS);
+    else if (dims->kv_kind == TM_KV_F16)
+        paged_attention_f32_kvf16(TM_PAGED_ARGS);
+    else
+        paged_attention_f32(TM_PAGED_ARGS);
+#undef TM_PAGED_ARGS
+}
 
 static void norm_row(const float *x, const float *w, float *y, int N, float eps) {
     float lanes[8] = {0};
@@ -156,19 +200,15 @@ int decoder_stack_f32(const tm_dims *dims, const tm_layer *layers, int num_layer
             rms_norm_f32(hidden, Hd, residual, residual, L->attn_norm, normed, T, Hd, dims->eps);
         }
         status |= linear(&L->qkv, normed, qkv, T);
-        rope_kv_write_f32(qkv, qkv_n, T, dims->heads, dims->kv_heads, D, step->cos,
-                          step->sin_folded, q, L->k_cache, L->v_cache, step->slot_mapping);
+        rope_kv_write(dims, step, qkv, qkv_n, q, L->k_cache, L->v_cache);
         memset(attn, 0, sizeof(float) * (size_t)T * q_size);
-        paged_attention_f32(q, q_size, attn, q_size, L->k_cache, L->v_cache, step->query_start,
-                            step->seq_lens, step->block_tables, step->num_seqs, step->max_blocks,
-                            dims->heads, dims->kv_heads, D, dims->block_size, dims->scale,
-                            step->max_q_len, L->window);
+        paged_attention(dims, step, L, q, attn, q_size);
         /* sequences with longer chunks (the caller checked the kernel takes them) */
         if (long_chunk && !prefill_attention_f32(q, q_size, attn, q_size, L->k_cache, L->v_cache,
                                    step->query_start, step->seq_lens, step->block_tables,
                                    step->num_seqs, step->max_blocks, dims->heads,
                                    dims->kv_heads, D, dims->block_size, dims->scale,
-                                   step->max_q_len, L->window))
+                                   step->max_q_len, L->window, dims->kv_kind))
             status = -1;
         status |= linear(&L->o, attn, hidden, T);
         rms_norm_f32(hidden, Hd, residual, residual, L->mlp_norm, normed, T, Hd, dims->eps);

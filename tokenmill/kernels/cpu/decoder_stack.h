@@ -32,6 +32,7 @@ typedef struct {
 typedef struct {
     int32_t hidden, heads, kv_heads, head_dim, inter, block_size;
     float eps, scale;
+    int32_t kv_kind, _pad; /* the float32 stack's cache type (kv_cache_types.h); 0 in bf16 */
 } tm_dims;
 
 typedef struct {

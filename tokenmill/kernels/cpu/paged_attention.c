@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "fp16.h"
 #include "paged_attention_items.h"
 #include "vec_math.h"
 
@@ -39,10 +40,12 @@
 #define STORE_f32(x) (x)
 #define LOAD_bf16(p) tm_bf16_to_f32(p)
 #define STORE_bf16(x) tm_f32_to_bf16(x)
+#define LOAD_f16(p) tm_f16_to_f32(p)
 
-#define DEFINE_PAGED_ATTENTION(NAME, T, SFX)                                                  \
-void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_cache,          \
-          const T *v_cache, const int32_t *query_start, const int32_t *seq_lens,              \
+/* q and out of type T, the cache of type KT (float32 queries may read a 16-bit cache). */
+#define DEFINE_PAGED_ATTENTION(NAME, T, SFX, KT, KSFX)                                        \
+void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const KT *k_cache,         \
+          const KT *v_cache, const int32_t *query_start, const int32_t *seq_lens,             \
           const int32_t *block_tables, int num_seqs, int max_blocks, int num_heads,            \
           int num_kv_heads, int head_dim, int block_size, float scale, int max_q_len,          \
           int window) {                                                                        \
@@ -74,11 +77,11 @@ void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_c
                     const int n = visible - start < block_size ? visible - start : block_size; \
                     const int j0 = start < lo ? lo - start : 0;                                \
                     for (int j = j0; j < n; j++) {                                             \
-                        const T *kp = k_cache + base + j * row;                                \
+                        const KT *kp = k_cache + base + j * row;                               \
                         for (int g = 0; g < group; g++) {                                      \
                             float dot = 0.0f;                                                  \
                             _Pragma("omp simd reduction(+:dot)")                               \
-                            for (int d = 0; d < head_dim; d++) dot += qv[g][d] * LOAD_##SFX(kp[d]); \
+                            for (int d = 0; d < head_dim; d++) dot += qv[g][d] * LOAD_##KSFX(kp[d]); \
                             s[g][j] = dot;                                                     \
                         }                                                                      \
                     }                                                                          \
@@ -90,10 +93,10 @@ void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_c
                         for (int d = 0; d < head_dim; d++) acc[g][d] *= corr;                  \
                         for (int j = j0; j < n; j++) {                                         \
                             const float p = expf(s[g][j] - mx);                                \
-                            const T *vp = v_cache + base + j * row;                            \
+                            const KT *vp = v_cache + base + j * row;                           \
                             l[g] += p;                                                         \
                             _Pragma("omp simd")                                                \
-                            for (int d = 0; d < head_dim; d++) acc[g][d] += p * LOAD_##SFX(vp[d]); \
+                            for (int d = 0; d < head_dim; d++) acc[g][d] += p * LOAD_##KSFX(vp[d]); \
                         }                                                                      \
                         m[g] = mx;                                                             \
                     }                                                                          \
@@ -109,12 +112,16 @@ void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_c
     }                                                                                          \
 }
 
-DEFINE_PAGED_ATTENTION(paged_attention_f32_generic, float, f32)
-DEFINE_PAGED_ATTENTION(paged_attention_bf16_generic, uint16_t, bf16)
+DEFINE_PAGED_ATTENTION(paged_attention_f32_generic, float, f32, float, f32)
+DEFINE_PAGED_ATTENTION(paged_attention_bf16_generic, uint16_t, bf16, uint16_t, bf16)
+DEFINE_PAGED_ATTENTION(paged_attention_f32_kvbf16_generic, float, f32, uint16_t, bf16)
+DEFINE_PAGED_ATTENTION(paged_attention_f32_kvf16_generic, float, f32, uint16_t, f16)
 
 #ifdef TM_AVX2
 #define TM_T float
+#define TM_KV_T float
 #define TM_LOAD8(p) _mm256_loadu_ps(p)
+#define TM_LOADKV1(x) (x)
 #define TM_LOAD1(x) (x)
 #define TM_STORE1(f) (f)
 #define TM_DOT8 dot8_f32
@@ -122,12 +129,44 @@ DEFINE_PAGED_ATTENTION(paged_attention_bf16_generic, uint16_t, bf16)
 #include "paged_attention_avx2.inc"
 
 #define TM_T uint16_t
+#define TM_KV_T uint16_t
 #define TM_LOAD8(p) tm_load8_bf16(p)
+#define TM_LOADKV1(x) tm_bf16_to_f32(x)
 #define TM_LOAD1(x) tm_bf16_to_f32(x)
 #define TM_STORE1(f) tm_f32_to_bf16(f)
 #define TM_DOT8 dot8_bf16
 #define TM_KERNEL paged_attention_bf16_avx2
 #include "paged_attention_avx2.inc"
+
+/* float32 queries over a 16-bit cache (--kv-cache-dtype bfloat16|float16 in a float32
+   model): half the bytes of a float32 cache read per key, the same float32 arithmetic on
+   the widened values. */
+#define TM_T float
+#define TM_KV_T uint16_t
+#define TM_LOAD8(p) tm_load8_bf16(p)
+#define TM_LOADKV1(x) tm_bf16_to_f32(x)
+#define TM_LOAD1(x) (x)
+#define TM_STORE1(f) (f)
+#define TM_DOT8 dot8_f32_kvbf16
+#define TM_KERNEL paged_attention_f32_kvbf16_avx2
+#include "paged_attention_avx2.inc"
+
+#ifdef __F16C__
+static inline __m256 tm_load8_f16(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+#define TM_T float
+#define TM_KV_T uint16_t
+#define TM_LOAD8(p) tm_load8_f16(p)
+#define TM_LOADKV1(x) tm_f16_to_f32(x)
+#define TM_LOAD1(x) (x)
+#define TM_STORE1(f) (f)
+#define TM_DOT8 dot8_f32_kvf16
+#define TM_KERNEL paged_attention_f32_kvf16_avx2
+#include "paged_attention_avx2.inc"
+#else
+#define paged_attention_f32_kvf16_avx2 paged_attention_f32_kvf16_generic
+#endif
 #endif
 
 #if defined(TM_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
@@ -303,9 +342,9 @@ static void paged_attention_bf16_avx512(
 #else
 #define TM_PICK(AVX2, GENERIC, D) GENERIC
 #endif
-#define DEFINE_DISPATCH(NAME, T, AVX2, GENERIC)                                               \
-void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_cache,          \
-          const T *v_cache, const int32_t *query_start, const int32_t *seq_lens,              \
+#define DEFINE_DISPATCH(NAME, T, KT, AVX2, GENERIC)                                           \
+void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const KT *k_cache,         \
+          const KT *v_cache, const int32_t *query_start, const int32_t *seq_lens,             \
           const int32_t *block_tables, int num_seqs, int max_blocks, int num_heads,            \
           int num_kv_heads, int head_dim, int block_size, float scale, int max_q_len,          \
           int window) {                                                                        \
@@ -315,8 +354,12 @@ void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const T *k_c
                                      block_size, scale, max_q_len, window);                    \
 }
 
-DEFINE_DISPATCH(paged_attention_f32, float, paged_attention_f32_avx2,
+DEFINE_DISPATCH(paged_attention_f32, float, float, paged_attention_f32_avx2,
                 paged_attention_f32_generic)
+DEFINE_DISPATCH(paged_attention_f32_kvbf16, float, uint16_t, paged_attention_f32_kvbf16_avx2,
+                paged_attention_f32_kvbf16_generic)
+DEFINE_DISPATCH(paged_attention_f32_kvf16, float, uint16_t, paged_attention_f32_kvf16_avx2,
+                paged_attention_f32_kvf16_generic)
 #ifdef TM_AVX512_BF16
 /* The AVX-512 kernel where its limits allow, else as float32. */
 static void paged_attention_bf16_avx(
@@ -332,9 +375,9 @@ static void paged_attention_bf16_avx(
         num_seqs, max_blocks, num_heads, num_kv_heads, head_dim, block_size, scale, max_q_len,
         window);
 }
-DEFINE_DISPATCH(paged_attention_bf16, uint16_t, paged_attention_bf16_avx,
+DEFINE_DISPATCH(paged_attention_bf16, uint16_t, uint16_t, paged_attention_bf16_avx,
                 paged_attention_bf16_generic)
 #else
-DEFINE_DISPATCH(paged_attention_bf16, uint16_t, paged_attention_bf16_avx2,
+DEFINE_DISPATCH(paged_attention_bf16, uint16_t, uint16_t, paged_attention_bf16_avx2,
                 paged_attention_bf16_generic)
 #endif

@@ -74,7 +74,7 @@ static inline void tm_cursor_init(tm_prefetch_cursor *c, int it, int it1, const 
                                   const int32_t *seq_lens, const int32_t *block_tables,
                                   int max_blocks, int num_kv_heads, int block_size,
                                   int max_q_len, int window, int64_t head_row) {
-    c->pos = c->len = 0;
+    *c = (tm_prefetch_cursor){0}; /* empty: pos == len */
     if (it >= it1) return;
     const int b = it / num_kv_heads, hk = it % num_kv_heads;
     const int qlen = query_start[b + 1] - query_start[b];

@@ -24,6 +24,10 @@
  * Work items are spread over the OpenMP threads of PyTorch's runtime (same soname),
  * the tiles with the most keys first.
  *
+ * A 16-bit cache (kv_kind TM_KV_BF16 or TM_KV_F16, kv_cache_types.h) is widened to
+ * float32 one key block at a time into the thread's buffer, then read as a float32 one:
+ * each widened row serves every row of the tile.
+ *
  * Layouts (element strides), as paged_attention.c:
  *   q, out       [T, H, D]; token t at t * q_stride / t * out_stride, heads contiguous
  *   k/v_cache    [num_blocks, block_size, KVH, D] contiguous
@@ -36,6 +40,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+#include "fp16.h"
+#include "kv_cache_types.h"
 #include "paged_attention_items.h"
 #include "vec_math.h"
 
@@ -75,6 +82,20 @@ static tm_pa_item *tm_pa_items(const int32_t *query_start, int num_seqs, int num
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+
+/* dst[0..D) = the 16-bit row src widened to float32 (exact). */
+static void tm_widen_row(float *dst, const uint16_t *src, int D, int kv_kind) {
+    int d = 0;
+    if (kv_kind == TM_KV_BF16)
+        for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + d, tm_load8_bf16(src + d));
+#ifdef __F16C__
+    else
+        for (; d + 8 <= D; d += 8)
+            _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + d))));
+#endif
+    for (; d < D; d++)
+        dst[d] = kv_kind == TM_KV_BF16 ? tm_bf16_to_f32(src[d]) : tm_f16_to_f32(src[d]);
+}
 
 #define TM_VL 8
 #define TM_V __m256
@@ -143,25 +164,26 @@ int prefill_attention_supported(int head_dim) {
    when it cannot run these inputs (no AVX2, head_dim not a multiple of 8, out of
    memory: the caller falls back, writing again any rows written here). */
 int prefill_attention_f32(const float *q, int64_t q_stride, float *out, int64_t out_stride,
-                          const float *k_cache, const float *v_cache,
+                          const void *k_cache, const void *v_cache,
                           const int32_t *query_start, const int32_t *seq_lens,
                           const int32_t *block_tables, int num_seqs, int max_blocks,
                           int num_heads, int num_kv_heads, int head_dim, int block_size,
-                          float scale, int min_q_len, int window) {
+                          float scale, int min_q_len, int window, int kv_kind) {
 #if defined(__AVX512F__)
     if (head_dim % 16 == 0)
         return prefill_attention_avx512(q, q_stride, out, out_stride, k_cache, v_cache,
                                         query_start, seq_lens, block_tables, num_seqs,
                                         max_blocks, num_heads, num_kv_heads, head_dim,
-                                        block_size, scale, min_q_len, window);
+                                        block_size, scale, min_q_len, window, kv_kind);
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
     if (head_dim % 8 == 0)
         return prefill_attention_avx2(q, q_stride, out, out_stride, k_cache, v_cache,
                                       query_start, seq_lens, block_tables, num_seqs, max_blocks,
                                       num_heads, num_kv_heads, head_dim, block_size, scale,
-                                      min_q_len, window);
+                                      min_q_len, window, kv_kind);
 #endif
+    (void)kv_kind;
     (void)q; (void)q_stride; (void)out; (void)out_stride; (void)k_cache; (void)v_cache;
     (void)query_start; (void)seq_lens; (void)block_tables; (void)num_seqs; (void)max_blocks;
     (void)num_heads; (void)num_kv_heads; (void)head_dim; (void)block_size; (void)scale;

@@ -13,7 +13,10 @@
  * q_out [T, H, D]; k/v_cache [num_blocks * block_size, KVH, D] contiguous;
  * slots [T] int64, every slot >= 0. rope_kv_write_bf16 is the same on bfloat16
  * tensors, rounding each product and the sum to bfloat16 as PyTorch's bfloat16
- * ops do (bit-identical to the eager path in a bfloat16 model). One thread below
+ * ops do (bit-identical to the eager path in a bfloat16 model). rope_kv_write_f32_kvbf16
+ * and _kvf16 take float32 tensors and a 16-bit cache (--kv-cache-dtype bfloat16|float16):
+ * K and V are rounded to nearest even once, on store, as the eager path's .to(cache dtype)
+ * does. One thread below
  * 256 tokens: the work is a few microseconds per token, and an OpenMP region here
  * (from 16 tokens) made batch-32 decode steps 10x slower in a measurement
  * (docs/performance.md); prompt chunks split their tokens over the threads (each
@@ -23,6 +26,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "fp16.h"
 
 #pragma GCC optimize("fp-contract=off")
 
@@ -71,3 +75,30 @@ void NAME(const T *qkv, int64_t qkv_stride, int T_, int H, int KVH, int D, const
 
 DEFINE_ROPE_KV_WRITE(rope_kv_write_f32, float, rotate_row)
 DEFINE_ROPE_KV_WRITE(rope_kv_write_bf16, uint16_t, rotate_row_bf16)
+
+/* float32 rows into a 16-bit cache: NARROW rounds one float to the cache's type. */
+#define DEFINE_ROPE_KV_WRITE_NARROW(NAME, NARROW)                                               \
+void NAME(const float *qkv, int64_t qkv_stride, int T_, int H, int KVH, int D,                 \
+          const float *cos, const float *sin_f, float *q_out, uint16_t *k_cache,               \
+          uint16_t *v_cache, const int64_t *slots) {                                           \
+    const int64_t kv_row = (int64_t)KVH * D;                                                   \
+    _Pragma("omp parallel for schedule(static) if (T_ >= 256)")                                \
+    for (int t = 0; t < T_; t++) {                                                             \
+        const float *src = qkv + (int64_t)t * qkv_stride;                                      \
+        const float *c = cos + (int64_t)t * D, *s = sin_f + (int64_t)t * D;                    \
+        float *q_dst = q_out + (int64_t)t * H * D;                                             \
+        uint16_t *k_dst = k_cache + slots[t] * kv_row, *v_dst = v_cache + slots[t] * kv_row;   \
+        float k_row[D];                                                                        \
+        for (int h = 0; h < H; h++)                                                            \
+            rotate_row(src + (int64_t)h * D, c, s, q_dst + (int64_t)h * D, D);                 \
+        for (int h = 0; h < KVH; h++) {                                                        \
+            rotate_row(src + (int64_t)(H + h) * D, c, s, k_row, D);                            \
+            for (int d = 0; d < D; d++) k_dst[(int64_t)h * D + d] = NARROW(k_row[d]);          \
+        }                                                                                      \
+        const float *v_src = src + (int64_t)(H + KVH) * D;                                     \
+        for (int64_t i = 0; i < kv_row; i++) v_dst[i] = NARROW(v_src[i]);                      \
+    }                                                                                          \
+}
+
+DEFINE_ROPE_KV_WRITE_NARROW(rope_kv_write_f32_kvbf16, tm_f32_to_bf16)
+DEFINE_ROPE_KV_WRITE_NARROW(rope_kv_write_f32_kvf16, tm_f32_to_f16)
