@@ -1,7 +1,7 @@
 """Where a decode step's time goes: linear layers, attention, LM head, sampling, the rest.
 
     python benchmarks/decode_profile.py [--batch-sizes 1 8 32] [--quantization none int4 int8]
-                                        [--cpu-gemm onednn aten]
+                                        [--cpu-gemm onednn aten] [--kv-cache-dtype auto float16]
 
 For each configuration and batch size it starts that many requests with
 random 100-token prompts, runs them into steady decode, then times steps
@@ -12,7 +12,8 @@ embedding, Python and PyTorch dispatch); "engine" is the rest of the step
 (scheduling, step inputs, detokenizing, stop checks). Runs the bundled
 SmolLM2 model unless --model. ``--cpu-gemm onednn aten`` runs each
 configuration twice, with the dense float32 layers on oneDNN prepacked weights
-(the default) and on ``F.linear`` (``TOKENMILL_CPU_GEMM=aten``), side by side.
+(the default) and on ``F.linear`` (``TOKENMILL_CPU_GEMM=aten``), side by side;
+``--kv-cache-dtype auto float16`` likewise runs each with both caches.
 """
 
 from __future__ import annotations
@@ -150,21 +151,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-gemm", nargs="+", default=[None],
                         choices=["auto", "native", "onednn", "aten"],
                         help="dense GEMM (TOKENMILL_CPU_GEMM); several = side by side")
+    parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto"],
+                        help="KV-cache storage; several = side by side")
     args = parser.parse_args(argv)
 
     rows = []
-    for quant in args.quantization:
-        for gemm in args.cpu_gemm:
-            if gemm is not None:
-                os.environ["TOKENMILL_CPU_GEMM"] = gemm  # read when the model loads
-            label = quant if gemm is None else f"{quant}/{gemm}"
-            extra = {"quantization": None if quant == "none" else quant}
-            llm = LLM(args.model, dtype=args.dtype, num_threads=args.num_threads, **extra)
-            for batch in args.batch_sizes:
-                plain, split = profile(llm, batch, args.steps)
-                rows.append((label, batch, plain, split))
-                print(f"{label} batch {batch}: {plain * 1e3:.1f} ms/step", flush=True)
-            del llm
+    configs = [(q, g, kv) for q in args.quantization for g in args.cpu_gemm
+               for kv in args.kv_cache_dtype]
+    for quant, gemm, kv in configs:
+        if gemm is not None:
+            os.environ["TOKENMILL_CPU_GEMM"] = gemm  # read when the model loads
+        label = quant if gemm is None else f"{quant}/{gemm}"
+        if len(args.kv_cache_dtype) > 1 or kv != "auto":
+            label += f" kv {kv}"
+        extra = {"quantization": None if quant == "none" else quant}
+        llm = LLM(args.model, dtype=args.dtype, num_threads=args.num_threads,
+                  kv_cache_dtype=kv, **extra)
+        for batch in args.batch_sizes:
+            plain, split = profile(llm, batch, args.steps)
+            rows.append((label, batch, plain, split))
+            print(f"{label} batch {batch}: {plain * 1e3:.1f} ms/step", flush=True)
+        del llm
 
     keys = list(rows[0][3])
     width = max(8, *(len(r[0]) + 1 for r in rows))

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
 import torch
 
 from tokenmill.attention.torch_backend import TorchAttentionBackend
+from tokenmill.kernels import cpu
 
 
 def paged_layout(q_lens, seq_lens, num_blocks, block_size, heads, dim, generator):
@@ -54,3 +60,17 @@ def dense_reference_attention(q, k_cache, v_cache, qsl, seq_lens, tables, scale,
             scores = torch.einsum("hd,khd->hk", q[a + j], keys[lo:pos + 1]) * scale
             out[a + j] = torch.einsum("hk,khd->hd", scores.softmax(-1), values[lo:pos + 1])
     return out
+
+
+@contextlib.contextmanager
+def kernels_built_for(march: str | None, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """The kernel module with its library built for ``march`` (None: this CPU's), rebuilt
+    as this CPU's afterwards."""
+    if march is not None:
+        monkeypatch.setenv("TOKENMILL_CPU_MARCH", march)
+    cpu.cpu_kernels.cache_clear()
+    try:
+        yield cpu
+    finally:
+        monkeypatch.delenv("TOKENMILL_CPU_MARCH", raising=False)
+        cpu.cpu_kernels.cache_clear()

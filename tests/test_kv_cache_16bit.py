@@ -16,7 +16,7 @@ import platform
 
 import pytest
 import torch
-from paged_cases import paged_layout, reference_attention
+from paged_cases import kernels_built_for, paged_layout, reference_attention
 
 from tokenmill.engine.args import EngineArgs
 from tokenmill.kernels import cpu
@@ -32,12 +32,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(params=MARCHES, ids=lambda m: m or "native")
 def kernels(request, monkeypatch):
-    if request.param is not None:
-        monkeypatch.setenv("TOKENMILL_CPU_MARCH", request.param)
-    cpu.cpu_kernels.cache_clear()
-    yield cpu
-    monkeypatch.delenv("TOKENMILL_CPU_MARCH", raising=False)
-    cpu.cpu_kernels.cache_clear()
+    with kernels_built_for(request.param, monkeypatch) as lib:
+        yield lib
 
 
 def _same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:

@@ -11,7 +11,7 @@ import platform
 
 import pytest
 import torch
-from paged_cases import dense_reference_attention, paged_layout
+from paged_cases import dense_reference_attention, kernels_built_for, paged_layout
 
 from tokenmill.kernels import cpu
 
@@ -25,12 +25,8 @@ NO_WINDOW = 1 << 30
 
 @pytest.fixture(params=MARCHES, ids=lambda m: m or "native")
 def kernels(request, monkeypatch):
-    if request.param is not None:
-        monkeypatch.setenv("TOKENMILL_CPU_MARCH", request.param)
-    cpu.cpu_kernels.cache_clear()
-    yield cpu
-    monkeypatch.delenv("TOKENMILL_CPU_MARCH", raising=False)
-    cpu.cpu_kernels.cache_clear()
+    with kernels_built_for(request.param, monkeypatch) as lib:
+        yield lib
 
 
 def _case(q_lens, seq_lens, heads, kv_heads, dim, block=16, seed=0, spread=1.0):
