@@ -13,7 +13,7 @@ import pytest
 import torch
 from paged_cases import dense_reference_attention, kernels_built_for, paged_layout
 
-from tokenmill.kernels import cpu
+from tokenmill.kernels import cpu, kv_quant
 
 pytestmark = pytest.mark.skipif(cpu.cpu_kernels() is None, reason="no C compiler")
 
@@ -103,11 +103,28 @@ def test_leaves_short_queries_and_reads_strided_q(kernels):
     assert bool((out[short_rows] == 7.0).all())  # at most 16 query tokens: the caller's
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_8bit_cache_equals_its_dequantized_float32_cache(kernels, fmt):
+    """--kv-cache-dtype int8|fp8: each key block dequantized once per tile (code times the
+    row's scale, as kv_quant.dequantize), then the float32 kernel: the same bits as the
+    kernel on the dequantized cache."""
+    q_lens, seq_lens = [100, 40, 1], [300, 40, 7]
+    q, kc, vc, qsl, lens, tables = _case(q_lens, seq_lens, 9, 3, 64, seed=11)
+    kc8, vc8 = kv_quant.quantize(kc, fmt), kv_quant.quantize(vc, fmt)
+    got, want = torch.zeros_like(q), torch.zeros_like(q)
+    assert kernels.prefill_attention(q, got, kc8, vc8, qsl, lens, tables, 0.125, 16)
+    deq_k, deq_v = (kv_quant.dequantize(c, torch.float32) for c in (kc8, vc8))
+    assert kernels.prefill_attention(q, want, deq_k, deq_v, qsl, lens, tables, 0.125, 16)
+    assert torch.equal(got, want)
+    assert not got[140:].any()  # the one-token query is the paged kernel's
+
+
 def test_declines_what_it_cannot_run():
     q, kc, vc, qsl, lens, tables = _case([20], [20], 6, 2, 32)
     out = torch.zeros_like(q)
     bf16 = [t.bfloat16() for t in (q, out, kc, vc)]
     assert not cpu.prefill_attention(*bf16, qsl, lens, tables, 0.2, 16)
+    # int8 codes without the 4 scale bytes per row: not a quantized cache
     assert not cpu.prefill_attention(q, out, kc.to(torch.int8), vc.to(torch.int8), qsl, lens,
                                      tables, 0.2, 16)
     q12, kc12, vc12, *_ = _case([20], [20], 6, 2, 12)  # head_dim not a multiple of 8

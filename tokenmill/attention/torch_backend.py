@@ -9,10 +9,10 @@ score matrix) over the cached prefix plus the new tokens.
 On the CPU, native kernels read K/V in place from the paged cache
 (:mod:`tokenmill.kernels.cpu`): sequences with short queries (decodes,
 speculative verification, chunks of up to ``SHORT_QUERY_LEN`` tokens) go to a
-per-query kernel, longer float32 prefill chunks to a tiled one (for a
-512-token prompt 1.6x the SDPA path on an AVX2 core, 1.9x with AVX-512). The PyTorch code
-above is the fallback when they cannot be built, and the path for long
-chunks over bfloat16 or 8-bit caches.
+per-query kernel, longer prefill chunks of float32 models (over a float32, 16-bit or 8-bit
+cache) to a tiled one (for a 512-token prompt 1.6x the SDPA path on an AVX2 core, 1.9x with
+AVX-512). The PyTorch code above is the fallback when they cannot be built, and the path for
+long chunks of bfloat16 models.
 
 Sliding windows: prefill chunks gather only the blocks that hold a key some
 query of the chunk can see and mask by both ends; batched decodes mask keys

@@ -83,6 +83,8 @@ _Q8_KINDS = {torch.int8: 0, torch.uint8: 1}
 # the suffix of the kernels that read (and write) it.
 KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _KV_SUFFIX = {torch.float32: "", torch.bfloat16: "_kvbf16", torch.float16: "_kvf16"}
+# The 8-bit caches' kv_kind in the prompt kernel (TM_KV_INT8, TM_KV_FP8).
+_PREFILL_Q8_KINDS = {torch.int8: 3, torch.uint8: 4}
 
 
 def _compiler() -> str | None:
@@ -798,24 +800,28 @@ def prefill_attention(
     """Attention of every sequence with more than ``min_q_len`` query tokens, into ``out``:
     the long prefill chunks :func:`paged_attention` leaves (tiled, online softmax).
 
-    float32 queries over a float32, bfloat16 or float16 cache; layouts and
+    float32 queries over a float32, bfloat16, float16 or 8-bit cache (each key block
+    widened or dequantized to float32 once per tile); layouts and
     ``sliding_window`` as :func:`paged_attention`. Rows of
     shorter sequences are left untouched. Returns False (the caller falls back, and
     rewrites every row it needs) when the kernel cannot run these inputs.
     """
     lib = cpu_kernels()
+    kind = KV_KINDS.get(k_cache.dtype)
+    if kind is None and k_cache.dtype in _Q8_KINDS:
+        kind = _PREFILL_Q8_KINDS[k_cache.dtype]
+    row = q.shape[2] + (4 if k_cache.dtype in _Q8_KINDS else 0)
     if (
-        lib is None
+        lib is None or kind is None
         or not (q.dtype == out.dtype == torch.float32)
-        or k_cache.dtype not in KV_KINDS or v_cache.dtype != k_cache.dtype
-        or k_cache.shape[3] != q.shape[2]
+        or v_cache.dtype != k_cache.dtype or k_cache.shape[3] != row
         or not _attention_layout_ok(q, out, k_cache, v_cache, query_start_loc, seq_lens,
                                     block_tables)
     ):
         return False
     return bool(lib.prefill_attention_f32(*_attention_args(
         q, out, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, min_q_len,
-        sliding_window), KV_KINDS[k_cache.dtype]))
+        sliding_window), kind))
 
 
 def _attention_layout_ok(

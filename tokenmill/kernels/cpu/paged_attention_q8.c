@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "kv_cache_types.h"
 #include "paged_attention_items.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -38,19 +39,9 @@
 static float fp8_table[256];
 static volatile int fp8_table_ready = 0;
 
-/* float8 e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; S.1111.111 is NaN. */
-static float fp8_e4m3_value(unsigned b) {
-    const unsigned e = (b >> 3) & 0xF, m = b & 7;
-    float v;
-    if (e == 0xF && m == 7) v = NAN;
-    else if (e == 0) v = ldexpf((float)m, -9);          /* subnormal: m/8 * 2^-6 */
-    else v = ldexpf((float)(8 + m), (int)e - 10);       /* (1 + m/8) * 2^(e-7) */
-    return (b & 0x80) ? -v : v;
-}
-
 static void fp8_table_init(void) {
     if (fp8_table_ready) return;
-    for (unsigned b = 0; b < 256; b++) fp8_table[b] = fp8_e4m3_value(b);
+    for (unsigned b = 0; b < 256; b++) fp8_table[b] = tm_fp8_e4m3_to_f32((uint8_t)b);
     __sync_synchronize();
     fp8_table_ready = 1;
 }

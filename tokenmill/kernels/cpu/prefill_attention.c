@@ -24,9 +24,9 @@
  * Work items are spread over the OpenMP threads of PyTorch's runtime (same soname),
  * the tiles with the most keys first.
  *
- * A 16-bit cache (kv_kind TM_KV_BF16 or TM_KV_F16, kv_cache_types.h) is widened to
- * float32 one key block at a time into the thread's buffer, then read as a float32 one:
- * each widened row serves every row of the tile.
+ * A 16-bit or 8-bit cache (kv_kind, kv_cache_types.h) is widened to float32 one key
+ * block at a time into the thread's buffer, then read as a float32 one: each widened row
+ * serves every row of the tile.
  *
  * Layouts (element strides), as paged_attention.c:
  *   q, out       [T, H, D]; token t at t * q_stride / t * out_stride, heads contiguous
@@ -83,9 +83,19 @@ static tm_pa_item *tm_pa_items(const int32_t *query_start, int num_seqs, int num
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
-/* dst[0..D) = the 16-bit row src widened to float32 (exact). */
-static void tm_widen_row(float *dst, const uint16_t *src, int D, int kv_kind) {
+/* dst[0..D) = the cache row at element offset `at` as float32: 16-bit values widened
+   (exact), 8-bit codes times the row's scale (one rounding, as kv_quant.dequantize). */
+static void tm_widen_row(float *dst, const void *cache, int64_t at, int D, int kv_kind) {
     int d = 0;
+    if (kv_kind == TM_KV_INT8 || kv_kind == TM_KV_FP8) {
+        const uint8_t *c = (const uint8_t *)cache + at;
+        float s;
+        memcpy(&s, c + D, sizeof s);
+        for (; d < D; d++)
+            dst[d] = (kv_kind == TM_KV_INT8 ? (float)(int8_t)c[d] : tm_fp8_e4m3_to_f32(c[d])) * s;
+        return;
+    }
+    const uint16_t *src = (const uint16_t *)cache + at;
     if (kv_kind == TM_KV_BF16)
         for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + d, tm_load8_bf16(src + d));
 #ifdef __F16C__
