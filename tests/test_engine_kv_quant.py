@@ -109,6 +109,20 @@ def test_quantized_tokens_track_model_dtype(tiny, reference):
     assert first_agree >= len(prompts) // 2
 
 
+def test_float_cache_of_another_dtype_than_the_model(tiny):
+    """--kv-cache-dtype float32 under a bfloat16 model (and float16 under float32): the
+    cache has that dtype, PyTorch's attention reads it in float32, batching and chunking
+    still do not change the tokens."""
+    prompts = _prompts(4, seed=5)
+    for fmt, dtype, storage in [("float32", "bfloat16", torch.float32),
+                                ("float16", "float32", torch.float16)]:
+        want, llm = _run(tiny, prompts, dtype=dtype, kv_cache_dtype=fmt)
+        assert llm.engine.core.executor.runner.kv_cache.dtype == storage
+        got, _ = _run(tiny, prompts, dtype=dtype, kv_cache_dtype=fmt, max_num_batched_tokens=7,
+                      max_num_seqs=2)
+        assert got == want
+
+
 def test_bad_kv_cache_dtype(tiny):
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         LLM(tiny, kv_cache_dtype="int4", num_threads=1)

@@ -135,7 +135,7 @@ def test_auto_is_float16_for_quantized_float32_models_on_the_cpu(monkeypatch):
         assert args.resolved_for(CPU).kv_cache_dtype == want
         assert args.resolved_for(CPU).resolved_for(CPU) == args.resolved_for(CPU)
     assert EngineArgs(quantization="int4", dtype="bfloat16").resolved_kv_cache_dtype(CPU) == "auto"
-    for given in ("bfloat16", "int8"):  # an explicit choice stays
+    for given in ("float32", "bfloat16", "int8"):  # an explicit choice stays
         assert EngineArgs(quantization="int4", kv_cache_dtype=given).resolved_kv_cache_dtype(
             CPU) == given
     cuda = torch.device("cuda")

@@ -559,9 +559,10 @@ def _arch_from_model_type(model_type: str | None) -> str:
     return by_type.get(model_type or "", f"<unknown model_type {model_type!r}>")
 
 
-# auto = the model's dtype; bfloat16 / float16 = 16 bits per value whatever the model's
-# dtype (llama.cpp's default cache type is float16); fp8 = e4m3
-KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "int8", "fp8")
+# auto = the model's dtype (float16 for a float32 model with int4/int8 weights on the CPU);
+# float32 / bfloat16 / float16 = that dtype whatever the model's (llama.cpp's default cache
+# type is float16); fp8 = e4m3
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8")
 
 
 @dataclass(frozen=True)

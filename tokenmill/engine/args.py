@@ -113,7 +113,7 @@ class EngineArgs:
     block_size: int = 16
     kv_cache_memory: int | str | None = None  # bytes or "2GiB"
     # auto (the model's dtype; float16 for a float32 model with int4/int8 weights on the
-    # CPU) | bfloat16 | float16 | int8 | fp8
+    # CPU) | float32 | bfloat16 | float16 | int8 | fp8
     kv_cache_dtype: str = _AUTO
     # Prefix-cache offload tiers: host memory (e.g. "4GiB") and a disk directory.
     kv_offload_memory: int | str | None = None
@@ -317,9 +317,10 @@ class EngineArgs:
                        help="KV-cache budget, e.g. 2GiB (CPU default 1GiB)")
         g.add_argument("--kv-cache-dtype", default=_AUTO, choices=list(KV_CACHE_DTYPES),
                        help="KV-cache storage: auto = the model's dtype (float16 for a float32 "
-                            "model with int4/int8 weights on the CPU); bfloat16 / float16 = "
-                            "16 bits per value (a float32 model attends them widened to "
-                            "float32: half the bytes of its cache per token); int8 / fp8 "
+                            "model with int4/int8 weights on the CPU); float32 / bfloat16 / "
+                            "float16 = that dtype whatever the model's (a float32 model "
+                            "attends 16-bit K/V widened to float32: half the bytes of its "
+                            "cache per token); int8 / fp8 "
                             "(e4m3) = 8-bit codes with a float32 scale per token and KV head "
                             "(about 3.8x the tokens of float32 KV in the same memory)")
         g.add_argument("--kv-offload-memory", default=None,

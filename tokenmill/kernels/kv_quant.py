@@ -4,9 +4,9 @@ token and KV head.
 ``--kv-cache-dtype``:
 
 - ``auto``: K/V are stored in the model's dtype, ``[..., head_dim]``;
-- ``bfloat16`` / ``float16``: stored in that dtype whatever the model's (rounded to
-  nearest even), ``[..., head_dim]``; attended widened to float32 when the model's dtype
-  differs;
+- ``float32`` / ``bfloat16`` / ``float16``: stored in that dtype whatever the model's
+  (rounded to nearest even), ``[..., head_dim]``; attended in float32 when the model's
+  dtype differs;
 - ``int8``: symmetric int8 codes, ``x ~= code * scale`` with
   ``scale = max|x| / 127`` over the token's head (``head_dim`` values);
 - ``fp8``: float8 e4m3 (``e4m3fn``: no infinities, largest finite 448) codes,
@@ -47,7 +47,7 @@ FP8_MAX = 448.0  # largest finite float8 e4m3fn
 _STORAGE = {"int8": torch.int8, "fp8": torch.uint8}
 _FORMAT = {torch.int8: "int8", torch.uint8: "fp8"}
 # Unquantized formats with a fixed dtype.
-_FLOAT_STORAGE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_FLOAT_STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_kv_cache_dtype(name: str) -> str:
