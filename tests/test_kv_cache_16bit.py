@@ -99,18 +99,22 @@ def test_paged_attention_equals_the_widened_float32_cache(kernels, kv_dtype, dim
 
 
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-def test_prefill_attention_equals_the_widened_float32_cache(kernels, kv_dtype):
+@pytest.mark.parametrize("per_tile", [False, True])  # whole sequences first; per tile
+@pytest.mark.parametrize("window", [0, 50])
+def test_prefill_attention_equals_the_widened_float32_cache(kernels, kv_dtype, per_tile,
+                                                            window):
     """The tiled kernel for long chunks (the portable build has none and declines)."""
     q_lens, seq_lens = [100, 40, 1], [300, 40, 7]
     q, kc, vc, qsl, lens, tables = _paged_case(q_lens, seq_lens, kv_dtype, 64, heads=9,
                                                kv_heads=3)
     got, want = torch.zeros_like(q), torch.zeros_like(q)
-    ran = kernels.prefill_attention(q, got, kc, vc, qsl, lens, tables, 0.125, 16)
+    ran = kernels.prefill_attention(q, got, kc, vc, qsl, lens, tables, 0.125, 16, window,
+                                    widen_per_tile=per_tile)
     assert ran == kernels.prefill_attention_supported(64)
     if not ran:
         return
     assert kernels.prefill_attention(q, want, kc.float(), vc.float(), qsl, lens, tables, 0.125,
-                                     16)
+                                     16, window)
     assert torch.equal(got, want)
     assert not got[140:].any()  # the one-token query is the paged kernel's
 

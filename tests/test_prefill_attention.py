@@ -104,7 +104,8 @@ def test_leaves_short_queries_and_reads_strided_q(kernels):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_8bit_cache_equals_its_dequantized_float32_cache(kernels, fmt):
+@pytest.mark.parametrize("per_tile", [False, True])  # whole sequences first; per tile
+def test_8bit_cache_equals_its_dequantized_float32_cache(kernels, fmt, per_tile):
     """--kv-cache-dtype int8|fp8: each key block dequantized once per tile (code times the
     row's scale, as kv_quant.dequantize), then the float32 kernel: the same bits as the
     kernel on the dequantized cache."""
@@ -112,7 +113,8 @@ def test_8bit_cache_equals_its_dequantized_float32_cache(kernels, fmt):
     q, kc, vc, qsl, lens, tables = _case(q_lens, seq_lens, 9, 3, 64, seed=11)
     kc8, vc8 = kv_quant.quantize(kc, fmt), kv_quant.quantize(vc, fmt)
     got, want = torch.zeros_like(q), torch.zeros_like(q)
-    assert kernels.prefill_attention(q, got, kc8, vc8, qsl, lens, tables, 0.125, 16)
+    assert kernels.prefill_attention(q, got, kc8, vc8, qsl, lens, tables, 0.125, 16,
+                                     widen_per_tile=per_tile)
     deq_k, deq_v = (kv_quant.dequantize(c, torch.float32) for c in (kc8, vc8))
     assert kernels.prefill_attention(q, want, deq_k, deq_v, qsl, lens, tables, 0.125, 16)
     assert torch.equal(got, want)

@@ -85,6 +85,7 @@ KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _KV_SUFFIX = {torch.float32: "", torch.bfloat16: "_kvbf16", torch.float16: "_kvf16"}
 # The 8-bit caches' kv_kind in the prompt kernel (TM_KV_INT8, TM_KV_FP8).
 _PREFILL_Q8_KINDS = {torch.int8: 3, torch.uint8: 4}
+_PER_TILE = 16  # TM_KV_PER_TILE
 
 
 def _compiler() -> str | None:
@@ -796,12 +797,14 @@ def prefill_attention(
     scale: float,
     min_q_len: int,
     sliding_window: int = 0,
+    widen_per_tile: bool = False,
 ) -> bool:
     """Attention of every sequence with more than ``min_q_len`` query tokens, into ``out``:
     the long prefill chunks :func:`paged_attention` leaves (tiled, online softmax).
 
-    float32 queries over a float32, bfloat16, float16 or 8-bit cache (each key block
-    widened or dequantized to float32 once per tile); layouts and
+    float32 queries over a float32, bfloat16, float16 or 8-bit cache (widened or
+    dequantized to float32 once per call; ``widen_per_tile``: once per tile instead, as
+    the kernel does past its memory limit); layouts and
     ``sliding_window`` as :func:`paged_attention`. Rows of
     shorter sequences are left untouched. Returns False (the caller falls back, and
     rewrites every row it needs) when the kernel cannot run these inputs.
@@ -821,7 +824,7 @@ def prefill_attention(
         return False
     return bool(lib.prefill_attention_f32(*_attention_args(
         q, out, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, min_q_len,
-        sliding_window), kind))
+        sliding_window), kind | (_PER_TILE if widen_per_tile else 0)))
 
 
 def _attention_layout_ok(

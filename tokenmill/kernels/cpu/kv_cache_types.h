@@ -13,6 +13,9 @@
 #include <string.h>
 
 enum { TM_KV_F32 = 0, TM_KV_BF16 = 1, TM_KV_F16 = 2, TM_KV_INT8 = 3, TM_KV_FP8 = 4 };
+/* Or'ed into the prompt kernel's kv_kind: widen key blocks per tile, never the whole
+   sequence first (what it does past its memory limit; tests reach that path with it). */
+enum { TM_KV_PER_TILE = 16 };
 
 /* float8 e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; S.1111.111 is NaN, there
    are no infinities. Exact in float32. */

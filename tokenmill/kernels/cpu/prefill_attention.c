@@ -24,9 +24,10 @@
  * Work items are spread over the OpenMP threads of PyTorch's runtime (same soname),
  * the tiles with the most keys first.
  *
- * A 16-bit or 8-bit cache (kv_kind, kv_cache_types.h) is widened to float32 one key
- * block at a time into the thread's buffer, then read as a float32 one: each widened row
- * serves every row of the tile.
+ * A 16-bit or 8-bit cache (kv_kind, kv_cache_types.h) is widened to float32 first, each
+ * long sequence's visible rows once per call (in parallel), then read as a float32 one;
+ * past TM_PA_WIDE_MAX bytes for the call, each tile widens its key blocks into its
+ * thread's buffer instead.
  *
  * Layouts (element strides), as paged_attention.c:
  *   q, out       [T, H, D]; token t at t * q_stride / t * out_stride, heads contiguous
@@ -48,6 +49,7 @@
 
 #define TM_PA_ROWS 64 /* query rows per tile (a multiple of 2 vectors, so AVX-512 too) */
 #define TM_PA_KEYS 32 /* keys per softmax block */
+#define TM_PA_WIDE_MAX ((size_t)256 << 20) /* widened 16/8-bit K/V kept for a whole call */
 
 typedef struct {
     int b, t0, hk; /* sequence, first query token of the tile, KV head */
