@@ -25,7 +25,8 @@ A float32 model whose dense projections all run tokenmill's panel kernel
 (:class:`~tokenmill.model.prepacked.F32PanelLinear`, AVX2 CPUs without AVX-512)
 runs on ``decoder_stack_f32`` too.
 
-It covers what those kernels cover: float32 activations and KV cache on the
+It covers what those kernels cover: float32 activations and a float32, float16 or
+bfloat16 KV cache on the
 CPU with every projection quantized with the native int4 or int8 kernel or on
 float32 panels, or bfloat16 activations and KV cache with every projection on
 AMX or AVX512-BF16; RMSNorm pre-norm layers with a SwiGLU MLP, full-width rotary
@@ -163,7 +164,8 @@ class NativeDecoderStack:
         self._layers = (_Layer * len(layers))(*layers)
         self._dims = dims
         self.max_rows = max_rows
-        self.dtype = dtype  # of the activations (and the KV cache, but a float32 one's)
+        # of the activations and the KV cache (the float32 stack also reads 16-bit caches)
+        self.dtype = dtype
         # Prompt chunks longer than SHORT_QUERY_LEN: the float32 stack attends them with
         # prefill_attention_f32 where this build has it; the bfloat16 one leaves them to
         # the per-layer path (SDPA).
