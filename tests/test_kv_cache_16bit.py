@@ -98,6 +98,21 @@ def test_paged_attention_equals_the_widened_float32_cache(kernels, kv_dtype, dim
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (9, 3), (8, 2), (7, 1)])
+@pytest.mark.parametrize("dim", [64, 96, 40])  # V summed for 3 heads at once; per head (40)
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_paged_attention_group_sizes(heads, kv_heads, dim, kv_dtype):
+    """The decode kernel sums V for up to three query heads of a GQA group at once (1, 2,
+    3 or a remainder of them), where head_dim is a multiple of 32; against SDPA."""
+    q_lens, seq_lens = [1, 1, 2, 1], [37, 80, 17, 5]
+    q, kc, vc, qsl, lens, tables = _paged_case(q_lens, seq_lens, kv_dtype, dim, seed=heads,
+                                               heads=heads, kv_heads=kv_heads)
+    out = torch.zeros_like(q)
+    assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, 0.3, 16)
+    ref = reference_attention(q, kc.float(), vc.float(), qsl, lens, tables, 0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @pytest.mark.parametrize("per_tile", [False, True])  # whole sequences first; per tile
 @pytest.mark.parametrize("window", [0, 50])
