@@ -23,7 +23,6 @@
  * token writes its own slots).
  */
 #include <stdint.h>
-#include <string.h>
 
 #include "bf16.h"
 #include "fp16.h"
@@ -55,50 +54,32 @@ static void rotate_row_bf16(const uint16_t *x, const uint16_t *c, const uint16_t
     }
 }
 
-/* One driver per storage type: ROTATE rotates one head's row. */
-#define DEFINE_ROPE_KV_WRITE(NAME, T, ROTATE)                                                  \
+/* One driver per pair of storage types: T of qkv, cos, sin and q_out, KT of the cache.
+   ROTATE rotates one head's row; STORE turns one T element into a cache element (as is
+   when KT is T; rounded to nearest even from float32 into a 16-bit cache). */
+#define DEFINE_ROPE_KV_WRITE(NAME, T, KT, ROTATE, STORE)                                       \
 void NAME(const T *qkv, int64_t qkv_stride, int T_, int H, int KVH, int D, const T *cos,      \
-          const T *sin_f, T *q_out, T *k_cache, T *v_cache, const int64_t *slots) {            \
+          const T *sin_f, T *q_out, KT *k_cache, KT *v_cache, const int64_t *slots) {          \
     const int64_t kv_row = (int64_t)KVH * D;                                                   \
     _Pragma("omp parallel for schedule(static) if (T_ >= 256)")                                \
     for (int t = 0; t < T_; t++) {                                                             \
         const T *src = qkv + (int64_t)t * qkv_stride;                                          \
         const T *c = cos + (int64_t)t * D, *s = sin_f + (int64_t)t * D;                        \
         T *q_dst = q_out + (int64_t)t * H * D;                                                 \
-        T *k_dst = k_cache + slots[t] * kv_row;                                                \
+        KT *k_dst = k_cache + slots[t] * kv_row, *v_dst = v_cache + slots[t] * kv_row;         \
+        T k_row[D];                                                                            \
         for (int h = 0; h < H; h++) ROTATE(src + (int64_t)h * D, c, s, q_dst + (int64_t)h * D, D); \
-        for (int h = 0; h < KVH; h++)                                                          \
-            ROTATE(src + (int64_t)(H + h) * D, c, s, k_dst + (int64_t)h * D, D);               \
-        memcpy(v_cache + slots[t] * kv_row, src + (int64_t)(H + KVH) * D, sizeof(T) * kv_row); \
-    }                                                                                          \
-}
-
-DEFINE_ROPE_KV_WRITE(rope_kv_write_f32, float, rotate_row)
-DEFINE_ROPE_KV_WRITE(rope_kv_write_bf16, uint16_t, rotate_row_bf16)
-
-/* float32 rows into a 16-bit cache: NARROW rounds one float to the cache's type. */
-#define DEFINE_ROPE_KV_WRITE_NARROW(NAME, NARROW)                                               \
-void NAME(const float *qkv, int64_t qkv_stride, int T_, int H, int KVH, int D,                 \
-          const float *cos, const float *sin_f, float *q_out, uint16_t *k_cache,               \
-          uint16_t *v_cache, const int64_t *slots) {                                           \
-    const int64_t kv_row = (int64_t)KVH * D;                                                   \
-    _Pragma("omp parallel for schedule(static) if (T_ >= 256)")                                \
-    for (int t = 0; t < T_; t++) {                                                             \
-        const float *src = qkv + (int64_t)t * qkv_stride;                                      \
-        const float *c = cos + (int64_t)t * D, *s = sin_f + (int64_t)t * D;                    \
-        float *q_dst = q_out + (int64_t)t * H * D;                                             \
-        uint16_t *k_dst = k_cache + slots[t] * kv_row, *v_dst = v_cache + slots[t] * kv_row;   \
-        float k_row[D];                                                                        \
-        for (int h = 0; h < H; h++)                                                            \
-            rotate_row(src + (int64_t)h * D, c, s, q_dst + (int64_t)h * D, D);                 \
         for (int h = 0; h < KVH; h++) {                                                        \
-            rotate_row(src + (int64_t)(H + h) * D, c, s, k_row, D);                            \
-            for (int d = 0; d < D; d++) k_dst[(int64_t)h * D + d] = NARROW(k_row[d]);          \
+            ROTATE(src + (int64_t)(H + h) * D, c, s, k_row, D);                                \
+            for (int d = 0; d < D; d++) k_dst[(int64_t)h * D + d] = STORE(k_row[d]);           \
         }                                                                                      \
-        const float *v_src = src + (int64_t)(H + KVH) * D;                                     \
-        for (int64_t i = 0; i < kv_row; i++) v_dst[i] = NARROW(v_src[i]);                      \
+        const T *v_src = src + (int64_t)(H + KVH) * D;                                         \
+        for (int64_t i = 0; i < kv_row; i++) v_dst[i] = STORE(v_src[i]);                       \
     }                                                                                          \
 }
 
-DEFINE_ROPE_KV_WRITE_NARROW(rope_kv_write_f32_kvbf16, tm_f32_to_bf16)
-DEFINE_ROPE_KV_WRITE_NARROW(rope_kv_write_f32_kvf16, tm_f32_to_f16)
+#define TM_AS_IS(x) (x)
+DEFINE_ROPE_KV_WRITE(rope_kv_write_f32, float, float, rotate_row, TM_AS_IS)
+DEFINE_ROPE_KV_WRITE(rope_kv_write_bf16, uint16_t, uint16_t, rotate_row_bf16, TM_AS_IS)
+DEFINE_ROPE_KV_WRITE(rope_kv_write_f32_kvbf16, float, uint16_t, rotate_row, tm_f32_to_bf16)
+DEFINE_ROPE_KV_WRITE(rope_kv_write_f32_kvf16, float, uint16_t, rotate_row, tm_f32_to_f16)
