@@ -83,8 +83,9 @@ _Q8_KINDS = {torch.int8: 0, torch.uint8: 1}
 # the suffix of the kernels that read (and write) it.
 KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _KV_SUFFIX = {torch.float32: "", torch.bfloat16: "_kvbf16", torch.float16: "_kvf16"}
-# The 8-bit caches' kv_kind in the prompt kernel (TM_KV_INT8, TM_KV_FP8).
-_PREFILL_Q8_KINDS = {torch.int8: 3, torch.uint8: 4}
+# Every cache type the prompt kernel reads: the above and the 8-bit ones (TM_KV_INT8,
+# TM_KV_FP8).
+_PREFILL_KV_KINDS = {**KV_KINDS, torch.int8: 3, torch.uint8: 4}
 _PER_TILE = 16  # TM_KV_PER_TILE
 
 
@@ -810,9 +811,7 @@ def prefill_attention(
     rewrites every row it needs) when the kernel cannot run these inputs.
     """
     lib = cpu_kernels()
-    kind = KV_KINDS.get(k_cache.dtype)
-    if kind is None and k_cache.dtype in _Q8_KINDS:
-        kind = _PREFILL_Q8_KINDS[k_cache.dtype]
+    kind = _PREFILL_KV_KINDS.get(k_cache.dtype)
     row = q.shape[2] + (4 if k_cache.dtype in _Q8_KINDS else 0)
     if (
         lib is None or kind is None
