@@ -1,13 +1,16 @@
-"""Quantized matmuls by input rows: the integer kernels vs float GEMM on dequantized tiles.
+"""Quantized matmuls by input rows: the integer kernels, AMX tiles and float GEMM on
+dequantized tiles.
 
     python benchmarks/quantized_prefill.py [--rows 8 16 32 64 128 512] [--num-threads 2]
 
 For SmolLM2-135M's layer shapes (hidden 576, intermediate 1536) and each row
-count, times one call of each linear layer kind with the native integer kernel
-and with the dense path (:mod:`tokenmill.model.dequant_matmul`), interleaved,
-best of ``--repeats``; prints ms per layer (the four matmuls of one decoder
-layer summed) and the ratio. Picks where ``DENSE_MIN_ROWS`` should sit on
-this CPU. Random weights: speed does not depend on the values.
+count, times one call of each linear layer kind with the native integer kernel,
+with the int4 AMX kernel (CPUs with AMX-BF16: ``Int4Linear.amx_min_rows``) and
+with the dense path (:mod:`tokenmill.model.dequant_matmul`), interleaved, best of
+``--repeats``; prints ms per layer (the four matmuls of one decoder layer summed)
+and each path's speed-up over the integer kernel. Picks where ``DENSE_MIN_ROWS``
+and ``Q4_AMX_MIN_ROWS`` should sit on this CPU. Random weights: speed does not
+depend on the values.
 """
 
 from __future__ import annotations
@@ -54,22 +57,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    print(f"{'weights':<8}{'rows':>6}{'integer ms':>12}{'dense ms':>10}{'dense speed-up':>16}")
+    print(f"{'weights':<8}{'rows':>6}{'integer ms':>12}{'AMX ms':>9}{'dense ms':>10}"
+          f"{'AMX speed-up':>14}{'dense speed-up':>16}")
     for quant in args.quantization:
         cls = Int4Linear if quant == "int4" else Int8Linear
         layers = [cls(torch.randn(n, k) * 0.05) for k, n in SHAPES]
+        amx = quant == "int4" and all(layer.amx_min_rows for layer in layers)
         for rows in args.rows:
             inputs = [torch.randn(rows, k) for k, _ in SHAPES]
             times = {}
-            for mode, min_rows in (("integer", 0), ("dense", 1)):
+            modes = [("integer", 0, 0), ("dense", 1, 0)] + ([("amx", 0, 1)] if amx else [])
+            for mode, dense_min_rows, amx_min_rows in modes:
                 for layer in layers:
-                    layer.dense_min_rows = min_rows
+                    layer.dense_min_rows = dense_min_rows
+                    if quant == "int4":
+                        layer.amx_min_rows = amx_min_rows
 
                 run = _runner(layers, inputs)
                 run()  # warm-up
                 times[mode] = best_of(run, args.repeats)
-            print(f"{quant:<8}{rows:>6}{times['integer'] * 1e3:>12.2f}{times['dense'] * 1e3:>10.2f}"
-                  f"{times['integer'] / times['dense']:>15.2f}x", flush=True)
+            integer = times["integer"]
+            amx_ms = f"{times['amx'] * 1e3:>9.2f}" if amx else f"{'-':>9}"
+            amx_x = f"{integer / times['amx']:>13.2f}x" if amx else f"{'-':>14}"
+            print(f"{quant:<8}{rows:>6}{integer * 1e3:>12.2f}{amx_ms}{times['dense'] * 1e3:>10.2f}"
+                  f"{amx_x}{integer / times['dense']:>15.2f}x", flush=True)
     return 0
 
 

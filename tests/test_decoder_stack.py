@@ -11,6 +11,7 @@ from test_model_paged import BLOCK_SIZE, NUM_BLOCKS, Work, build_step
 from tokenmill.attention.torch_backend import TorchAttentionBackend
 from tokenmill.config import ModelConfig
 from tokenmill.kernels import cpu as cpu_kernels
+from tokenmill.model import quantization as quantization_module
 from tokenmill.model.layers import RMSNorm, fold_rotary_sign
 from tokenmill.model.llama import LlamaCausalLM, Qwen2CausalLM
 from tokenmill.model.loader import init_dummy_weights
@@ -103,6 +104,8 @@ needs_int8_panels = pytest.mark.skipif(not cpu_kernels.int8_panels_available(),
     "int4", "int8",  # this CPU's default kernels
     pytest.param("int4-rows", marks=needs_q4_panels),
     pytest.param("int8-rows", marks=needs_int8_panels),
+    pytest.param("int4-amx", marks=pytest.mark.skipif(  # every int4 call on AMX tiles
+        not cpu_kernels.q4_amx_available(), reason="no AMX-BF16")),
     pytest.param("bfloat16", marks=needs_amx),  # bfloat16: AMX projections
     pytest.param("bfloat16-dot", marks=needs_bf16_dot),  # bfloat16: AVX512-BF16 projections
     pytest.param("float32", marks=needs_f32_panel),  # dense float32 on the panel kernel
@@ -120,7 +123,11 @@ def test_bit_identical_to_per_layer_path(cls, quantization: str,
     else:
         if quantization.endswith("-rows"):
             monkeypatch.setenv("TOKENMILL_CPU_PANELS", "0")
-        model = _model(cls, quantization.removesuffix("-rows"))
+        if quantization.endswith("-amx"):
+            monkeypatch.setattr(quantization_module, "Q4_AMX_MIN_ROWS", 1)
+        model = _model(cls, quantization.removesuffix("-rows").removesuffix("-amx"))
+        if quantization.endswith("-amx"):
+            assert model.model.layers[0].mlp.down_proj.amx_min_rows == 1
     stack = NativeDecoderStack.build(model.model)
     assert stack is not None
     ran = _spied(stack)

@@ -10,6 +10,7 @@ import torch
 from tokenmill.kernels import cpu
 from tokenmill.model import dequant_matmul
 from tokenmill.model.quantization import (
+    Q4_AMX_MIN_ROWS,
     Int4Linear,
     Int8Linear,
     default_quantized_kernel,
@@ -96,6 +97,76 @@ def test_strided_input_rows():
     assert torch.equal(cpu.q4_matmul_panels(x, packed), want)
 
 
+needs_q4_amx = pytest.mark.skipif(not cpu.q4_amx_available(),
+                                  reason="the int4 AMX kernel needs AMX-BF16")
+
+
+def _amx_reference(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor,
+                   mins: torch.Tensor) -> torch.Tensor:
+    """x and w = d * code + m (one float32 rounding) rounded to bfloat16, float64 sums."""
+    groups = codes.shape[1] // 32
+    scale = d.double().repeat_interleave(32, dim=1)[:, : groups * 32]
+    low = mins.double().repeat_interleave(32, dim=1)[:, : groups * 32]
+    w = (scale * codes.double() + low).float().bfloat16()
+    return x.bfloat16().double() @ w.double().T
+
+
+@needs_q4_amx
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 32, 33, 100])  # row tiles of 16, passes of 32
+@pytest.mark.parametrize(("n", "k"), [(32, 32), (64, 96), (96, 544)])
+def test_amx_matches_bfloat16_reference(m: int, n: int, k: int):
+    codes, d, mins, g = _weight(n, k, m * 10 + n + k)
+    x = torch.randn(m, k, generator=g) * 4
+    bias = torch.randn(n, generator=g)
+    packed = cpu.pack_q4_panels(codes, d, mins)
+    want = _amx_reference(x, codes, d, mins)
+    got = cpu.q4_matmul_panels_amx(x, packed, bias)
+    torch.testing.assert_close(got.double(), want + bias.double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cpu.q4_matmul_panels_amx(x, packed).double(), want,
+                               rtol=1e-5, atol=1e-4)
+    # the dense bfloat16 path's numbers: the same rounded operands, another sum order
+    dense = x.bfloat16() @ cpu.q4_panels_dequantize(packed).bfloat16().T
+    torch.testing.assert_close(cpu.q4_matmul_panels_amx(x, packed), dense.float(),
+                               rtol=2e-2, atol=2e-2)
+
+
+@needs_q4_amx
+def test_amx_rows_do_not_depend_on_the_batch():
+    """A row's result is the same bits alone, in a partial row tile, in the second tile of
+    a pass and in a later pass; strided input rows read as contiguous ones."""
+    codes, d, mins, g = _weight(64, 576, 3)
+    packed = cpu.pack_q4_panels(codes, d, mins)
+    bias = torch.randn(64, generator=g)
+    x = torch.randn(75, 576, generator=g) * 3
+    batched = cpu.q4_matmul_panels_amx(x, packed, bias)
+    for i in range(x.shape[0]):
+        assert torch.equal(cpu.q4_matmul_panels_amx(x[i:i + 1], packed, bias)[0], batched[i]), i
+    assert torch.equal(cpu.q4_matmul_panels_amx(x[5:40], packed, bias), batched[5:40])
+    wide = torch.randn(5, 700, generator=g)
+    assert torch.equal(cpu.q4_matmul_panels_amx(wide[:, 10:586], packed),
+                       cpu.q4_matmul_panels_amx(wide[:, 10:586].contiguous(), packed))
+
+
+@needs_q4_amx
+def test_amx_declines_what_it_cannot_take():
+    codes, d, mins, g = _weight(48, 64, 5)  # 48 outputs: three panels, not pairs
+    packed = cpu.pack_q4_panels(codes, d, mins)
+    assert cpu.q4_matmul_panels_amx(torch.randn(4, 64, generator=g), packed) is None
+    assert cpu.q4_matmul_panels_amx(torch.randn(4, 64, generator=g).bfloat16(), packed) is None
+
+
+@needs_q4_amx
+def test_linear_switches_to_amx_at_its_row_count():
+    """Int4Linear runs the VNNI panels below amx_min_rows and the AMX kernel from it on;
+    the native decoder stack makes the same choice (tests/test_decoder_stack.py)."""
+    layer = Int4Linear(torch.randn(64, 96))
+    assert layer.amx_min_rows == Q4_AMX_MIN_ROWS > 1 and layer.dense_min_rows == 0
+    for rows in (layer.amx_min_rows - 1, layer.amx_min_rows, 300):
+        x = torch.randn(rows, 96)
+        kernel = cpu.q4_matmul_panels_amx if rows >= layer.amx_min_rows else cpu.q4_matmul_panels
+        assert torch.equal(layer(x), kernel(x, layer.packed))
+
+
 def test_dequantize_equals_the_row_layout():
     if cpu.cpu_kernels() is None:
         pytest.skip("no C compiler")
@@ -117,8 +188,13 @@ def test_quantized_linear_picks_the_kernel(monkeypatch: pytest.MonkeyPatch):
     assert default_quantized_kernel(64, 8) == int8
     assert Int8Linear(torch.randn(64, 64)).kernel == int8
     assert Int8Linear(torch.randn(40, 64)).kernel == "native"
-    # Prompts skip the dense path on panels, except int8 panels without VNNI (AVX2).
-    assert Int4Linear(torch.randn(64, 64)).dense_min_rows == dequant_matmul.PANEL_DENSE_MIN_ROWS
+    # Prompts skip the dense path on panels, except int8 panels without VNNI (AVX2); int4
+    # panels on AMX CPUs take AMX tiles instead, never the dense path.
+    int4 = Int4Linear(torch.randn(64, 64))
+    assert int4.amx_min_rows == (Q4_AMX_MIN_ROWS if cpu.q4_amx_available() else 0)
+    assert int4.dense_min_rows == (0 if int4.amx_min_rows
+                                   else dequant_matmul.PANEL_DENSE_MIN_ROWS)
+    assert Int4Linear(torch.randn(48, 64)).amx_min_rows == 0  # not a multiple of 32
     assert Int8Linear(torch.randn(64, 64)).dense_min_rows == (
         dequant_matmul.PANEL_DENSE_MIN_ROWS if cpu.int8_panels_vnni()
         else dequant_matmul.DENSE_MIN_ROWS)
@@ -181,6 +257,7 @@ def test_builds_without_the_kernels_fall_back(monkeypatch: pytest.MonkeyPatch, m
         assert not cpu.int8_panels_vnni()
         got = cpu.q4_matmul_panels(x, cpu.pack_q4_panels(codes, d, mins))
         got8 = cpu.int8_matmul_panels(x, packed8)
+        assert not cpu.q4_amx_available() and Int4Linear(torch.randn(64, 64)).amx_min_rows == 0
         if march == "haswell":
             assert cpu.q4_panels_available() and default_quantized_kernel(64) == "panels"
             assert cpu.int8_panels_available() and default_quantized_kernel(64, 8) == "panels"

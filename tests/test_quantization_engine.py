@@ -10,8 +10,9 @@ import torch
 from test_engine_tiny import _save_tiny
 
 from tokenmill.attention import torch_backend
+from tokenmill.kernels import cpu
 from tokenmill.llm import LLM
-from tokenmill.model import dequant_matmul
+from tokenmill.model import dequant_matmul, quantization
 from tokenmill.model.quantization import Int4Linear, Int8Linear
 from tokenmill.sampling import SamplingParams
 
@@ -40,13 +41,18 @@ def _tokens(path: str, prompts, preempts: bool = False, **engine_args) -> list[l
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_quantized_engine_invariance(tiny_llama, quant, monkeypatch):
+@pytest.mark.parametrize(("quant", "amx_min_rows"), [
+    ("int4", 0), ("int8", 0),
+    pytest.param("int4", 1, marks=pytest.mark.skipif(not cpu.q4_amx_available(),
+                                                     reason="no AMX-BF16"))])
+def test_quantized_engine_invariance(tiny_llama, quant, amx_min_rows, monkeypatch):
     # The integer kernels give every row the same arithmetic whatever the batch; the
     # dense prefill path (steps of many rows: float GEMM, float activations) does not
-    # round activations to 8 bits, so it is checked separately below.
+    # round activations to 8 bits, so it is checked separately below. So does the int4
+    # AMX kernel (bfloat16 activations), here either off or taking every call.
     monkeypatch.setattr(dequant_matmul, "DENSE_MIN_ROWS", 0)
     monkeypatch.setattr(dequant_matmul, "PANEL_DENSE_MIN_ROWS", 0)
+    monkeypatch.setattr(quantization, "Q4_AMX_MIN_ROWS", amx_min_rows)
     # Likewise attention: prompts longer than SHORT_QUERY_LEN take PyTorch's prefill path
     # unchunked and the native kernel in chunks, which round differently (~1e-6), and
     # 8-bit activation rounding can blow that up to a flipped token. One kernel for all
@@ -82,6 +88,7 @@ def test_dense_prefill_matches_integer_kernels(tiny_llama, quant, monkeypatch):
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
 
     monkeypatch.setattr(dequant_matmul, "DENSE_DTYPE", torch.float32)
+    monkeypatch.setattr(quantization, "Q4_AMX_MIN_ROWS", 0)  # int4 on AMX: below
 
     def logprobs(min_rows: int, quantization: str | None = quant) -> list[float]:
         monkeypatch.setattr(dequant_matmul, "DENSE_MIN_ROWS", min_rows)
@@ -97,6 +104,31 @@ def test_dense_prefill_matches_integer_kernels(tiny_llama, quant, monkeypatch):
     dense, integer, full = logprobs(1), logprobs(0), logprobs(0, None)
     assert dense != integer  # the dense path did run
     assert mean_error(dense, full) <= 1.1 * mean_error(integer, full)
+
+
+@pytest.mark.skipif(not cpu.q4_amx_available(), reason="no AMX-BF16")
+def test_amx_prefill_matches_integer_kernels(tiny_llama, monkeypatch):
+    """Prompt logprobs with int4 layers on AMX tiles (bfloat16 activations and weights)
+    are about as close to the float32 model's as the integer kernels' (8-bit activations)."""
+    prompt = _prompts(1)[0] * 4
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+    monkeypatch.setattr(dequant_matmul, "PANEL_DENSE_MIN_ROWS", 0)
+
+    def logprobs(amx_min_rows: int, quant: str | None = "int4") -> list[float]:
+        monkeypatch.setattr(quantization, "Q4_AMX_MIN_ROWS", amx_min_rows)
+        llm = LLM(tiny_llama, num_threads=1, quantization=quant)
+        if quant:
+            layer = llm.engine.core.runner.model.model.layers[0].mlp.gate_up_proj
+            assert layer.amx_min_rows == amx_min_rows
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        return [lp.logprob for lp in out.prompt_logprobs[1:]]
+
+    def mean_error(got: list[float], want: list[float]) -> float:
+        return sum(abs(a - b) for a, b in zip(got, want, strict=True)) / len(want)
+
+    amx, integer, full = logprobs(1), logprobs(0), logprobs(0, None)
+    assert amx != integer  # the AMX path did run
+    assert mean_error(amx, full) <= 1.5 * mean_error(integer, full)
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])

@@ -62,7 +62,7 @@ _i32, _f32, _ptr = ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
 
 
 class _QLinear(ctypes.Structure):
-    _fields_ = [("kind", _i32), ("n", _i32), ("k", _i32), ("_pad", _i32),
+    _fields_ = [("kind", _i32), ("n", _i32), ("k", _i32), ("amx_min_rows", _i32),
                 ("w0", _ptr), ("w1", _ptr), ("w2", _ptr), ("bias", _ptr)]
 
 
@@ -106,8 +106,8 @@ def _qlinear(module: torch.nn.Module) -> _QLinear | None:
     if not _contiguous(torch.float32, bias):
         return None
     if isinstance(module, Int4Linear) and module.kernel == "panels":
-        return _QLinear(5, module.out_features, module.in_features, 0, module.packed.data_ptr(),
-                        None, None, bias_ptr)
+        return _QLinear(5, module.out_features, module.in_features, module.amx_min_rows,
+                        module.packed.data_ptr(), None, None, bias_ptr)
     if isinstance(module, Int4Linear) and module.kernel == "native":
         return _QLinear(0, module.out_features, module.in_features, 0, module.packed.data_ptr(),
                         module.scales.data_ptr(), module.mins.data_ptr(), bias_ptr)

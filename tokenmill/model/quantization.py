@@ -208,6 +208,25 @@ class Int8Linear(nn.Module):
                 f"kernel={self.kernel}, bias={self.bias is not None}")
 
 
+# Input rows from which an int4 panel layer multiplies on AMX tiles (q4_matmul_amx.c:
+# the weight dequantized to bfloat16 tiles per call) instead of the VNNI panels. On a
+# 2-core Sapphire Rapids, 30 x SmolLM2's four layers (benchmarks/quantized_prefill.py):
+# 0.90x at 16 rows, 1.02x at 20, 1.07x at 24, 1.29x at 32, 2.6x at 512 - where it also
+# beats the dense bfloat16 path by 1.6x (docs/performance.md).
+# TOKENMILL_Q4_AMX_MIN_ROWS overrides (0: never).
+Q4_AMX_MIN_ROWS = int(os.environ.get("TOKENMILL_Q4_AMX_MIN_ROWS", "24"))
+
+
+def q4_amx_min_rows(out_features: int, kernel: str) -> int:
+    """The row count from which an :class:`Int4Linear` of ``out_features`` outputs on
+    ``kernel`` runs on AMX tiles (:func:`tokenmill.kernels.cpu.q4_matmul_panels_amx`);
+    0 where it never does (no AMX-BF16, not on panels, outputs not a multiple of 32)."""
+    if (kernel != "panels" or Q4_AMX_MIN_ROWS <= 0 or out_features % 32
+            or not cpu.q4_amx_available()):
+        return 0
+    return Q4_AMX_MIN_ROWS
+
+
 def default_quantized_kernel(out_features: int, bits: int = 4) -> str:
     """The :class:`Int4Linear` (``bits`` 4) or :class:`Int8Linear` (8) kernel for a layer
     of ``out_features`` outputs on this CPU: ``panels`` where the outputs fill 16-column
@@ -241,6 +260,11 @@ class Int4Linear(nn.Module):
       few rows on it is 1.2-2.6x faster (docs/performance.md);
     - ``torch`` (``aten._weight_int4pack_mm_for_cpu``): the same codes with
       bfloat16 scales and a bfloat16 copy of the input.
+
+    On CPUs with AMX-BF16, ``panels`` layers multiply calls of at least
+    :attr:`amx_min_rows` rows on AMX tiles instead
+    (:func:`tokenmill.kernels.cpu.q4_matmul_panels_amx`): the weight dequantized to
+    bfloat16 per call, the input rounded to bfloat16, float32 sums.
 
     All give the same greedy result as float32 most of the time, never
     bit-identical logits; ``tokenmill eval ppl`` measures the cost.
@@ -287,8 +311,11 @@ class Int4Linear(nn.Module):
             )
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
-        # Input rows from which a float GEMM on dequantized tiles runs instead (prefill).
-        self.dense_min_rows = (dequant_matmul.PANEL_DENSE_MIN_ROWS if kernel == "panels"
+        # Input rows from which the product runs on AMX tiles (then never dense: the tiles
+        # beat the dense path at every row count), else a float GEMM on dequantized tiles.
+        self.amx_min_rows = q4_amx_min_rows(self.out_features, kernel)
+        self.dense_min_rows = (0 if self.amx_min_rows else
+                               dequant_matmul.PANEL_DENSE_MIN_ROWS if kernel == "panels"
                                else dequant_matmul.DENSE_MIN_ROWS)
 
     @classmethod
@@ -301,7 +328,9 @@ class Int4Linear(nn.Module):
         if self.kernel in ("native", "panels"):
             bias = None if self.bias is None else self.bias.float()
             y = None
-            if dequant_matmul.use_dense(flat.shape[0], self.dense_min_rows):
+            if self.amx_min_rows and flat.shape[0] >= self.amx_min_rows:
+                y = cpu.q4_matmul_panels_amx(flat.float(), self.packed, bias)
+            elif dequant_matmul.use_dense(flat.shape[0], self.dense_min_rows):
                 y = dequant_matmul.tiled_dense_matmul(
                     flat.float(), self.out_features, self._dequantize_rows, bias,
                     row_multiple=16)

@@ -1,0 +1,207 @@
+/*
+ * y = x @ W.T (+ bias) for a Q4_1 weight in q4_matmul_panels.c's packed panels, on AMX
+ * bfloat16 tiles (CPUs with AMX-BF16).
+ *
+ * The VNNI panel kernel spends its time on multiply-adds: from a few dozen rows on it is
+ * bound by arithmetic (SmolLM2's layers at 32 rows: ~0.4 ms per layer on a 2-core
+ * Sapphire Rapids, a fifth of the weights' read time). One AMX tile instruction does
+ * 16 x 16 x 32 multiply-adds. Here each (panel, group) block of the packed weight is
+ * dequantized once per call into one AMX B tile (16 pairs of inputs x 16 columns,
+ * w = d * code + m in float32, the multiply and the add rounded separately as
+ * q4_panels_dequantize_f32 does, then rounded to bfloat16), and the activations, rounded
+ * to bfloat16 once per call, are multiplied against it two panels and 32 rows at a time
+ * (four accumulator tiles, each activation and weight tile feeding two products: a
+ * tile register is reloaded only once the products reading it are done), float32
+ * accumulation in group order.
+ *
+ * Numerics: those of the dense bfloat16 path (dequant_matmul.py: x and the dequantized
+ * weight rounded to bfloat16, float32 sums), not those of the integer kernels (input
+ * rounded to 8 bits per group); the sums' order differs from oneDNN's. A row's result
+ * does not depend on the other rows. The conversion instructions treat float32
+ * denormals (below 1.2e-38) as zero.
+ *
+ * Shapes: N % 32 == 0, K % 32 == 0. Threads split the pairs of panels.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* d * code + m: the multiply and the add rounded separately, as q4_panels_dequantize_f32 */
+#pragma GCC optimize("fp-contract=off")
+
+#define TM_Q4A_BLOCK 320 /* bytes of one (panel, group) block: q4_matmul_panels.c */
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) \
+    && defined(__AVX512BW__) && defined(__linux__)
+#include <immintrin.h>
+#include <omp.h>
+#define TM_Q4A 1
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tm_q4a_tile_config;
+
+/* Tiles 0-3: accumulators C[m][n] (m: the pass's two row tiles, n: its two panels), 4-5
+   the row tiles' activations A[m], 6-7 the panels' weight blocks B[n]: each tile loaded
+   feeds two tile products. Row tile 0 has rows0 rows, row tile 1 rows1 (at least 1 when
+   unused). Every row is 64 bytes (16 floats, or 32 bfloat16). */
+static void tm_q4a_configure(int rows0, int rows1) {
+    tm_q4a_tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    const int rows[8] = {rows0, rows0, rows1, rows1, rows0, rows1, 16, 16};
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = (uint8_t)rows[t];
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* Codes of inputs 8h + j (j 0..7) of a chunk's 16 columns, one per 32-bit lane: the low
+   nibbles of the lane's bytes hold j = 0..3, the high nibbles j = 4..7. */
+#define TM_Q4A_CODE(w, j) \
+    _mm512_and_si512(_mm512_srli_epi32((w), (j) < 4 ? 8 * (j) : 8 * ((j) - 4) + 4), \
+                     _mm512_set1_epi32(0x0F))
+
+/* One packed block (16 columns x 32 inputs) as an AMX B tile at b (512 bfloat16): row r
+   holds inputs 2r and 2r + 1 of the 16 columns, interleaved. */
+static inline void tm_q4a_block_tile(const uint8_t *blk, uint16_t *b) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 256)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 288)));
+    /* word 2c <- word c (even input), word 2c + 1 <- word 16 + c (odd input) */
+    const __m512i pairs = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int h = 0; h < 4; h++) {
+        const __m512i w = _mm512_loadu_si512((const void *)(blk + 64 * h));
+#define TM_Q4A_PAIR(r)                                                                        \
+        {                                                                                     \
+            const __m512 even = _mm512_fmadd_ps(                                              \
+                _mm512_cvtepi32_ps(TM_Q4A_CODE(w, 2 * (r))), d, m);                           \
+            const __m512 odd = _mm512_fmadd_ps(                                               \
+                _mm512_cvtepi32_ps(TM_Q4A_CODE(w, 2 * (r) + 1)), d, m);                       \
+            _mm512_storeu_si512((void *)(b + 32 * (4 * h + (r))),                             \
+                                _mm512_permutexvar_epi16(                                     \
+                                    pairs, (__m512i)_mm512_cvtne2ps_pbh(odd, even)));         \
+        }
+        TM_Q4A_PAIR(0) TM_Q4A_PAIR(1) TM_Q4A_PAIR(2) TM_Q4A_PAIR(3)
+#undef TM_Q4A_PAIR
+    }
+}
+
+/* One accumulator tile (rows x 16 floats, 64-byte rows) plus bias into out. */
+static inline void tm_q4a_write(const float *acc, int rows, const float *bias, float *out,
+                                int64_t ldo) {
+    const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; r++)
+        _mm512_storeu_ps(out + r * ldo, _mm512_add_ps(_mm512_loadu_ps(acc + 16 * r), b));
+}
+#endif
+
+int q4_matmul_amx_available(void) {
+#ifdef TM_Q4A
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* out[M, N] = x[M, K] @ W^T (+ bias[N]); x rows x_stride floats apart, out rows
+   out_stride apart, W packed as for q4_matmul_panels_f32. The caller has made sure this
+   process may use AMX tiles (bf16_matmul_amx_init). Returns 0, -1 when out of memory,
+   -2 when this build has no AMX path or the shape does not fit (nothing written). */
+int q4_matmul_panels_amx(const float *x, int64_t x_stride, const uint8_t *packed,
+                         const float *bias, float *out, int64_t out_stride, int M, int N,
+                         int K) {
+#ifdef TM_Q4A
+    if (M <= 0 || N % 32 != 0 || K % 32 != 0) return -2;
+    const int groups = K / 32, pairs = N / 32;
+    const int64_t panel_bytes = (int64_t)groups * TM_Q4A_BLOCK;
+    /* the activations rounded to bfloat16 once (nearest even), K elements per row */
+    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)M * (size_t)K);
+    if (!xb) return -1;
+    int failed = 0;
+    #pragma omp parallel
+    {
+        #pragma omp for schedule(static)
+        for (int r = 0; r < M; r++)
+            for (int k = 0; k < K; k += 16)
+                _mm256_storeu_si256((__m256i *)(xb + (int64_t)r * K + k),
+                                    (__m256i)_mm512_cvtneps_pbh(
+                                        _mm512_loadu_ps(x + (int64_t)r * x_stride + k)));
+        /* two panels' B tiles, group by group: dequantized once, used by every pass */
+        uint16_t *tiles_b = aligned_alloc(64, (size_t)groups * 2048);
+        float acc[16 * 16] __attribute__((aligned(64)));
+        const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int q_begin = (int)((int64_t)pairs * t / nt);
+        const int q_end = (int)((int64_t)pairs * (t + 1) / nt);
+        int configured = -1;
+        if (!tiles_b) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        for (int q = q_begin; q < q_end && tiles_b; q++) {
+            const uint8_t *panel = packed + 2 * q * panel_bytes;
+            for (int g = 0; g < groups; g++) {
+                for (int j = 0; j < 2; j++) {
+                    const uint8_t *blk = panel + j * panel_bytes + (int64_t)g * TM_Q4A_BLOCK;
+                    for (int l = 0; l < TM_Q4A_BLOCK; l += 64)
+                        _mm_prefetch((const char *)blk + 2 * TM_Q4A_BLOCK + l, _MM_HINT_T0);
+                    tm_q4a_block_tile(blk, tiles_b + 1024 * g + 512 * j);
+                }
+            }
+            for (int m0 = 0; m0 < M; m0 += 32) {
+                const int rows0 = M - m0 < 16 ? M - m0 : 16;
+                const int rows1 = M - m0 - 16 <= 0 ? 0 : (M - m0 - 16 < 16 ? M - m0 - 16 : 16);
+                if (32 * rows0 + rows1 != configured) {
+                    tm_q4a_configure(rows0, rows1 > 0 ? rows1 : 1);
+                    configured = 32 * rows0 + rows1;
+                }
+                const uint16_t *a0 = xb + (int64_t)m0 * K, *a1 = a0 + 16 * (int64_t)K;
+                const int64_t lda = (int64_t)K * 2; /* bytes */
+                _tile_zero(0);
+                _tile_zero(1);
+                if (rows1 > 0) {
+                    _tile_zero(2);
+                    _tile_zero(3);
+                }
+                for (int g = 0; g < groups; g++) {
+                    _tile_loadd(6, tiles_b + 1024 * g, 64);
+                    _tile_loadd(7, tiles_b + 1024 * g + 512, 64);
+                    _tile_loadd(4, a0 + 32 * g, lda);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    if (rows1 > 0) {
+                        _tile_loadd(5, a1 + 32 * g, lda);
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+                float *o = out + (int64_t)m0 * out_stride + 32 * q;
+                const float *b = bias ? bias + 32 * q : NULL;
+                _tile_stored(0, acc, 64);
+                tm_q4a_write(acc, rows0, b, o, out_stride);
+                _tile_stored(1, acc, 64);
+                tm_q4a_write(acc, rows0, b ? b + 16 : NULL, o + 16, out_stride);
+                if (rows1 > 0) {
+                    _tile_stored(2, acc, 64);
+                    tm_q4a_write(acc, rows1, b, o + 16 * out_stride, out_stride);
+                    _tile_stored(3, acc, 64);
+                    tm_q4a_write(acc, rows1, b ? b + 16 : NULL, o + 16 * out_stride + 16,
+                                 out_stride);
+                }
+            }
+        }
+        _tile_release();
+        free(tiles_b);
+    }
+    free(xb);
+    return failed ? -1 : 0;
+#else
+    (void)x; (void)x_stride; (void)packed; (void)bias; (void)out; (void)out_stride;
+    (void)M; (void)N; (void)K;
+    return -2;
+#endif
+}
