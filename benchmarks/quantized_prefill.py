@@ -5,11 +5,11 @@ dequantized tiles.
 
 For SmolLM2-135M's layer shapes (hidden 576, intermediate 1536) and each row
 count, times one call of each linear layer kind with the native integer kernel,
-with the int4 AMX kernel (CPUs with AMX-BF16: ``Int4Linear.amx_min_rows``) and
+with the AMX panel kernels (CPUs with AMX-BF16: ``amx_min_rows``) and
 with the dense path (:mod:`tokenmill.model.dequant_matmul`), interleaved, best of
 ``--repeats``; prints ms per layer (the four matmuls of one decoder layer summed)
 and each path's speed-up over the integer kernel. Picks where ``DENSE_MIN_ROWS``
-and ``Q4_AMX_MIN_ROWS`` should sit on this CPU. Random weights: speed does not
+and ``AMX_MIN_ROWS`` should sit on this CPU. Random weights: speed does not
 depend on the values.
 """
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     for quant in args.quantization:
         cls = Int4Linear if quant == "int4" else Int8Linear
         layers = [cls(torch.randn(n, k) * 0.05) for k, n in SHAPES]
-        amx = quant == "int4" and all(layer.amx_min_rows for layer in layers)
+        amx = all(layer.amx_min_rows for layer in layers)
         for rows in args.rows:
             inputs = [torch.randn(rows, k) for k, _ in SHAPES]
             times = {}
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode, dense_min_rows, amx_min_rows in modes:
                 for layer in layers:
                     layer.dense_min_rows = dense_min_rows
-                    if quant == "int4":
-                        layer.amx_min_rows = amx_min_rows
+                    layer.amx_min_rows = amx_min_rows
 
                 run = _runner(layers, inputs)
                 run()  # warm-up

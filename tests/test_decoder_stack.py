@@ -104,8 +104,9 @@ needs_int8_panels = pytest.mark.skipif(not cpu_kernels.int8_panels_available(),
     "int4", "int8",  # this CPU's default kernels
     pytest.param("int4-rows", marks=needs_q4_panels),
     pytest.param("int8-rows", marks=needs_int8_panels),
-    pytest.param("int4-amx", marks=pytest.mark.skipif(  # every int4 call on AMX tiles
-        not cpu_kernels.q4_amx_available(), reason="no AMX-BF16")),
+    *[pytest.param(q, marks=pytest.mark.skipif(  # every projection call on AMX tiles
+        not cpu_kernels.panels_amx_available(), reason="no AMX-BF16"))
+      for q in ("int4-amx", "int8-amx")],
     pytest.param("bfloat16", marks=needs_amx),  # bfloat16: AMX projections
     pytest.param("bfloat16-dot", marks=needs_bf16_dot),  # bfloat16: AVX512-BF16 projections
     pytest.param("float32", marks=needs_f32_panel),  # dense float32 on the panel kernel
@@ -124,7 +125,7 @@ def test_bit_identical_to_per_layer_path(cls, quantization: str,
         if quantization.endswith("-rows"):
             monkeypatch.setenv("TOKENMILL_CPU_PANELS", "0")
         if quantization.endswith("-amx"):
-            monkeypatch.setattr(quantization_module, "Q4_AMX_MIN_ROWS", 1)
+            monkeypatch.setattr(quantization_module, "AMX_MIN_ROWS", {4: 1, 8: 1})
         model = _model(cls, quantization.removesuffix("-rows").removesuffix("-amx"))
         if quantization.endswith("-amx"):
             assert model.model.layers[0].mlp.down_proj.amx_min_rows == 1

@@ -10,7 +10,7 @@ import torch
 from tokenmill.kernels import cpu
 from tokenmill.model import dequant_matmul
 from tokenmill.model.quantization import (
-    Q4_AMX_MIN_ROWS,
+    AMX_MIN_ROWS,
     Int4Linear,
     Int8Linear,
     default_quantized_kernel,
@@ -97,8 +97,8 @@ def test_strided_input_rows():
     assert torch.equal(cpu.q4_matmul_panels(x, packed), want)
 
 
-needs_q4_amx = pytest.mark.skipif(not cpu.q4_amx_available(),
-                                  reason="the int4 AMX kernel needs AMX-BF16")
+needs_amx_panels = pytest.mark.skipif(not cpu.panels_amx_available(),
+                                      reason="the AMX panel kernels need AMX-BF16")
 
 
 def _amx_reference(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor,
@@ -111,7 +111,7 @@ def _amx_reference(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor,
     return x.bfloat16().double() @ w.double().T
 
 
-@needs_q4_amx
+@needs_amx_panels
 @pytest.mark.parametrize("m", [1, 15, 16, 17, 32, 33, 100])  # row tiles of 16, passes of 32
 @pytest.mark.parametrize(("n", "k"), [(32, 32), (64, 96), (96, 544)])
 def test_amx_matches_bfloat16_reference(m: int, n: int, k: int):
@@ -130,7 +130,7 @@ def test_amx_matches_bfloat16_reference(m: int, n: int, k: int):
                                rtol=2e-2, atol=2e-2)
 
 
-@needs_q4_amx
+@needs_amx_panels
 def test_amx_rows_do_not_depend_on_the_batch():
     """A row's result is the same bits alone, in a partial row tile, in the second tile of
     a pass and in a later pass; strided input rows read as contiguous ones."""
@@ -147,7 +147,24 @@ def test_amx_rows_do_not_depend_on_the_batch():
                        cpu.q4_matmul_panels_amx(wide[:, 10:586].contiguous(), packed))
 
 
-@needs_q4_amx
+@needs_amx_panels
+@pytest.mark.parametrize("m", [1, 17, 32, 70])
+@pytest.mark.parametrize(("n", "k"), [(32, 32), (96, 544)])
+def test_int8_amx_matches_bfloat16_reference(m: int, n: int, k: int):
+    g = torch.Generator().manual_seed(m + n + k)
+    codes, scales = quantize_int8(torch.randn(n, k, generator=g))
+    packed = cpu.pack_int8_panels(codes, scales)
+    x = torch.randn(m, k, generator=g) * 4
+    bias = torch.randn(n, generator=g)
+    w = (codes.double() * scales.double().repeat_interleave(32, dim=1)).float().bfloat16()
+    want = x.bfloat16().double() @ w.double().T + bias.double()
+    got = cpu.int8_matmul_panels_amx(x, packed, bias)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    alone = torch.cat([cpu.int8_matmul_panels_amx(x[i:i + 1], packed, bias) for i in range(m)])
+    assert torch.equal(alone, got)  # rows independent of the batch
+
+
+@needs_amx_panels
 def test_amx_declines_what_it_cannot_take():
     codes, d, mins, g = _weight(48, 64, 5)  # 48 outputs: three panels, not pairs
     packed = cpu.pack_q4_panels(codes, d, mins)
@@ -155,16 +172,25 @@ def test_amx_declines_what_it_cannot_take():
     assert cpu.q4_matmul_panels_amx(torch.randn(4, 64, generator=g).bfloat16(), packed) is None
 
 
-@needs_q4_amx
+@needs_amx_panels
 def test_linear_switches_to_amx_at_its_row_count():
-    """Int4Linear runs the VNNI panels below amx_min_rows and the AMX kernel from it on;
+    """Int4Linear and Int8Linear run the VNNI panels below amx_min_rows and the AMX kernels
+    from it on;
     the native decoder stack makes the same choice (tests/test_decoder_stack.py)."""
     layer = Int4Linear(torch.randn(64, 96))
-    assert layer.amx_min_rows == Q4_AMX_MIN_ROWS > 1 and layer.dense_min_rows == 0
+    assert layer.amx_min_rows == AMX_MIN_ROWS[4] > 1 and layer.dense_min_rows == 0
     for rows in (layer.amx_min_rows - 1, layer.amx_min_rows, 300):
         x = torch.randn(rows, 96)
         kernel = cpu.q4_matmul_panels_amx if rows >= layer.amx_min_rows else cpu.q4_matmul_panels
         assert torch.equal(layer(x), kernel(x, layer.packed))
+    head = Int8Linear(torch.randn(64, 96))
+    assert head.kernel == "panels" and head.amx_min_rows == AMX_MIN_ROWS[8] > 1
+    assert head.dense_min_rows == 0
+    for rows in (head.amx_min_rows - 1, head.amx_min_rows, 300):
+        x = torch.randn(rows, 96)
+        kernel = (cpu.int8_matmul_panels_amx if rows >= head.amx_min_rows
+                  else cpu.int8_matmul_panels)
+        assert torch.equal(head(x), kernel(x, head.packed))
 
 
 def test_dequantize_equals_the_row_layout():
@@ -191,12 +217,15 @@ def test_quantized_linear_picks_the_kernel(monkeypatch: pytest.MonkeyPatch):
     # Prompts skip the dense path on panels, except int8 panels without VNNI (AVX2); int4
     # panels on AMX CPUs take AMX tiles instead, never the dense path.
     int4 = Int4Linear(torch.randn(64, 64))
-    assert int4.amx_min_rows == (Q4_AMX_MIN_ROWS if cpu.q4_amx_available() else 0)
+    assert int4.amx_min_rows == (AMX_MIN_ROWS[4] if cpu.panels_amx_available() else 0)
     assert int4.dense_min_rows == (0 if int4.amx_min_rows
                                    else dequant_matmul.PANEL_DENSE_MIN_ROWS)
     assert Int4Linear(torch.randn(48, 64)).amx_min_rows == 0  # not a multiple of 32
-    assert Int8Linear(torch.randn(64, 64)).dense_min_rows == (
-        dequant_matmul.PANEL_DENSE_MIN_ROWS if cpu.int8_panels_vnni()
+    int8_layer = Int8Linear(torch.randn(64, 64))
+    assert int8_layer.amx_min_rows == (AMX_MIN_ROWS[8] if cpu.panels_amx_available() else 0)
+    assert int8_layer.dense_min_rows == (
+        0 if int8_layer.amx_min_rows
+        else dequant_matmul.PANEL_DENSE_MIN_ROWS if cpu.int8_panels_vnni()
         else dequant_matmul.DENSE_MIN_ROWS)
     monkeypatch.setenv("TOKENMILL_CPU_PANELS", "0")
     assert Int4Linear(torch.randn(64, 64)).kernel == "native"
@@ -257,7 +286,8 @@ def test_builds_without_the_kernels_fall_back(monkeypatch: pytest.MonkeyPatch, m
         assert not cpu.int8_panels_vnni()
         got = cpu.q4_matmul_panels(x, cpu.pack_q4_panels(codes, d, mins))
         got8 = cpu.int8_matmul_panels(x, packed8)
-        assert not cpu.q4_amx_available() and Int4Linear(torch.randn(64, 64)).amx_min_rows == 0
+        assert not cpu.panels_amx_available() and Int4Linear(torch.randn(64, 64)).amx_min_rows == 0
+        assert Int8Linear(torch.randn(64, 64)).amx_min_rows == 0
         if march == "haswell":
             assert cpu.q4_panels_available() and default_quantized_kernel(64) == "panels"
             assert cpu.int8_panels_available() and default_quantized_kernel(64, 8) == "panels"

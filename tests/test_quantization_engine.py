@@ -43,16 +43,17 @@ def _tokens(path: str, prompts, preempts: bool = False, **engine_args) -> list[l
 
 @pytest.mark.parametrize(("quant", "amx_min_rows"), [
     ("int4", 0), ("int8", 0),
-    pytest.param("int4", 1, marks=pytest.mark.skipif(not cpu.q4_amx_available(),
-                                                     reason="no AMX-BF16"))])
+    *[pytest.param(q, 1, marks=pytest.mark.skipif(not cpu.panels_amx_available(),
+                                                  reason="no AMX-BF16"))
+      for q in ("int4", "int8")]])
 def test_quantized_engine_invariance(tiny_llama, quant, amx_min_rows, monkeypatch):
     # The integer kernels give every row the same arithmetic whatever the batch; the
     # dense prefill path (steps of many rows: float GEMM, float activations) does not
-    # round activations to 8 bits, so it is checked separately below. So does the int4
-    # AMX kernel (bfloat16 activations), here either off or taking every call.
+    # round activations to 8 bits, so it is checked separately below. Nor do the AMX
+    # panel kernels (bfloat16 activations), here either off or taking every call.
     monkeypatch.setattr(dequant_matmul, "DENSE_MIN_ROWS", 0)
     monkeypatch.setattr(dequant_matmul, "PANEL_DENSE_MIN_ROWS", 0)
-    monkeypatch.setattr(quantization, "Q4_AMX_MIN_ROWS", amx_min_rows)
+    monkeypatch.setattr(quantization, "AMX_MIN_ROWS", {4: amx_min_rows, 8: amx_min_rows})
     # Likewise attention: prompts longer than SHORT_QUERY_LEN take PyTorch's prefill path
     # unchunked and the native kernel in chunks, which round differently (~1e-6), and
     # 8-bit activation rounding can blow that up to a flipped token. One kernel for all
@@ -88,7 +89,7 @@ def test_dense_prefill_matches_integer_kernels(tiny_llama, quant, monkeypatch):
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
 
     monkeypatch.setattr(dequant_matmul, "DENSE_DTYPE", torch.float32)
-    monkeypatch.setattr(quantization, "Q4_AMX_MIN_ROWS", 0)  # int4 on AMX: below
+    monkeypatch.setattr(quantization, "AMX_MIN_ROWS", {4: 0, 8: 0})  # panels on AMX: below
 
     def logprobs(min_rows: int, quantization: str | None = quant) -> list[float]:
         monkeypatch.setattr(dequant_matmul, "DENSE_MIN_ROWS", min_rows)
@@ -106,7 +107,7 @@ def test_dense_prefill_matches_integer_kernels(tiny_llama, quant, monkeypatch):
     assert mean_error(dense, full) <= 1.1 * mean_error(integer, full)
 
 
-@pytest.mark.skipif(not cpu.q4_amx_available(), reason="no AMX-BF16")
+@pytest.mark.skipif(not cpu.panels_amx_available(), reason="no AMX-BF16")
 def test_amx_prefill_matches_integer_kernels(tiny_llama, monkeypatch):
     """Prompt logprobs with int4 layers on AMX tiles (bfloat16 activations and weights)
     are about as close to the float32 model's as the integer kernels' (8-bit activations)."""
@@ -115,7 +116,7 @@ def test_amx_prefill_matches_integer_kernels(tiny_llama, monkeypatch):
     monkeypatch.setattr(dequant_matmul, "PANEL_DENSE_MIN_ROWS", 0)
 
     def logprobs(amx_min_rows: int, quant: str | None = "int4") -> list[float]:
-        monkeypatch.setattr(quantization, "Q4_AMX_MIN_ROWS", amx_min_rows)
+        monkeypatch.setattr(quantization, "AMX_MIN_ROWS", {4: amx_min_rows, 8: 0})
         llm = LLM(tiny_llama, num_threads=1, quantization=quant)
         if quant:
             layer = llm.engine.core.runner.model.model.layers[0].mlp.gate_up_proj

@@ -112,8 +112,8 @@ def _qlinear(module: torch.nn.Module) -> _QLinear | None:
         return _QLinear(0, module.out_features, module.in_features, 0, module.packed.data_ptr(),
                         module.scales.data_ptr(), module.mins.data_ptr(), bias_ptr)
     if isinstance(module, Int8Linear) and module.kernel == "panels":
-        return _QLinear(6, module.out_features, module.in_features, 0, module.packed.data_ptr(),
-                        None, None, bias_ptr)
+        return _QLinear(6, module.out_features, module.in_features, module.amx_min_rows,
+                        module.packed.data_ptr(), None, None, bias_ptr)
     if isinstance(module, Int8Linear):
         return _QLinear(1, module.out_features, module.in_features, 0, module.codes.data_ptr(),
                         module.scales.data_ptr(), None, bias_ptr)

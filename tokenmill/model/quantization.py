@@ -151,7 +151,8 @@ class Int8Linear(nn.Module):
     Computed by a native CPU kernel (input rounded to 8 bits per group of 32,
     integer dot products): ``panels`` (:func:`tokenmill.kernels.cpu.int8_matmul_panels`,
     CPUs with AVX512-VNNI or AVX2, output size a multiple of 16, the weight packed in panels
-    of 16 output columns) or ``native`` (:func:`tokenmill.kernels.cpu.int8_matmul`,
+    of 16 output columns; on AMX-BF16 CPUs calls of at least :attr:`amx_min_rows` rows run
+    on AMX tiles, bfloat16 operands) or ``native`` (:func:`tokenmill.kernels.cpu.int8_matmul`,
     the weight row by row); see :func:`default_quantized_kernel`. Without either (no
     C compiler) the weight is dequantized per call and multiplied with the same
     rounded input: slower, the same numbers up to summation order.
@@ -172,10 +173,13 @@ class Int8Linear(nn.Module):
             self.register_buffer("scales", scales.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
                                                            requires_grad=False)
-        # Input rows from which a float GEMM on dequantized tiles runs instead (prefill).
-        # (On AVX2 the int8 panels are not faster than the rows from a few rows on, so
-        # prompts keep the rows' dense threshold there.)
-        self.dense_min_rows = (dequant_matmul.PANEL_DENSE_MIN_ROWS
+        # Input rows from which the product runs on AMX tiles (then never dense), else a
+        # float GEMM on dequantized tiles (prefill). (On AVX2 the int8 panels are not
+        # faster than the rows from a few rows on, so prompts keep the rows' dense
+        # threshold there.)
+        self.amx_min_rows = panel_amx_min_rows(self.out_features, self.kernel, 8)
+        self.dense_min_rows = (0 if self.amx_min_rows else
+                               dequant_matmul.PANEL_DENSE_MIN_ROWS
                                if self.kernel == "panels" and cpu.int8_panels_vnni()
                                else dequant_matmul.DENSE_MIN_ROWS)
 
@@ -183,7 +187,9 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).float()
         y = None
-        if dequant_matmul.use_dense(flat.shape[0], self.dense_min_rows):
+        if self.amx_min_rows and flat.shape[0] >= self.amx_min_rows:
+            y = cpu.int8_matmul_panels_amx(flat, self.packed, self.bias)
+        elif dequant_matmul.use_dense(flat.shape[0], self.dense_min_rows):
             y = dequant_matmul.tiled_dense_matmul(flat, self.out_features,
                                                   self._dequantize_rows, self.bias,
                                                   row_multiple=16)
@@ -208,23 +214,27 @@ class Int8Linear(nn.Module):
                 f"kernel={self.kernel}, bias={self.bias is not None}")
 
 
-# Input rows from which an int4 panel layer multiplies on AMX tiles (q4_matmul_amx.c:
-# the weight dequantized to bfloat16 tiles per call) instead of the VNNI panels. On a
-# 2-core Sapphire Rapids, 30 x SmolLM2's four layers (benchmarks/quantized_prefill.py):
-# 0.90x at 16 rows, 1.02x at 20, 1.07x at 24, 1.29x at 32, 2.6x at 512 - where it also
-# beats the dense bfloat16 path by 1.6x (docs/performance.md).
-# TOKENMILL_Q4_AMX_MIN_ROWS overrides (0: never).
-Q4_AMX_MIN_ROWS = int(os.environ.get("TOKENMILL_Q4_AMX_MIN_ROWS", "24"))
+# Input rows from which a panel layer multiplies on AMX tiles (panel_matmul_amx.c: the
+# weight dequantized to bfloat16 tiles per call) instead of the VNNI panels, by weight
+# bits. On a 2-core Sapphire Rapids (benchmarks/quantized_prefill.py, docs/performance.md):
+# 30 x SmolLM2's four int4 layers 0.90x at 16 rows, 1.02x at 20, 1.07x at 24, 1.29x at 32
+# and 2.6x at 512 (where it also beats the dense bfloat16 path by 1.6x); int8 layers 1.00x
+# at 24 rows and 1.16x at 32, the 8-bit LM head (28 MB, from memory) 0.86x at 24 and
+# 1.05-1.20x at 32. TOKENMILL_AMX_MIN_ROWS overrides both (0: never).
+_AMX_MIN_ROWS = {4: 24, 8: 32}
+AMX_MIN_ROWS_OVERRIDE = os.environ.get("TOKENMILL_AMX_MIN_ROWS")
+AMX_MIN_ROWS = {bits: int(AMX_MIN_ROWS_OVERRIDE or rows) for bits, rows in _AMX_MIN_ROWS.items()}
 
 
-def q4_amx_min_rows(out_features: int, kernel: str) -> int:
-    """The row count from which an :class:`Int4Linear` of ``out_features`` outputs on
-    ``kernel`` runs on AMX tiles (:func:`tokenmill.kernels.cpu.q4_matmul_panels_amx`);
-    0 where it never does (no AMX-BF16, not on panels, outputs not a multiple of 32)."""
-    if (kernel != "panels" or Q4_AMX_MIN_ROWS <= 0 or out_features % 32
-            or not cpu.q4_amx_available()):
+def panel_amx_min_rows(out_features: int, kernel: str, bits: int) -> int:
+    """The row count from which an :class:`Int4Linear` (``bits`` 4) or :class:`Int8Linear`
+    (8) of ``out_features`` outputs on ``kernel`` runs on AMX tiles
+    (:func:`tokenmill.kernels.cpu.q4_matmul_panels_amx`, ``int8_matmul_panels_amx``); 0
+    where it never does (no AMX-BF16, not on panels, outputs not a multiple of 32)."""
+    rows = AMX_MIN_ROWS[bits]
+    if kernel != "panels" or rows <= 0 or out_features % 32 or not cpu.panels_amx_available():
         return 0
-    return Q4_AMX_MIN_ROWS
+    return rows
 
 
 def default_quantized_kernel(out_features: int, bits: int = 4) -> str:
@@ -313,7 +323,7 @@ class Int4Linear(nn.Module):
                                                            requires_grad=False)
         # Input rows from which the product runs on AMX tiles (then never dense: the tiles
         # beat the dense path at every row count), else a float GEMM on dequantized tiles.
-        self.amx_min_rows = q4_amx_min_rows(self.out_features, kernel)
+        self.amx_min_rows = panel_amx_min_rows(self.out_features, kernel, 4)
         self.dense_min_rows = (0 if self.amx_min_rows else
                                dequant_matmul.PANEL_DENSE_MIN_ROWS if kernel == "panels"
                                else dequant_matmul.DENSE_MIN_ROWS)

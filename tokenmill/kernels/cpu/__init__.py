@@ -40,7 +40,7 @@ _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_ma
             "dequantize.c", "rope_kv_write.c", "decoder_stack.c", "bf16_ops.c",
             "bf16_matmul.c", "argmax.c", "decoder_stack_bf16.c", "f32_matmul.c",
             "prefill_attention.c", "bf16_matmul_dot.c", "q4_matmul_panels.c",
-            "int8_matmul_panels.c", "q4_matmul_amx.c")
+            "int8_matmul_panels.c", "panel_matmul_amx.c")
 # Included by the sources: part of the cache key, not compiled on their own.
 _HEADERS = ("q8_input.h", "bf16.h", "fp16.h", "vec_math.h", "decoder_stack.h",
             "paged_attention_avx2.inc", "paged_attention_items.h", "prefill_attention.inc",
@@ -167,10 +167,11 @@ def cpu_kernels() -> ctypes.CDLL | None:
         getattr(lib, f"{kind}_matmul_panels_f32").restype = ctypes.c_int
         getattr(lib, f"{kind}_matmul_panels_available").argtypes = []
         getattr(lib, f"{kind}_matmul_panels_available").restype = ctypes.c_int
-    lib.q4_matmul_panels_amx.argtypes = _PANEL_MATMUL_ARGTYPES
-    lib.q4_matmul_panels_amx.restype = ctypes.c_int
-    lib.q4_matmul_amx_available.argtypes = []
-    lib.q4_matmul_amx_available.restype = ctypes.c_int
+    for name in ("q4_matmul_panels_amx", "int8_matmul_panels_amx"):
+        getattr(lib, name).argtypes = _PANEL_MATMUL_ARGTYPES
+        getattr(lib, name).restype = ctypes.c_int
+    lib.panel_matmul_amx_available.argtypes = []
+    lib.panel_matmul_amx_available.restype = ctypes.c_int
     for name in ("q4_panels_dequantize_f32", "q8_panels_dequantize_f32"):
         getattr(lib, name).argtypes = [_ptr, _ptr, _i32, _i32]
         getattr(lib, name).restype = None
@@ -537,22 +538,24 @@ def q4_matmul_panels(
     return _panel_matmul("q4_matmul_panels_f32", Q4_PANEL_BLOCK, x, packed, bias)
 
 
-def q4_amx_available() -> bool:
-    """Whether :func:`q4_matmul_panels_amx` runs here: AMX-BF16 in this build and CPU,
-    tiles granted to this process (:func:`amx_bf16_available`)."""
+def panels_amx_available() -> bool:
+    """Whether :func:`q4_matmul_panels_amx` and :func:`int8_matmul_panels_amx` run here:
+    AMX-BF16 in this build and CPU, tiles granted to this process
+    (:func:`amx_bf16_available`)."""
     lib = cpu_kernels()
-    return lib is not None and lib.q4_matmul_amx_available() == 1 and amx_bf16_available()
+    return (lib is not None and lib.panel_matmul_amx_available() == 1
+            and amx_bf16_available())
 
 
 def q4_matmul_panels_amx(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """:func:`q4_matmul_panels`'s product on AMX tiles (``q4_matmul_amx.c``): ``x`` and
+    """:func:`q4_matmul_panels`'s product on AMX tiles (``panel_matmul_amx.c``): ``x`` and
     the dequantized weight rounded to bfloat16, float32 sums - the dense bfloat16 path's
     numbers without a float copy of the weight. A row's result does not depend on the
-    other rows. None, having done nothing, when :func:`q4_amx_available` is false or ``x``
-    is not float32 on the CPU."""
-    if not q4_amx_available():
+    other rows. None, having done nothing, when :func:`panels_amx_available` is false, the
+    output size is not a multiple of 32 or ``x`` is not float32 on the CPU."""
+    if not panels_amx_available():
         return None
     return _panel_matmul("q4_matmul_panels_amx", Q4_PANEL_BLOCK, x, packed, bias)
 
@@ -598,6 +601,16 @@ def pack_int8_panels(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     offset = (codes.to(torch.int16) + 128).to(torch.uint8).reshape(panels, 16, groups, 8, 4)
     data = offset.permute(0, 2, 3, 1, 4).reshape(panels, groups, 512)
     return torch.cat([data, _per_panel_bytes(scales.float())], dim=2).contiguous()
+
+
+def int8_matmul_panels_amx(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """:func:`int8_matmul_panels`'s product on AMX tiles, as :func:`q4_matmul_panels_amx`
+    (weight ``code * scale`` rounded to bfloat16). None when that one would be."""
+    if not panels_amx_available():
+        return None
+    return _panel_matmul("int8_matmul_panels_amx", INT8_PANEL_BLOCK, x, packed, bias)
 
 
 def int8_matmul_panels(

@@ -45,6 +45,9 @@ int q4_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *packed
                        const float *bias, float *out, int64_t out_stride, int M, int N, int K);
 int q4_matmul_panels_amx(const float *x, int64_t x_stride, const uint8_t *packed,
                          const float *bias, float *out, int64_t out_stride, int M, int N, int K);
+int int8_matmul_panels_amx(const float *x, int64_t x_stride, const uint8_t *packed,
+                           const float *bias, float *out, int64_t out_stride, int M, int N,
+                           int K);
 int int8_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *packed,
                          const float *bias, float *out, int64_t out_stride, int M, int N, int K);
 void rope_kv_write_f32(const float *qkv, int64_t qkv_stride, int T, int H, int KVH, int D,
@@ -159,19 +162,17 @@ static int linear(const tm_qlinear *l, const float *x, float *out, int M) {
     if (l->kind == 3)
         return f32_matmul_packed(x, l->k, (const float *)l->w0, l->bias, out, l->n, M, l->n,
                                  l->k);
-    if (l->kind == 5) {
-        /* the same choice as Int4Linear.forward: AMX tiles from amx_min_rows rows on */
+    if (l->kind == 5 || l->kind == 6) {
+        /* the same choice as Int4Linear / Int8Linear.forward: AMX tiles from amx_min_rows
+           rows on */
         if (l->amx_min_rows > 0 && M >= l->amx_min_rows) {
-            const int status = q4_matmul_panels_amx(x, l->k, (const uint8_t *)l->w0, l->bias,
-                                                    out, l->n, M, l->n, l->k);
+            const int status = (l->kind == 5 ? q4_matmul_panels_amx : int8_matmul_panels_amx)(
+                x, l->k, (const uint8_t *)l->w0, l->bias, out, l->n, M, l->n, l->k);
             if (status != -2) return status;
         }
-        return q4_matmul_panels_f32(x, l->k, (const uint8_t *)l->w0, l->bias, out, l->n, M, l->n,
-                                  l->k);
+        return (l->kind == 5 ? q4_matmul_panels_f32 : int8_matmul_panels_f32)(
+            x, l->k, (const uint8_t *)l->w0, l->bias, out, l->n, M, l->n, l->k);
     }
-    if (l->kind == 6)
-        return int8_matmul_panels_f32(x, l->k, (const uint8_t *)l->w0, l->bias, out, l->n, M,
-                                    l->n, l->k);
     if (l->kind == 0)
         return q4_matmul_f32(x, l->k, (const uint8_t *)l->w0, l->w1, l->w2, l->bias, out, l->n,
                              M, l->n, l->k);

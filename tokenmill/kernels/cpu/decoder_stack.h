@@ -14,8 +14,8 @@
    pack_bf16_amx), 3 = float32 panels (w0 from pack_f32_panels), 4 = bfloat16 on
    AVX512-BF16 dot products (w0 from pack_bf16_amx), 5 = Q4_1 on AVX512-VNNI (w0 from
    pack_q4_panels, scales inside), 6 = Q8_0 on AVX512-VNNI (w0 from pack_int8_panels); bias
-   in the activations' dtype or NULL. amx_min_rows (kind 5): calls of at least this many
-   rows run q4_matmul_panels_amx on AMX tiles (0: never). */
+   in the activations' dtype or NULL. amx_min_rows (kinds 5 and 6): calls of at least this
+   many rows run on AMX tiles (panel_matmul_amx.c; 0: never). */
 typedef struct {
     int32_t kind, n, k, amx_min_rows;
     const void *w0;

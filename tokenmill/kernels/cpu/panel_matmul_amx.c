@@ -1,18 +1,17 @@
 /*
- * y = x @ W.T (+ bias) for a Q4_1 weight in q4_matmul_panels.c's packed panels, on AMX
- * bfloat16 tiles (CPUs with AMX-BF16).
+ * y = x @ W.T (+ bias) for weights in the 16-column panels of q4_matmul_panels.c (Q4_1)
+ * and int8_matmul_panels.c (Q8_0), on AMX bfloat16 tiles (CPUs with AMX-BF16).
  *
- * The VNNI panel kernel spends its time on multiply-adds: from a few dozen rows on it is
- * bound by arithmetic (SmolLM2's layers at 32 rows: ~0.4 ms per layer on a 2-core
+ * The VNNI panel kernels spend their time on multiply-adds: from a few dozen rows on they
+ * are bound by arithmetic (SmolLM2's int4 layers at 32 rows: ~0.4 ms per layer on a 2-core
  * Sapphire Rapids, a fifth of the weights' read time). One AMX tile instruction does
  * 16 x 16 x 32 multiply-adds. Here each (panel, group) block of the packed weight is
- * dequantized once per call into one AMX B tile (16 pairs of inputs x 16 columns,
- * w = d * code + m in float32, the multiply and the add rounded separately as
- * q4_panels_dequantize_f32 does, then rounded to bfloat16), and the activations, rounded
- * to bfloat16 once per call, are multiplied against it two panels and 32 rows at a time
- * (four accumulator tiles, each activation and weight tile feeding two products: a
- * tile register is reloaded only once the products reading it are done), float32
- * accumulation in group order.
+ * dequantized once per call into one AMX B tile (16 pairs of inputs x 16 columns; Q4_1
+ * w = d * code + m, Q8_0 w = code * scale, each in float32 with one rounding, then
+ * rounded to bfloat16), and the activations, rounded to bfloat16 once per call, are
+ * multiplied against it two panels and 32 rows at a time (four accumulator tiles, each
+ * activation and weight tile feeding two products: a tile register is reloaded only once
+ * the products reading it are done), float32 accumulation in group order.
  *
  * Numerics: those of the dense bfloat16 path (dequant_matmul.py: x and the dequantized
  * weight rounded to bfloat16, float32 sums), not those of the integer kernels (input
@@ -26,29 +25,28 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* d * code + m: the multiply and the add rounded separately, as q4_panels_dequantize_f32 */
-#pragma GCC optimize("fp-contract=off")
-
-#define TM_Q4A_BLOCK 320 /* bytes of one (panel, group) block: q4_matmul_panels.c */
+/* bytes of one (panel, group) block: q4_matmul_panels.c, int8_matmul_panels.c */
+#define TM_Q4A_BLOCK 320
+#define TM_Q8A_BLOCK 576
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) \
     && defined(__AVX512BW__) && defined(__linux__)
 #include <immintrin.h>
 #include <omp.h>
-#define TM_Q4A 1
+#define TM_PANEL_AMX 1
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t rows[16];
-} tm_q4a_tile_config;
+} tm_pa_tile_config;
 
 /* Tiles 0-3: accumulators C[m][n] (m: the pass's two row tiles, n: its two panels), 4-5
    the row tiles' activations A[m], 6-7 the panels' weight blocks B[n]: each tile loaded
    feeds two tile products. Row tile 0 has rows0 rows, row tile 1 rows1 (at least 1 when
    unused). Every row is 64 bytes (16 floats, or 32 bfloat16). */
-static void tm_q4a_configure(int rows0, int rows1) {
-    tm_q4a_tile_config cfg;
+static void tm_pa_configure(int rows0, int rows1) {
+    tm_pa_tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     const int rows[8] = {rows0, rows0, rows1, rows1, rows0, rows1, 16, 16};
@@ -91,8 +89,34 @@ static inline void tm_q4a_block_tile(const uint8_t *blk, uint16_t *b) {
     }
 }
 
+/* One Q8_0 block (bytes 64 s + 4 c + b: column c's code for input 4 s + b, plus 128;
+   then 16 float scales) as an AMX B tile at b: row r = inputs 2r and 2r + 1, the bytes
+   2 (r % 2) and 2 (r % 2) + 1 of chunk r / 2's 32-bit lanes. */
+static inline void tm_q8a_block_tile(const uint8_t *blk, uint16_t *b) {
+    const __m512 scale = _mm512_loadu_ps((const float *)(blk + 512));
+    const __m512i byte = _mm512_set1_epi32(0xFF), offset = _mm512_set1_epi32(128);
+    const __m512i pairs = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int s = 0; s < 8; s++) {
+        const __m512i w = _mm512_loadu_si512((const void *)(blk + 64 * s));
+#define TM_Q8A_CODE(j) \
+    _mm512_cvtepi32_ps(_mm512_sub_epi32( \
+        _mm512_and_si512(_mm512_srli_epi32(w, 8 * (j)), byte), offset))
+#define TM_Q8A_PAIR(e)                                                                        \
+        _mm512_storeu_si512(                                                                  \
+            (void *)(b + 32 * (2 * s + (e))),                                                 \
+            _mm512_permutexvar_epi16(                                                         \
+                pairs, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(TM_Q8A_CODE(2 * (e) + 1), scale), \
+                                                    _mm512_mul_ps(TM_Q8A_CODE(2 * (e)), scale))));
+        TM_Q8A_PAIR(0) TM_Q8A_PAIR(1)
+#undef TM_Q8A_PAIR
+#undef TM_Q8A_CODE
+    }
+}
+
 /* One accumulator tile (rows x 16 floats, 64-byte rows) plus bias into out. */
-static inline void tm_q4a_write(const float *acc, int rows, const float *bias, float *out,
+static inline void tm_pa_write(const float *acc, int rows, const float *bias, float *out,
                                 int64_t ldo) {
     const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
     for (int r = 0; r < rows; r++)
@@ -100,25 +124,23 @@ static inline void tm_q4a_write(const float *acc, int rows, const float *bias, f
 }
 #endif
 
-int q4_matmul_amx_available(void) {
-#ifdef TM_Q4A
+int panel_matmul_amx_available(void) {
+#ifdef TM_PANEL_AMX
     return 1;
 #else
     return 0;
 #endif
 }
 
-/* out[M, N] = x[M, K] @ W^T (+ bias[N]); x rows x_stride floats apart, out rows
-   out_stride apart, W packed as for q4_matmul_panels_f32. The caller has made sure this
-   process may use AMX tiles (bf16_matmul_amx_init). Returns 0, -1 when out of memory,
-   -2 when this build has no AMX path or the shape does not fit (nothing written). */
-int q4_matmul_panels_amx(const float *x, int64_t x_stride, const uint8_t *packed,
-                         const float *bias, float *out, int64_t out_stride, int M, int N,
-                         int K) {
-#ifdef TM_Q4A
+#ifdef TM_PANEL_AMX
+/* The product for block bytes `block` (TM_Q4A_BLOCK or TM_Q8A_BLOCK: inlined with a
+   constant, each format gets its own copy). */
+static inline __attribute__((always_inline)) int panel_matmul_amx(
+        const int block, const float *x, int64_t x_stride, const uint8_t *packed,
+        const float *bias, float *out, int64_t out_stride, int M, int N, int K) {
     if (M <= 0 || N % 32 != 0 || K % 32 != 0) return -2;
     const int groups = K / 32, pairs = N / 32;
-    const int64_t panel_bytes = (int64_t)groups * TM_Q4A_BLOCK;
+    const int64_t panel_bytes = (int64_t)groups * block;
     /* the activations rounded to bfloat16 once (nearest even), K elements per row */
     uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)M * (size_t)K);
     if (!xb) return -1;
@@ -146,17 +168,20 @@ int q4_matmul_panels_amx(const float *x, int64_t x_stride, const uint8_t *packed
             const uint8_t *panel = packed + 2 * q * panel_bytes;
             for (int g = 0; g < groups; g++) {
                 for (int j = 0; j < 2; j++) {
-                    const uint8_t *blk = panel + j * panel_bytes + (int64_t)g * TM_Q4A_BLOCK;
-                    for (int l = 0; l < TM_Q4A_BLOCK; l += 64)
-                        _mm_prefetch((const char *)blk + 2 * TM_Q4A_BLOCK + l, _MM_HINT_T0);
-                    tm_q4a_block_tile(blk, tiles_b + 1024 * g + 512 * j);
+                    const uint8_t *blk = panel + j * panel_bytes + (int64_t)g * block;
+                    for (int l = 0; l < block; l += 64)
+                        _mm_prefetch((const char *)blk + 2 * block + l, _MM_HINT_T0);
+                    if (block == TM_Q4A_BLOCK)
+                        tm_q4a_block_tile(blk, tiles_b + 1024 * g + 512 * j);
+                    else
+                        tm_q8a_block_tile(blk, tiles_b + 1024 * g + 512 * j);
                 }
             }
             for (int m0 = 0; m0 < M; m0 += 32) {
                 const int rows0 = M - m0 < 16 ? M - m0 : 16;
                 const int rows1 = M - m0 - 16 <= 0 ? 0 : (M - m0 - 16 < 16 ? M - m0 - 16 : 16);
                 if (32 * rows0 + rows1 != configured) {
-                    tm_q4a_configure(rows0, rows1 > 0 ? rows1 : 1);
+                    tm_pa_configure(rows0, rows1 > 0 ? rows1 : 1);
                     configured = 32 * rows0 + rows1;
                 }
                 const uint16_t *a0 = xb + (int64_t)m0 * K, *a1 = a0 + 16 * (int64_t)K;
@@ -182,14 +207,14 @@ int q4_matmul_panels_amx(const float *x, int64_t x_stride, const uint8_t *packed
                 float *o = out + (int64_t)m0 * out_stride + 32 * q;
                 const float *b = bias ? bias + 32 * q : NULL;
                 _tile_stored(0, acc, 64);
-                tm_q4a_write(acc, rows0, b, o, out_stride);
+                tm_pa_write(acc, rows0, b, o, out_stride);
                 _tile_stored(1, acc, 64);
-                tm_q4a_write(acc, rows0, b ? b + 16 : NULL, o + 16, out_stride);
+                tm_pa_write(acc, rows0, b ? b + 16 : NULL, o + 16, out_stride);
                 if (rows1 > 0) {
                     _tile_stored(2, acc, 64);
-                    tm_q4a_write(acc, rows1, b, o + 16 * out_stride, out_stride);
+                    tm_pa_write(acc, rows1, b, o + 16 * out_stride, out_stride);
                     _tile_stored(3, acc, 64);
-                    tm_q4a_write(acc, rows1, b ? b + 16 : NULL, o + 16 * out_stride + 16,
+                    tm_pa_write(acc, rows1, b ? b + 16 : NULL, o + 16 * out_stride + 16,
                                  out_stride);
                 }
             }
@@ -199,9 +224,28 @@ int q4_matmul_panels_amx(const float *x, int64_t x_stride, const uint8_t *packed
     }
     free(xb);
     return failed ? -1 : 0;
-#else
-    (void)x; (void)x_stride; (void)packed; (void)bias; (void)out; (void)out_stride;
-    (void)M; (void)N; (void)K;
-    return -2;
-#endif
 }
+#endif
+
+/* out[M, N] = x[M, K] @ W^T (+ bias[N]); x rows x_stride floats apart, out rows
+   out_stride apart, W packed as for q4_matmul_panels_f32 / int8_matmul_panels_f32. The
+   caller has made sure this process may use AMX tiles (bf16_matmul_amx_init). Return 0,
+   -1 when out of memory, -2 when this build has no AMX path or the shape does not fit
+   (nothing written). */
+#ifdef TM_PANEL_AMX
+#define DEFINE_PANEL_AMX(NAME, BLOCK)                                                          \
+int NAME(const float *x, int64_t x_stride, const uint8_t *packed, const float *bias,          \
+         float *out, int64_t out_stride, int M, int N, int K) {                               \
+    return panel_matmul_amx(BLOCK, x, x_stride, packed, bias, out, out_stride, M, N, K);      \
+}
+#else
+#define DEFINE_PANEL_AMX(NAME, BLOCK)                                                          \
+int NAME(const float *x, int64_t x_stride, const uint8_t *packed, const float *bias,          \
+         float *out, int64_t out_stride, int M, int N, int K) {                               \
+    (void)x; (void)x_stride; (void)packed; (void)bias; (void)out; (void)out_stride;           \
+    (void)M; (void)N; (void)K;                                                                 \
+    return -2;                                                                                 \
+}
+#endif
+DEFINE_PANEL_AMX(q4_matmul_panels_amx, TM_Q4A_BLOCK)
+DEFINE_PANEL_AMX(int8_matmul_panels_amx, TM_Q8A_BLOCK)
