@@ -72,33 +72,29 @@ def test_matches_dense(m: int, n: int, k: int):
     torch.testing.assert_close(cpu.q4_matmul_panels(x, packed, bias), rows, rtol=1e-4, atol=1e-4)
 
 
+needs_amx_panels = pytest.mark.skipif(not cpu.panels_amx_available(),
+                                      reason="the AMX panel kernels need AMX-BF16")
+
+
 @needs_q4
-def test_rows_do_not_depend_on_the_batch():
-    """A row's result is the same bits alone, in a full block of 8 rows, in a partial
-    block, and in a later chunk of 48 rows."""
+@pytest.mark.parametrize("kernel", ["q4_matmul_panels",
+                                    pytest.param("q4_matmul_panels_amx", marks=needs_amx_panels)])
+def test_rows_do_not_depend_on_the_batch(kernel: str):
+    """A row's result is the same bits alone, in a full block of 8 rows (AMX: a row tile of
+    16, the second tile of a pass of 32), in a partial one, and in a later chunk of 48 rows
+    (AMX: a later pass); strided input rows read as contiguous ones."""
+    matmul = getattr(cpu, kernel)
     codes, d, mins, g = _weight(64, 576, 3)
     packed = cpu.pack_q4_panels(codes, d, mins)
     bias = torch.randn(64, generator=g)
-    x = torch.randn(61, 576, generator=g) * 3
-    batched = cpu.q4_matmul_panels(x, packed, bias)
+    x = torch.randn(75, 576, generator=g) * 3
+    batched = matmul(x, packed, bias)
     for i in range(x.shape[0]):
-        assert torch.equal(cpu.q4_matmul_panels(x[i:i + 1], packed, bias)[0], batched[i]), i
-    assert torch.equal(cpu.q4_matmul_panels(x[5:19], packed, bias), batched[5:19])
-
-
-@needs_q4
-def test_strided_input_rows():
-    codes, d, mins, g = _weight(32, 64, 4)
-    packed = cpu.pack_q4_panels(codes, d, mins)
-    wide = torch.randn(5, 100, generator=g)
-    x = wide[:, 10:74]  # rows 100 floats apart
-    assert not x.is_contiguous()
-    want = cpu.q4_matmul_panels(x.contiguous(), packed)
-    assert torch.equal(cpu.q4_matmul_panels(x, packed), want)
-
-
-needs_amx_panels = pytest.mark.skipif(not cpu.panels_amx_available(),
-                                      reason="the AMX panel kernels need AMX-BF16")
+        assert torch.equal(matmul(x[i:i + 1], packed, bias)[0], batched[i]), i
+    assert torch.equal(matmul(x[5:40], packed, bias), batched[5:40])
+    wide = torch.randn(5, 700, generator=g)
+    assert torch.equal(matmul(wide[:, 10:586], packed), matmul(wide[:, 10:586].contiguous(),
+                                                               packed))
 
 
 def _amx_reference(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor,
@@ -128,23 +124,6 @@ def test_amx_matches_bfloat16_reference(m: int, n: int, k: int):
     dense = x.bfloat16() @ cpu.q4_panels_dequantize(packed).bfloat16().T
     torch.testing.assert_close(cpu.q4_matmul_panels_amx(x, packed), dense.float(),
                                rtol=2e-2, atol=2e-2)
-
-
-@needs_amx_panels
-def test_amx_rows_do_not_depend_on_the_batch():
-    """A row's result is the same bits alone, in a partial row tile, in the second tile of
-    a pass and in a later pass; strided input rows read as contiguous ones."""
-    codes, d, mins, g = _weight(64, 576, 3)
-    packed = cpu.pack_q4_panels(codes, d, mins)
-    bias = torch.randn(64, generator=g)
-    x = torch.randn(75, 576, generator=g) * 3
-    batched = cpu.q4_matmul_panels_amx(x, packed, bias)
-    for i in range(x.shape[0]):
-        assert torch.equal(cpu.q4_matmul_panels_amx(x[i:i + 1], packed, bias)[0], batched[i]), i
-    assert torch.equal(cpu.q4_matmul_panels_amx(x[5:40], packed, bias), batched[5:40])
-    wide = torch.randn(5, 700, generator=g)
-    assert torch.equal(cpu.q4_matmul_panels_amx(wide[:, 10:586], packed),
-                       cpu.q4_matmul_panels_amx(wide[:, 10:586].contiguous(), packed))
 
 
 @needs_amx_panels

@@ -63,29 +63,28 @@ static void tm_pa_configure(int rows0, int rows1) {
     _mm512_and_si512(_mm512_srli_epi32((w), (j) < 4 ? 8 * (j) : 8 * ((j) - 4) + 4), \
                      _mm512_set1_epi32(0x0F))
 
-/* One packed block (16 columns x 32 inputs) as an AMX B tile at b (512 bfloat16): row r
-   holds inputs 2r and 2r + 1 of the 16 columns, interleaved. */
-static inline void tm_q4a_block_tile(const uint8_t *blk, uint16_t *b) {
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 256)));
-    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 288)));
-    /* word 2c <- word c (even input), word 2c + 1 <- word 16 + c (odd input) */
+/* Row r of a B tile: the 16 columns' weights for an even and an odd input, rounded to
+   bfloat16 (nearest even) and interleaved (word 2c <- even[c], word 2c + 1 <- odd[c]). */
+static inline void tm_pa_store_pair(uint16_t *row, __m512 even, __m512 odd) {
     const __m512i pairs = _mm512_set_epi16(
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    _mm512_storeu_si512((void *)row, _mm512_permutexvar_epi16(
+                                         pairs, (__m512i)_mm512_cvtne2ps_pbh(odd, even)));
+}
+
+/* One packed Q4_1 block (16 columns x 32 inputs) as an AMX B tile at b (512 bfloat16): row
+   r holds inputs 2r and 2r + 1 of the 16 columns. */
+static inline void tm_q4a_block_tile(const uint8_t *blk, uint16_t *b) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 256)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 288)));
     for (int h = 0; h < 4; h++) {
         const __m512i w = _mm512_loadu_si512((const void *)(blk + 64 * h));
-#define TM_Q4A_PAIR(r)                                                                        \
-        {                                                                                     \
-            const __m512 even = _mm512_fmadd_ps(                                              \
-                _mm512_cvtepi32_ps(TM_Q4A_CODE(w, 2 * (r))), d, m);                           \
-            const __m512 odd = _mm512_fmadd_ps(                                               \
-                _mm512_cvtepi32_ps(TM_Q4A_CODE(w, 2 * (r) + 1)), d, m);                       \
-            _mm512_storeu_si512((void *)(b + 32 * (4 * h + (r))),                             \
-                                _mm512_permutexvar_epi16(                                     \
-                                    pairs, (__m512i)_mm512_cvtne2ps_pbh(odd, even)));         \
-        }
-        TM_Q4A_PAIR(0) TM_Q4A_PAIR(1) TM_Q4A_PAIR(2) TM_Q4A_PAIR(3)
-#undef TM_Q4A_PAIR
+        for (int r = 0; r < 4; r++) /* unrolled: constant shifts */
+            tm_pa_store_pair(b + 32 * (4 * h + r),
+                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(TM_Q4A_CODE(w, 2 * r)), d, m),
+                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(TM_Q4A_CODE(w, 2 * r + 1)),
+                                             d, m));
     }
 }
 
@@ -95,23 +94,14 @@ static inline void tm_q4a_block_tile(const uint8_t *blk, uint16_t *b) {
 static inline void tm_q8a_block_tile(const uint8_t *blk, uint16_t *b) {
     const __m512 scale = _mm512_loadu_ps((const float *)(blk + 512));
     const __m512i byte = _mm512_set1_epi32(0xFF), offset = _mm512_set1_epi32(128);
-    const __m512i pairs = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int s = 0; s < 8; s++) {
         const __m512i w = _mm512_loadu_si512((const void *)(blk + 64 * s));
-#define TM_Q8A_CODE(j) \
-    _mm512_cvtepi32_ps(_mm512_sub_epi32( \
-        _mm512_and_si512(_mm512_srli_epi32(w, 8 * (j)), byte), offset))
-#define TM_Q8A_PAIR(e)                                                                        \
-        _mm512_storeu_si512(                                                                  \
-            (void *)(b + 32 * (2 * s + (e))),                                                 \
-            _mm512_permutexvar_epi16(                                                         \
-                pairs, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(TM_Q8A_CODE(2 * (e) + 1), scale), \
-                                                    _mm512_mul_ps(TM_Q8A_CODE(2 * (e)), scale))));
-        TM_Q8A_PAIR(0) TM_Q8A_PAIR(1)
-#undef TM_Q8A_PAIR
-#undef TM_Q8A_CODE
+#define TM_Q8A_WEIGHT(j) \
+    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32( \
+        _mm512_and_si512(_mm512_srli_epi32(w, 8 * (j)), byte), offset)), scale)
+        tm_pa_store_pair(b + 32 * (2 * s), TM_Q8A_WEIGHT(0), TM_Q8A_WEIGHT(1));
+        tm_pa_store_pair(b + 32 * (2 * s + 1), TM_Q8A_WEIGHT(2), TM_Q8A_WEIGHT(3));
+#undef TM_Q8A_WEIGHT
     }
 }
 
