@@ -154,8 +154,7 @@ def test_amx_declines_what_it_cannot_take():
 @needs_amx_panels
 def test_linear_switches_to_amx_at_its_row_count():
     """Int4Linear and Int8Linear run the VNNI panels below amx_min_rows and the AMX kernels
-    from it on;
-    the native decoder stack makes the same choice (tests/test_decoder_stack.py)."""
+    from it on; the native decoder stack makes the same choice (tests/test_decoder_stack.py)."""
     layer = Int4Linear(torch.randn(64, 96))
     assert layer.amx_min_rows == AMX_MIN_ROWS[4] > 1 and layer.dense_min_rows == 0
     for rows in (layer.amx_min_rows - 1, layer.amx_min_rows, 300):
@@ -193,8 +192,8 @@ def test_quantized_linear_picks_the_kernel(monkeypatch: pytest.MonkeyPatch):
     assert default_quantized_kernel(64, 8) == int8
     assert Int8Linear(torch.randn(64, 64)).kernel == int8
     assert Int8Linear(torch.randn(40, 64)).kernel == "native"
-    # Prompts skip the dense path on panels, except int8 panels without VNNI (AVX2); int4
-    # panels on AMX CPUs take AMX tiles instead, never the dense path.
+    # Prompts skip the dense path on panels, except int8 panels without VNNI (AVX2); panels
+    # on AMX CPUs take AMX tiles instead, never the dense path.
     int4 = Int4Linear(torch.randn(64, 64))
     assert int4.amx_min_rows == (AMX_MIN_ROWS[4] if cpu.panels_amx_available() else 0)
     assert int4.dense_min_rows == (0 if int4.amx_min_rows

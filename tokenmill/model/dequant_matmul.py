@@ -29,9 +29,10 @@ Layers on the panel kernels (weights in 16-column panels; int4 on AVX2 or AVX512
 int8 on AVX512-VNNI; see
 :class:`~tokenmill.model.quantization.Int4Linear`) spend their instructions on
 multiply-adds at any row count and beat the dense path throughout on a CPU
-without AMX, so they take it only on AMX CPUs (:data:`PANEL_DENSE_MIN_ROWS`), and int4
-panel layers there not even that: they multiply on AMX tiles of their own
-(:class:`~tokenmill.model.quantization.Int4Linear`).
+without AMX, so they take it only on AMX CPUs (:data:`PANEL_DENSE_MIN_ROWS`), and only
+where their AMX tiles cannot run (output size not a multiple of 32): from a few dozen rows
+on, int4 and int8 panel layers there multiply on AMX tiles of their own
+(``amx_min_rows`` of :class:`~tokenmill.model.quantization.Int4Linear` and ``Int8Linear``).
 
 ``TOKENMILL_DENSE_MIN_ROWS`` overrides the threshold (0 turns the dense path
 off), ``TOKENMILL_DENSE_DTYPE`` (``float32``/``bfloat16``) the GEMM's type.
@@ -77,8 +78,8 @@ DENSE_MIN_ROWS = int(os.environ.get("TOKENMILL_DENSE_MIN_ROWS", _MIN_ROWS[DENSE_
 # 0.36x / 0.57x at 64 / 512 rows against a bfloat16 GEMM, 0.61x / 0.65x at 128 / 512 held
 # to AVX2 against float32), so they have no threshold there. With AMX the bfloat16 GEMM
 # catches up at about 256 rows (2-core Sapphire Rapids: int8 0.64x / 0.98x / 1.45x at
-# 128 / 256 / 512 rows, int4 0.69x / 1.11x / 1.59x); int4 panel layers there take AMX
-# tiles of their own instead (Int4Linear.amx_min_rows), faster than both.
+# 128 / 256 / 512 rows, int4 0.69x / 1.11x / 1.59x); panel layers there take AMX tiles
+# of their own instead (amx_min_rows), faster than both.
 _AMX_PANEL_DENSE_MIN_ROWS = 256
 PANEL_DENSE_MIN_ROWS = int(os.environ.get(
     "TOKENMILL_DENSE_MIN_ROWS", _AMX_PANEL_DENSE_MIN_ROWS if "amx_bf16" in cpu_flags() else 0))

@@ -221,9 +221,8 @@ class Int8Linear(nn.Module):
 # and 2.6x at 512 (where it also beats the dense bfloat16 path by 1.6x); int8 layers 1.00x
 # at 24 rows and 1.16x at 32, the 8-bit LM head (28 MB, from memory) 0.86x at 24 and
 # 1.05-1.20x at 32. TOKENMILL_AMX_MIN_ROWS overrides both (0: never).
-_AMX_MIN_ROWS = {4: 24, 8: 32}
-AMX_MIN_ROWS_OVERRIDE = os.environ.get("TOKENMILL_AMX_MIN_ROWS")
-AMX_MIN_ROWS = {bits: int(AMX_MIN_ROWS_OVERRIDE or rows) for bits, rows in _AMX_MIN_ROWS.items()}
+_AMX_ROWS_ENV = os.environ.get("TOKENMILL_AMX_MIN_ROWS")
+AMX_MIN_ROWS = {4: int(_AMX_ROWS_ENV or 24), 8: int(_AMX_ROWS_ENV or 32)}
 
 
 def panel_amx_min_rows(out_features: int, kernel: str, bits: int) -> int:

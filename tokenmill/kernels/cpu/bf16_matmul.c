@@ -39,20 +39,19 @@
    tile registers (Linux asks each process to request them: ARCH_REQ_XCOMP_PERM). */
 int bf16_matmul_amx_init(void) {
 #ifdef TM_AMX
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                   18 /* XFEATURE_XTILEDATA */) == 0;
+    /* asked once per process (every matmul wrapper checks it); a race only asks twice */
+    static int granted = -1;
+    if (granted < 0)
+        granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                          18 /* XFEATURE_XTILEDATA */) == 0;
+    return granted;
 #else
     return 0;
 #endif
 }
 
 #ifdef TM_AMX
-/* The 64-byte tile configuration (palette 1): bytes per row and rows of each tile. */
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tm_tile_config;
+#include "amx_tiles.h"
 
 /* Tiles: 0-3 accumulators C[m][n] (m: two blocks of up to 16 rows, n: two blocks of
    16 columns), 4-5 activations A[m], 6-7 weights B[n]. */

@@ -35,18 +35,14 @@
 #include <omp.h>
 #define TM_PANEL_AMX 1
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tm_pa_tile_config;
+#include "amx_tiles.h"
 
 /* Tiles 0-3: accumulators C[m][n] (m: the pass's two row tiles, n: its two panels), 4-5
    the row tiles' activations A[m], 6-7 the panels' weight blocks B[n]: each tile loaded
    feeds two tile products. Row tile 0 has rows0 rows, row tile 1 rows1 (at least 1 when
    unused). Every row is 64 bytes (16 floats, or 32 bfloat16). */
 static void tm_pa_configure(int rows0, int rows1) {
-    tm_pa_tile_config cfg;
+    tm_tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     const int rows[8] = {rows0, rows0, rows1, rows1, rows0, rows1, 16, 16};
