@@ -1,8 +1,12 @@
 """The int4 and int8 matmuls on weights packed in 16-column panels
-(kernels/cpu/q4_matmul_panels.c: AVX512-VNNI or AVX2; int8_matmul_panels.c: AVX512-VNNI)
-against the dense reference and the row-layout kernels they replace (no timing)."""
+(kernels/cpu/q4_matmul_panels.c: AVX512-VNNI or AVX2; int8_matmul_panels.c: AVX512-VNNI;
+both on AMX int8 tiles, panel_matmul_amx_exact.c; on AMX bfloat16 tiles,
+panel_matmul_amx.c) against the dense reference and the row-layout kernels they replace
+(no timing)."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -76,14 +80,20 @@ needs_amx_panels = pytest.mark.skipif(not cpu.panels_amx_available(),
                                       reason="the AMX panel kernels need AMX-BF16")
 
 
+needs_panel_tiles = pytest.mark.skipif(not cpu.panel_tiles_available(),
+                                       reason="the panels' int8 tiles need AMX-INT8")
+
+
 @needs_q4
 @pytest.mark.parametrize("kernel", ["q4_matmul_panels",
-                                    pytest.param("q4_matmul_panels_amx", marks=needs_amx_panels)])
+                                    pytest.param("q4_matmul_panels_amx", marks=needs_amx_panels),
+                                    pytest.param("int8 tiles", marks=needs_panel_tiles)])
 def test_rows_do_not_depend_on_the_batch(kernel: str):
     """A row's result is the same bits alone, in a full block of 8 rows (AMX: a row tile of
     16, the second tile of a pass of 32), in a partial one, and in a later chunk of 48 rows
     (AMX: a later pass); strided input rows read as contiguous ones."""
-    matmul = getattr(cpu, kernel)
+    matmul = (functools.partial(cpu.q4_matmul_panels, tiles=True) if kernel == "int8 tiles"
+              else getattr(cpu, kernel))
     codes, d, mins, g = _weight(64, 576, 3)
     packed = cpu.pack_q4_panels(codes, d, mins)
     bias = torch.randn(64, generator=g)
@@ -95,6 +105,40 @@ def test_rows_do_not_depend_on_the_batch(kernel: str):
     wide = torch.randn(5, 700, generator=g)
     assert torch.equal(matmul(wide[:, 10:586], packed), matmul(wide[:, 10:586].contiguous(),
                                                                packed))
+
+
+@needs_panel_tiles
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 32, 47, 75])  # row tiles of 16, passes of 32
+@pytest.mark.parametrize("n, k", [(32, 96), (96, 576), (64, 1536)])
+def test_int8_tiles_give_the_vector_bits(bits: int, m: int, n: int, k: int):
+    """On AMX int8 tiles the panel kernels give the VNNI path's bits, with and without a
+    bias, whatever the row count; the default (tiles from the kernel's row count on) too."""
+    g = torch.Generator().manual_seed(m * 7 + n + k + bits)
+    if bits == 4:
+        codes, d, mins, _ = _weight(n, k, m + n + k)
+        packed, matmul = cpu.pack_q4_panels(codes, d, mins), cpu.q4_matmul_panels
+    else:
+        codes8, scales8 = quantize_int8(torch.randn(n, k, generator=g))
+        packed, matmul = cpu.pack_int8_panels(codes8, scales8), cpu.int8_matmul_panels
+    x = torch.randn(m, k, generator=g) * 3
+    bias = torch.randn(n, generator=g)
+    for b in (None, bias):
+        vector = matmul(x, packed, b, tiles=False)
+        assert torch.equal(matmul(x, packed, b, tiles=True), vector)
+        assert torch.equal(matmul(x, packed, b), vector)
+
+
+@needs_panel_tiles
+def test_int8_tiles_decline_what_they_cannot_take():
+    """Outputs not a multiple of 32: no tiles when asked for them, the vector path by
+    default."""
+    codes, d, mins, g = _weight(48, 64, 4)
+    packed = cpu.pack_q4_panels(codes, d, mins)
+    x = torch.randn(40, 64, generator=g)
+    assert cpu.q4_matmul_panels(x, packed, tiles=True) is None
+    assert torch.equal(cpu.q4_matmul_panels(x, packed), cpu.q4_matmul_panels(x, packed,
+                                                                             tiles=False))
 
 
 def _amx_reference(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor,
@@ -265,6 +309,7 @@ def test_builds_without_the_kernels_fall_back(monkeypatch: pytest.MonkeyPatch, m
         got = cpu.q4_matmul_panels(x, cpu.pack_q4_panels(codes, d, mins))
         got8 = cpu.int8_matmul_panels(x, packed8)
         assert not cpu.panels_amx_available() and Int4Linear(torch.randn(64, 64)).amx_min_rows == 0
+        assert not cpu.panel_tiles_available()
         assert Int8Linear(torch.randn(64, 64)).amx_min_rows == 0
         if march == "haswell":
             assert cpu.q4_panels_available() and default_quantized_kernel(64) == "panels"
@@ -273,6 +318,7 @@ def test_builds_without_the_kernels_fall_back(monkeypatch: pytest.MonkeyPatch, m
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             want8 = round_to_q8(x) @ cpu.q8_dequantize(codes8, scales8).T
             torch.testing.assert_close(got8, want8, rtol=1e-4, atol=1e-4)
+            assert cpu.q4_matmul_panels(x, cpu.pack_q4_panels(codes, d, mins), tiles=True) is None
             if native is not None:  # the AVX-512 path adds the same terms in the same order
                 assert torch.equal(got, native)
             if native8 is not None:

@@ -218,11 +218,13 @@ class Int8Linear(nn.Module):
 # weight dequantized to bfloat16 tiles per call) instead of the VNNI panels, by weight
 # bits. On a 2-core Sapphire Rapids (benchmarks/quantized_prefill.py, docs/performance.md):
 # 30 x SmolLM2's four int4 layers 0.90x at 16 rows, 1.02x at 20, 1.07x at 24, 1.29x at 32
-# and 2.6x at 512 (where it also beats the dense bfloat16 path by 1.6x); int8 layers 1.00x
-# at 24 rows and 1.16x at 32, the 8-bit LM head (28 MB, from memory) 0.86x at 24 and
-# 1.05-1.20x at 32. TOKENMILL_AMX_MIN_ROWS overrides both (0: never).
+# and 2.6x at 512 (where it also beats the dense bfloat16 path by 1.6x). 8-bit layers
+# below it keep the integer numbers on AMX int8 tiles (panel_matmul_amx_exact.c, from 8
+# rows), which the bfloat16 tiles only overtake from 48 rows (benchmarks/panel_tiles.py:
+# int8 layers 0.97x at 32 rows, 1.2x at 48; the LM head 0.80x at 32, 1.2x at 48).
+# TOKENMILL_AMX_MIN_ROWS overrides both (0: never, the integer numbers at any row count).
 _AMX_ROWS_ENV = os.environ.get("TOKENMILL_AMX_MIN_ROWS")
-AMX_MIN_ROWS = {4: int(_AMX_ROWS_ENV or 24), 8: int(_AMX_ROWS_ENV or 32)}
+AMX_MIN_ROWS = {4: int(_AMX_ROWS_ENV or 24), 8: int(_AMX_ROWS_ENV or 48)}
 
 
 def panel_amx_min_rows(out_features: int, kernel: str, bits: int) -> int:

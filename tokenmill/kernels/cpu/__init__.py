@@ -40,11 +40,11 @@ _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_ma
             "dequantize.c", "rope_kv_write.c", "decoder_stack.c", "bf16_ops.c",
             "bf16_matmul.c", "argmax.c", "decoder_stack_bf16.c", "f32_matmul.c",
             "prefill_attention.c", "bf16_matmul_dot.c", "q4_matmul_panels.c",
-            "int8_matmul_panels.c", "panel_matmul_amx.c")
+            "int8_matmul_panels.c", "panel_matmul_amx.c", "panel_matmul_amx_exact.c")
 # Included by the sources: part of the cache key, not compiled on their own.
 _HEADERS = ("q8_input.h", "bf16.h", "fp16.h", "vec_math.h", "decoder_stack.h",
             "paged_attention_avx2.inc", "paged_attention_items.h", "prefill_attention.inc",
-            "kv_cache_types.h", "amx_tiles.h")
+            "kv_cache_types.h", "amx_tiles.h", "panel_matmul_amx_exact.h")
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 
@@ -163,15 +163,16 @@ def cpu_kernels() -> ctypes.CDLL | None:
     lib.q4_dequantize_f32.argtypes = _Q4_DEQUANTIZE_ARGTYPES
     lib.q4_dequantize_f32.restype = None
     for kind in ("q4", "int8"):
-        getattr(lib, f"{kind}_matmul_panels_f32").argtypes = _PANEL_MATMUL_ARGTYPES
+        getattr(lib, f"{kind}_matmul_panels_f32").argtypes = [*_PANEL_MATMUL_ARGTYPES, _i32]
         getattr(lib, f"{kind}_matmul_panels_f32").restype = ctypes.c_int
         getattr(lib, f"{kind}_matmul_panels_available").argtypes = []
         getattr(lib, f"{kind}_matmul_panels_available").restype = ctypes.c_int
     for name in ("q4_matmul_panels_amx", "int8_matmul_panels_amx"):
         getattr(lib, name).argtypes = _PANEL_MATMUL_ARGTYPES
         getattr(lib, name).restype = ctypes.c_int
-    lib.panel_matmul_amx_available.argtypes = []
-    lib.panel_matmul_amx_available.restype = ctypes.c_int
+    for name in ("panel_matmul_amx_available", "panel_matmul_amx_exact_available"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = ctypes.c_int
     for name in ("q4_panels_dequantize_f32", "q8_panels_dequantize_f32"):
         getattr(lib, name).argtypes = [_ptr, _ptr, _i32, _i32]
         getattr(lib, name).restype = None
@@ -485,8 +486,12 @@ def pack_q4_panels(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
                       _per_panel_bytes(mins)], dim=2).contiguous()
 
 
+# path argument of q4_matmul_panels_f32 / int8_matmul_panels_f32 (panel_matmul_amx_exact.h)
+_PANEL_PATHS = {False: 0, True: 1, None: 2}
+
+
 def _panel_matmul(name: str, block: int, x: torch.Tensor, packed: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor | None:
+                 bias: torch.Tensor | None, *path: int) -> torch.Tensor | None:
     lib = cpu_kernels()
     if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu"
             or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
@@ -502,7 +507,7 @@ def _panel_matmul(name: str, block: int, x: torch.Tensor, packed: torch.Tensor,
         return out
     status = getattr(lib, name)(x.data_ptr(), x.stride(0), packed.data_ptr(),
                                 None if bias is None else bias.data_ptr(), out.data_ptr(),
-                                n, m, n, k)
+                                n, m, n, k, *path)
     if status == -2:
         return None
     if status != 0:
@@ -526,16 +531,23 @@ def _panel_dequantize(name: str, packed: torch.Tensor, start: int,
 
 
 def q4_matmul_panels(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None, *,
+    tiles: bool | None = None,
 ) -> torch.Tensor | None:
     """:func:`q4_matmul`'s product with the weight from :func:`pack_q4_panels`
-    (``vpdpbusd`` on AVX512-VNNI CPUs, ``maddubs`` on AVX2): the same rounded input and
-    the same exact integer sums per group, scaled and summed in another order (float32
-    rounding apart, the same result). A row's result does not depend on the other rows.
-    None, having done nothing, when the kernel is unavailable or ``x`` is not float32 on
-    the CPU.
+    (``vpdpbusd`` on AVX512-VNNI CPUs, ``maddubs`` on AVX2, ``tdpbsud`` on AMX int8 tiles):
+    the same rounded input and the same exact integer sums per group, scaled and summed in
+    another order (float32 rounding apart, the same result). A row's result does not
+    depend on the other rows, nor on which of these instructions ran.
+
+    ``tiles``: None lets the kernel take AMX tiles where it measured them faster (from 32
+    rows, outputs a multiple of 32, :func:`panel_tiles_available`); False never; True
+    always (None returned where they are unavailable or the outputs are not a multiple
+    of 32). None, having done nothing, when the kernel is unavailable or ``x`` is not
+    float32 on the CPU.
     """
-    return _panel_matmul("q4_matmul_panels_f32", Q4_PANEL_BLOCK, x, packed, bias)
+    return _panel_matmul("q4_matmul_panels_f32", Q4_PANEL_BLOCK, x, packed, bias,
+                         _PANEL_PATHS[tiles])
 
 
 def panels_amx_available() -> bool:
@@ -558,6 +570,14 @@ def q4_matmul_panels_amx(
     if not panels_amx_available():
         return None
     return _panel_matmul("q4_matmul_panels_amx", Q4_PANEL_BLOCK, x, packed, bias)
+
+
+def panel_tiles_available() -> bool:
+    """Whether :func:`q4_matmul_panels` and :func:`int8_matmul_panels` can run on AMX int8
+    tiles here (``tiles=True``; ``panel_matmul_amx_exact.c``): AMX-INT8 in this build and
+    CPU, tiles granted to this process."""
+    lib = cpu_kernels()
+    return lib is not None and lib.panel_matmul_amx_exact_available() == 1
 
 
 def q4_panels_dequantize(
@@ -614,14 +634,17 @@ def int8_matmul_panels_amx(
 
 
 def int8_matmul_panels(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None, *,
+    tiles: bool | None = None,
 ) -> torch.Tensor | None:
-    """:func:`int8_matmul`'s product on AVX512-VNNI or AVX2 (the same bits), the weight from
-    :func:`pack_int8_panels`:
-    the same rounded input and exact integer sums per group, summed in another float
-    order. A row's result does not depend on the other rows. None, having done nothing,
-    when the kernel is unavailable or ``x`` is not float32 on the CPU."""
-    return _panel_matmul("int8_matmul_panels_f32", INT8_PANEL_BLOCK, x, packed, bias)
+    """:func:`int8_matmul`'s product on AVX512-VNNI, AVX2 or AMX int8 tiles (the same
+    bits), the weight from :func:`pack_int8_panels`: the same rounded input and exact
+    integer sums per group, summed in another float order. A row's result does not depend
+    on the other rows. ``tiles`` as for :func:`q4_matmul_panels` (None: AMX tiles from 8
+    rows). None, having done nothing, when the kernel is unavailable or ``x`` is not
+    float32 on the CPU."""
+    return _panel_matmul("int8_matmul_panels_f32", INT8_PANEL_BLOCK, x, packed, bias,
+                         _PANEL_PATHS[tiles])
 
 
 def int8_panels_dequantize(

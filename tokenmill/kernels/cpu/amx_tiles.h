@@ -14,4 +14,13 @@ typedef struct {
     uint8_t rows[16];
 } tm_tile_config;
 
+/* ldtilecfg from cfg. The compiler barrier keeps the configuration's stores: once the
+   configuring function was inlined, GCC 12 dropped them as dead (the tile instruction's
+   read of memory is not visible to it) and ldtilecfg faulted on a half-written one. */
+#define tm_tile_load_config(cfg)                   \
+    do {                                           \
+        __asm__ __volatile__("" ::: "memory");     \
+        _tile_loadconfig(cfg);                     \
+    } while (0)
+
 #endif

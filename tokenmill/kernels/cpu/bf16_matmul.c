@@ -72,7 +72,7 @@ static void tm_configure(int rows0, int rows1) {
         cfg.rows[t] = 16;
         cfg.colsb[t] = 64;
     }
-    _tile_loadconfig(&cfg);
+    tm_tile_load_config(&cfg);
 }
 
 /* One accumulator tile (rows x 16 floats) plus bias, rounded into out. */

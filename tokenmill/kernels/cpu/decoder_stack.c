@@ -30,6 +30,7 @@
 
 #include "decoder_stack.h"
 #include "kv_cache_types.h"
+#include "panel_matmul_amx_exact.h"
 #include "vec_math.h"
 
 #pragma GCC optimize("fp-contract=off")
@@ -42,14 +43,16 @@ int f32_matmul_packed(const float *x, int64_t x_stride, const float *packed, con
 int int8_matmul_f32(const float *x, int64_t x_stride, const int8_t *codes, const float *scales,
                     const float *bias, float *out, int64_t out_stride, int M, int N, int K);
 int q4_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *packed,
-                       const float *bias, float *out, int64_t out_stride, int M, int N, int K);
+                         const float *bias, float *out, int64_t out_stride, int M, int N, int K,
+                         int path);
 int q4_matmul_panels_amx(const float *x, int64_t x_stride, const uint8_t *packed,
                          const float *bias, float *out, int64_t out_stride, int M, int N, int K);
 int int8_matmul_panels_amx(const float *x, int64_t x_stride, const uint8_t *packed,
                            const float *bias, float *out, int64_t out_stride, int M, int N,
                            int K);
 int int8_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *packed,
-                         const float *bias, float *out, int64_t out_stride, int M, int N, int K);
+                           const float *bias, float *out, int64_t out_stride, int M, int N,
+                           int K, int path);
 void rope_kv_write_f32(const float *qkv, int64_t qkv_stride, int T, int H, int KVH, int D,
                        const float *cos, const float *sin_f, float *q_out, float *k_cache,
                        float *v_cache, const int64_t *slots);
@@ -171,7 +174,8 @@ static int linear(const tm_qlinear *l, const float *x, float *out, int M) {
             if (status != -2) return status;
         }
         return (l->kind == 5 ? q4_matmul_panels_f32 : int8_matmul_panels_f32)(
-            x, l->k, (const uint8_t *)l->w0, l->bias, out, l->n, M, l->n, l->k);
+            x, l->k, (const uint8_t *)l->w0, l->bias, out, l->n, M, l->n, l->k,
+            TM_PANELS_AUTO);
     }
     if (l->kind == 0)
         return q4_matmul_f32(x, l->k, (const uint8_t *)l->w0, l->w1, l->w2, l->bias, out, l->n,

@@ -19,9 +19,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "panel_matmul_amx_exact.h"
 #include "q8_input.h"
 
 #define TM_Q8V_BLOCK 576
+/* TM_PANELS_AUTO: AMX int8 tiles from this many rows (panel_matmul_amx_exact.c; on a
+   2-core Sapphire Rapids 30 x SmolLM2's int8 layers 1.2-1.4x the VNNI path at 8 to 32
+   rows, its LM head 1.3x at 16 to 32, about even below) */
+#define TM_Q8V_TILES_MIN_ROWS 8
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -129,12 +134,18 @@ int int8_matmul_panels_available(void) {
 }
 
 /* out[M, N] = x[M, K] @ W^T (+ bias[N]); x rows x_stride floats apart, out rows
-   out_stride apart, W packed as above. N % 16 == 0, K % 32 == 0. Returns 0, -1 when out
-   of memory for the rounded input, -2 when this build has no panel path (nothing written). */
+   out_stride apart, W packed as above; `path` a TM_PANELS_* choice. N % 16 == 0,
+   K % 32 == 0. Returns 0, -1 when out of memory for the rounded input, -2 when this build
+   has no panel path or not the one asked for (nothing written). */
 int int8_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *packed,
-                         const float *bias, float *out, int64_t out_stride, int M, int N, int K) {
+                           const float *bias, float *out, int64_t out_stride, int M, int N,
+                           int K, int path) {
 #ifdef TM_Q8V
     const int groups = K / 32, panels = N / 16;
+    const int tiles = path == TM_PANELS_TILES
+        || (path == TM_PANELS_AUTO && M >= TM_Q8V_TILES_MIN_ROWS && N % 32 == 0
+            && panel_matmul_amx_exact_available());
+    if (path == TM_PANELS_TILES && !panel_matmul_amx_exact_available()) return -2;
     const int64_t panel_bytes = (int64_t)groups * TM_Q8V_BLOCK;
     tm_q8_input in;
     if (tm_q8_input_make(&in, x, x_stride, M, K, 0) != 0) return -1;
@@ -149,6 +160,13 @@ int int8_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *pack
         int32_t sum = 0;
         for (int j = 0; j < 32; j++) sum += qx[32 * i + j];
         xsum[i] = sum;
+    }
+    if (tiles) {
+        const int status = tm_int8_panels_amx_exact(&in, xsum, packed, bias, out, out_stride,
+                                                     M, N, K);
+        free(xsum);
+        tm_q8_input_free(&in);
+        return status;
     }
     #pragma omp parallel
     {
@@ -184,7 +202,7 @@ int int8_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *pack
     return 0;
 #else
     (void)x; (void)x_stride; (void)packed; (void)bias; (void)out; (void)out_stride;
-    (void)M; (void)N; (void)K;
+    (void)M; (void)N; (void)K; (void)path;
     return -2;
 #endif
 }

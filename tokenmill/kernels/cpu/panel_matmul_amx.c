@@ -50,7 +50,7 @@ static void tm_pa_configure(int rows0, int rows1) {
         cfg.rows[t] = (uint8_t)rows[t];
         cfg.colsb[t] = 64;
     }
-    _tile_loadconfig(&cfg);
+    tm_tile_load_config(&cfg);
 }
 
 /* Codes of inputs 8h + j (j 0..7) of a chunk's 16 columns, one per 32-bit lane: the low

@@ -32,9 +32,13 @@
  */
 #include <stdint.h>
 
+#include "panel_matmul_amx_exact.h"
 #include "q8_input.h"
 
 #define TM_Q4P_BLOCK 320
+/* TM_PANELS_AUTO: AMX int8 tiles from this many rows (panel_matmul_amx_exact.c; 1.05-1.1x
+   the VNNI path from 32 rows on a 2-core Sapphire Rapids, slower below) */
+#define TM_Q4P_TILES_MIN_ROWS 32
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -138,17 +142,26 @@ int q4_matmul_panels_available(void) {
 }
 
 /* out[M, N] = x[M, K] @ W^T (+ bias[N]); x rows x_stride floats apart, out rows
-   out_stride apart, W packed as above. N % 16 == 0, K % 32 == 0. Returns 0, -1 when out
-   of memory for the rounded input, -2 when this build has no panel path (nothing
-   written). */
+   out_stride apart, W packed as above; `path` a TM_PANELS_* choice. N % 16 == 0,
+   K % 32 == 0. Returns 0, -1 when out of memory for the rounded input, -2 when this build
+   has no panel path or not the one asked for (nothing written). */
 int q4_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *packed,
                          const float *bias, float *out, int64_t out_stride, int M, int N,
-                         int K) {
+                         int K, int path) {
 #ifdef TM_Q4P
     const int groups = K / 32, panels = N / 16;
     const int64_t panel_bytes = (int64_t)groups * TM_Q4P_BLOCK;
+    const int tiles = path == TM_PANELS_TILES
+        || (path == TM_PANELS_AUTO && M >= TM_Q4P_TILES_MIN_ROWS && N % 32 == 0
+            && panel_matmul_amx_exact_available());
+    if (path == TM_PANELS_TILES && !panel_matmul_amx_exact_available()) return -2;
     tm_q8_input in;
     if (tm_q8_input_make(&in, x, x_stride, M, K, 0) != 0) return -1;
+    if (tiles) {
+        const int status = tm_q4_panels_amx_exact(&in, packed, bias, out, out_stride, M, N, K);
+        tm_q8_input_free(&in);
+        return status;
+    }
     const int8_t *qx = in.qx;
     const float *dx = in.dx, *sx = in.sx;
     #pragma omp parallel
@@ -187,7 +200,7 @@ int q4_matmul_panels_f32(const float *x, int64_t x_stride, const uint8_t *packed
     return 0;
 #else
     (void)x; (void)x_stride; (void)packed; (void)bias; (void)out; (void)out_stride;
-    (void)M; (void)N; (void)K;
+    (void)M; (void)N; (void)K; (void)path;
     return -2;
 #endif
 }
