@@ -376,3 +376,41 @@ def test_paged_attention_bfloat16_shapes(heads, kv_heads, dim, block, window):
     out = torch.zeros_like(q)
     assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, dim**-0.5, 16, window)
     torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim,block,window", [
+    (9, 3, 64, 16, 0),    # SmolLM2's shape (a case the AVX-512 kernel spells out)
+    (14, 2, 64, 16, 0),   # Qwen2.5-0.5B's groups of 7
+    (8, 1, 128, 8, 0),    # a group of 8 (two passes of 6 heads), two 64-wide V passes
+    (4, 2, 256, 32, 37),  # the widest head; blocks of 32; a window inside a block
+    (6, 2, 48, 16, 17),   # counts known only at run time; a window one past a block
+    (2, 2, 64, 5, 0),     # no GQA; blocks of 5: 16-key tiles straddle blocks
+])
+def test_paged_attention_float32_queries_shapes(cache_dtype, heads, kv_heads, dim, block,
+                                                window):
+    """float32 queries over float32 and 16-bit caches, over the shapes the kernels branch
+    on (the AVX-512 kernel on AVX-512 CPUs, the AVX2 one elsewhere), against a float64
+    reference; each sequence's rows the same bits alone as in the batch."""
+    g = torch.Generator().manual_seed(heads * dim + block)
+    q_lens, seq_lens = [1, 4, 1, 16, 1], [1, 70, 33, 50, 129]
+    num_blocks = sum(-(-n // block) for n in seq_lens) + 1
+    kc = torch.randn(num_blocks, block, kv_heads, dim, generator=g).to(cache_dtype)
+    vc = torch.randn(num_blocks, block, kv_heads, dim, generator=g).to(cache_dtype)
+    q, qsl, lens, tables = paged_layout(q_lens, seq_lens, num_blocks - 1, block, heads, dim, g)
+    want = dense_reference_attention(q.double(), kc.double(), vc.double(), qsl, lens, tables,
+                                     dim**-0.5, window or 10**9).float()
+    if window:  # blocks wholly before every query's window point at a NaN block
+        kc[-1], vc[-1] = float("nan"), float("nan")
+        for i, (n, ql) in enumerate(zip(seq_lens, q_lens, strict=True)):
+            tables[i, : max(0, n - ql - window + 1) // block] = num_blocks - 1
+    out = torch.zeros_like(q)
+    assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, dim**-0.5, 16, window)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for i in range(len(q_lens)):  # alone
+        rows = slice(int(qsl[i]), int(qsl[i + 1]))
+        alone = torch.zeros_like(q[rows])
+        assert cpu.paged_attention(q[rows], alone, kc, vc,
+                                   torch.tensor([0, q_lens[i]], dtype=torch.int32), lens[i:i + 1],
+                                   tables[i:i + 1], dim**-0.5, 16, window)
+        assert torch.equal(alone, out[rows]), i

@@ -43,8 +43,9 @@ _SOURCES = ("paged_attention.c", "paged_attention_q8.c", "int8_matmul.c", "q4_ma
             "int8_matmul_panels.c", "panel_matmul_amx.c", "panel_matmul_amx_exact.c")
 # Included by the sources: part of the cache key, not compiled on their own.
 _HEADERS = ("q8_input.h", "bf16.h", "fp16.h", "vec_math.h", "decoder_stack.h",
-            "paged_attention_avx2.inc", "paged_attention_items.h", "prefill_attention.inc",
-            "kv_cache_types.h", "amx_tiles.h", "panel_matmul_amx_exact.h")
+            "paged_attention_avx2.inc", "paged_attention_avx512.inc", "paged_attention_items.h",
+            "prefill_attention.inc", "kv_cache_types.h", "amx_tiles.h",
+            "panel_matmul_amx_exact.h")
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 

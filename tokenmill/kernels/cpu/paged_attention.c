@@ -169,9 +169,9 @@ static inline __m256 tm_load8_f16(const uint16_t *p) {
 #endif
 #endif
 
-#if defined(TM_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
-#define TM_AVX512_BF16 1
-#define TM_MAX_GROUP 16 /* query heads per KV head the AVX-512 kernel takes */
+#if defined(TM_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define TM_AVX512 1
+#define TM_MAX_GROUP 16 /* query heads per KV head the AVX-512 kernels take */
 
 /* v[0..15] -> one vector whose lane j is the sum of v[(j % 4) * 4 + j / 4]'s lanes: a
    4-level tree of 45 shuffles and adds, against 16 separate horizontal sums. */
@@ -193,6 +193,30 @@ static inline __m512 tm_load16_bf16(const uint16_t *p) {
     const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
+
+/* Whether the AVX-512 kernels take these heads (their registers hold up to 256 columns
+   of a K row and the group's scores fit TM_MAX_GROUP). */
+static inline int tm_avx512_fits(int head_dim, int num_heads, int num_kv_heads) {
+    return head_dim % 16 == 0 && head_dim <= 256 && num_heads / num_kv_heads <= TM_MAX_GROUP;
+}
+
+/* float32 queries: float32, bfloat16 and float16 caches */
+#define TM_KV_T float
+#define TM_LOAD16(p) _mm512_loadu_ps(p)
+#define TM_KERNEL paged_attention_f32_avx512
+#include "paged_attention_avx512.inc"
+#define TM_KV_T uint16_t
+#define TM_LOAD16(p) tm_load16_bf16(p)
+#define TM_KERNEL paged_attention_f32_kvbf16_avx512
+#include "paged_attention_avx512.inc"
+#define TM_KV_T uint16_t
+#define TM_LOAD16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define TM_KERNEL paged_attention_f32_kvf16_avx512
+#include "paged_attention_avx512.inc"
+#endif
+
+#if defined(TM_AVX512) && defined(__AVX512BF16__)
+#define TM_AVX512_BF16 1
 
 /* bfloat16 caches on AVX512-BF16 CPUs, head_dim % 32 == 0 and <= 256, at most
    TM_MAX_GROUP query heads per KV head. One work item is a (sequence, KV head) pair and
@@ -354,11 +378,33 @@ void NAME(const T *q, int64_t q_stride, T *out, int64_t out_stride, const KT *k_
                                      block_size, scale, max_q_len, window);                    \
 }
 
-DEFINE_DISPATCH(paged_attention_f32, float, float, paged_attention_f32_avx2,
+#ifdef TM_AVX512
+/* float32 queries: the AVX-512 kernel where its limits allow, else the AVX2 one. */
+#define DEFINE_F32_AVX(NAME, KT)                                                              \
+static void NAME##_avx(const float *q, int64_t q_stride, float *out, int64_t out_stride,     \
+                       const KT *k_cache, const KT *v_cache, const int32_t *query_start,     \
+                       const int32_t *seq_lens, const int32_t *block_tables, int num_seqs,   \
+                       int max_blocks, int num_heads, int num_kv_heads, int head_dim,        \
+                       int block_size, float scale, int max_q_len, int window) {             \
+    (tm_avx512_fits(head_dim, num_heads, num_kv_heads) ? NAME##_avx512 : NAME##_avx2)(       \
+        q, q_stride, out, out_stride, k_cache, v_cache, query_start, seq_lens, block_tables, \
+        num_seqs, max_blocks, num_heads, num_kv_heads, head_dim, block_size, scale,          \
+        max_q_len, window);                                                                  \
+}
+DEFINE_F32_AVX(paged_attention_f32, float)
+DEFINE_F32_AVX(paged_attention_f32_kvbf16, uint16_t)
+DEFINE_F32_AVX(paged_attention_f32_kvf16, uint16_t)
+#undef DEFINE_F32_AVX
+#else
+#define paged_attention_f32_avx paged_attention_f32_avx2
+#define paged_attention_f32_kvbf16_avx paged_attention_f32_kvbf16_avx2
+#define paged_attention_f32_kvf16_avx paged_attention_f32_kvf16_avx2
+#endif
+DEFINE_DISPATCH(paged_attention_f32, float, float, paged_attention_f32_avx,
                 paged_attention_f32_generic)
-DEFINE_DISPATCH(paged_attention_f32_kvbf16, float, uint16_t, paged_attention_f32_kvbf16_avx2,
+DEFINE_DISPATCH(paged_attention_f32_kvbf16, float, uint16_t, paged_attention_f32_kvbf16_avx,
                 paged_attention_f32_kvbf16_generic)
-DEFINE_DISPATCH(paged_attention_f32_kvf16, float, uint16_t, paged_attention_f32_kvf16_avx2,
+DEFINE_DISPATCH(paged_attention_f32_kvf16, float, uint16_t, paged_attention_f32_kvf16_avx,
                 paged_attention_f32_kvf16_generic)
 #ifdef TM_AVX512_BF16
 /* The AVX-512 kernel where its limits allow, else as float32. */
@@ -368,8 +414,7 @@ static void paged_attention_bf16_avx(
         const int32_t *seq_lens, const int32_t *block_tables, int num_seqs, int max_blocks,
         int num_heads, int num_kv_heads, int head_dim, int block_size, float scale,
         int max_q_len, int window) {
-    const int fits = head_dim % 32 == 0 && head_dim <= 256
-                     && num_heads / num_kv_heads <= TM_MAX_GROUP;
+    const int fits = head_dim % 32 == 0 && tm_avx512_fits(head_dim, num_heads, num_kv_heads);
     (fits ? paged_attention_bf16_avx512 : paged_attention_bf16_avx2)(
         q, q_stride, out, out_stride, k_cache, v_cache, query_start, seq_lens, block_tables,
         num_seqs, max_blocks, num_heads, num_kv_heads, head_dim, block_size, scale, max_q_len,
