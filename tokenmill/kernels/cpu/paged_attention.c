@@ -296,12 +296,16 @@ static void paged_attention_bf16_avx512(
                     float inv[TM_MAX_GROUP];
                     for (int g = 0; g < group; g++) {
                         float *s = sc + g * sc_stride;
-                        float mx = -INFINITY;
-                        for (int t = lo; t < visible; t++) mx = s[t] > mx ? s[t] : mx;
+                        /* the maximum sixteen lanes at a time (NaN skipped, as below) */
+                        __m512 m16 = _mm512_set1_ps(-INFINITY);
+                        int t = lo;
+                        for (; t + 16 <= visible; t += 16)
+                            m16 = _mm512_max_ps(_mm512_loadu_ps(s + t), m16);
+                        float mx = _mm512_reduce_max_ps(m16);
+                        for (; t < visible; t++) mx = s[t] > mx ? s[t] : mx;
                         const __m512 mx16 = _mm512_set1_ps(mx);
                         __m512 sum16 = _mm512_setzero_ps();
-                        int t = lo;
-                        for (; t + 16 <= visible; t += 16) {
+                        for (t = lo; t + 16 <= visible; t += 16) {
                             const __m512 e = tm_exp16_nonpositive(
                                 _mm512_sub_ps(_mm512_loadu_ps(s + t), mx16));
                             _mm512_storeu_ps(s + t, e);
