@@ -349,6 +349,27 @@ def test_argmax_rows_matches_torch(shape: tuple[int, int]) -> None:
     assert torch.equal(cpu.argmax_rows(wide), wide.argmax(dim=-1))
 
 
+def _shapes_case(heads, kv_heads, dim, block, window, q_dtype, cache_dtype):
+    """Five sequences (one- and multi-token queries, 1 to 129 keys) in blocks of `block`,
+    the dense reference (float64 for float32 queries) as float32; with a window, the table
+    entries wholly before every query's window point at a NaN block (never read)."""
+    g = torch.Generator().manual_seed(heads * dim + block)
+    q_lens, seq_lens = [1, 4, 1, 16, 1], [1, 70, 33, 50, 129]
+    num_blocks = sum(-(-n // block) for n in seq_lens) + 1
+    kc = torch.randn(num_blocks, block, kv_heads, dim, generator=g).to(cache_dtype)
+    vc = torch.randn(num_blocks, block, kv_heads, dim, generator=g).to(cache_dtype)
+    q, qsl, lens, tables = paged_layout(q_lens, seq_lens, num_blocks - 1, block, heads, dim, g)
+    q = q.to(q_dtype)
+    ref = torch.float64 if q_dtype == torch.float32 else torch.float32
+    want = dense_reference_attention(q.to(ref), kc.to(ref), vc.to(ref), qsl, lens, tables,
+                                     dim**-0.5, window or 10**9).float()
+    if window:
+        kc[-1], vc[-1] = float("nan"), float("nan")
+        for i, (n, ql) in enumerate(zip(seq_lens, q_lens, strict=True)):
+            tables[i, : max(0, n - ql - window + 1) // block] = num_blocks - 1
+    return q, kc, vc, qsl, lens, tables, want
+
+
 @pytest.mark.parametrize("heads,kv_heads,dim,block,window", [
     (9, 3, 64, 16, 0),    # SmolLM2's shape
     (8, 1, 128, 8, 0),    # a group of 8 (two passes of 6 heads), two 64-wide V passes
@@ -360,19 +381,8 @@ def test_paged_attention_bfloat16_shapes(heads, kv_heads, dim, block, window):
     """bfloat16 caches over the shapes the kernels branch on (the AVX-512 kernel on CPUs
     with AVX512-BF16, the AVX2 one elsewhere): head widths, GQA groups, block sizes,
     multi-token queries and windows whose earlier blocks hold NaN (never read)."""
-    g = torch.Generator().manual_seed(heads * dim + block)
-    q_lens, seq_lens = [1, 4, 1, 16, 1], [1, 70, 33, 50, 129]
-    num_blocks = sum(-(-n // block) for n in seq_lens) + 1
-    kc = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
-    vc = torch.randn(num_blocks, block, kv_heads, dim, generator=g)
-    q, qsl, lens, tables = paged_layout(q_lens, seq_lens, num_blocks - 1, block, heads, dim, g)
-    q, kc, vc = q.bfloat16(), kc.bfloat16(), vc.bfloat16()
-    want = dense_reference_attention(q.float(), kc.float(), vc.float(), qsl, lens, tables,
-                                     dim**-0.5, window or 10**9)
-    if window:  # blocks wholly before every query's window point at a NaN block
-        kc[-1], vc[-1] = float("nan"), float("nan")
-        for i, (n, ql) in enumerate(zip(seq_lens, q_lens, strict=True)):
-            tables[i, : max(0, n - ql - window + 1) // block] = num_blocks - 1
+    q, kc, vc, qsl, lens, tables, want = _shapes_case(heads, kv_heads, dim, block, window,
+                                                      torch.bfloat16, torch.bfloat16)
     out = torch.zeros_like(q)
     assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, dim**-0.5, 16, window)
     torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
@@ -392,25 +402,15 @@ def test_paged_attention_float32_queries_shapes(cache_dtype, heads, kv_heads, di
     """float32 queries over float32 and 16-bit caches, over the shapes the kernels branch
     on (the AVX-512 kernel on AVX-512 CPUs, the AVX2 one elsewhere), against a float64
     reference; each sequence's rows the same bits alone as in the batch."""
-    g = torch.Generator().manual_seed(heads * dim + block)
-    q_lens, seq_lens = [1, 4, 1, 16, 1], [1, 70, 33, 50, 129]
-    num_blocks = sum(-(-n // block) for n in seq_lens) + 1
-    kc = torch.randn(num_blocks, block, kv_heads, dim, generator=g).to(cache_dtype)
-    vc = torch.randn(num_blocks, block, kv_heads, dim, generator=g).to(cache_dtype)
-    q, qsl, lens, tables = paged_layout(q_lens, seq_lens, num_blocks - 1, block, heads, dim, g)
-    want = dense_reference_attention(q.double(), kc.double(), vc.double(), qsl, lens, tables,
-                                     dim**-0.5, window or 10**9).float()
-    if window:  # blocks wholly before every query's window point at a NaN block
-        kc[-1], vc[-1] = float("nan"), float("nan")
-        for i, (n, ql) in enumerate(zip(seq_lens, q_lens, strict=True)):
-            tables[i, : max(0, n - ql - window + 1) // block] = num_blocks - 1
+    q, kc, vc, qsl, lens, tables, want = _shapes_case(heads, kv_heads, dim, block, window,
+                                                      torch.float32, cache_dtype)
     out = torch.zeros_like(q)
     assert cpu.paged_attention(q, out, kc, vc, qsl, lens, tables, dim**-0.5, 16, window)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    for i in range(len(q_lens)):  # alone
+    for i in range(len(lens)):  # alone
         rows = slice(int(qsl[i]), int(qsl[i + 1]))
         alone = torch.zeros_like(q[rows])
         assert cpu.paged_attention(q[rows], alone, kc, vc,
-                                   torch.tensor([0, q_lens[i]], dtype=torch.int32), lens[i:i + 1],
-                                   tables[i:i + 1], dim**-0.5, 16, window)
+                                   torch.tensor([0, rows.stop - rows.start], dtype=torch.int32),
+                                   lens[i:i + 1], tables[i:i + 1], dim**-0.5, 16, window)
         assert torch.equal(alone, out[rows]), i
