@@ -103,6 +103,7 @@ def test_prefix_cache_hit_equals_miss(llm, prompt_ids, engine_batched):
 @pytest.fixture(scope="module")
 def constrained_llm(llm) -> LLM:
     """Tiny step budget (chunked prefill), no prefix cache, a KV pool that must preempt."""
+    llm.engine.shutdown()  # its finalizer has run: nothing left to stop at collection
     del llm.engine.core.executor  # free the first engine's KV cache early
     gc.collect()
     return LLM(max_model_len=2048, max_num_batched_tokens=16, enable_prefix_caching=False,
