@@ -204,6 +204,16 @@ static inline __attribute__((always_inline)) int panel_matmul_amx(
                     _tile_zero(3);
                 }
                 for (int g = 0; g < groups; g++) {
+                    /* the activation rows two groups ahead into L1: a tile load waits
+                       on each of its 16 lines, which come from L2 with K-wide rows */
+                    if (g + 2 < groups) {
+                        for (int r = 0; r < rows0; r++)
+                            _mm_prefetch((const char *)(a0 + (int64_t)r * K + 32 * (g + 2)),
+                                         _MM_HINT_T0);
+                        for (int r = 0; r < rows1; r++)
+                            _mm_prefetch((const char *)(a1 + (int64_t)r * K + 32 * (g + 2)),
+                                         _MM_HINT_T0);
+                    }
                     _tile_loadd(6, tiles_b + 1024 * g, 64);
                     _tile_loadd(7, tiles_b + 1024 * g + 512, 64);
                     _tile_loadd(4, a0 + 32 * g, lda);
