@@ -23,7 +23,6 @@
  * caller keeps oneDNN for the others. Threads split the output columns.
  */
 #include <stdint.h>
-#include <string.h>
 
 #include "bf16.h"
 
@@ -52,28 +51,6 @@ int bf16_matmul_amx_init(void) {
 
 #ifdef TM_AMX
 #include "amx_tiles.h"
-
-/* Tiles: 0-3 accumulators C[m][n] (m: two blocks of up to 16 rows, n: two blocks of
-   16 columns), 4-5 activations A[m], 6-7 weights B[n]. */
-static void tm_configure(int rows0, int rows1) {
-    tm_tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    const int rows_c[4] = {rows0, rows0, rows1, rows1};
-    for (int t = 0; t < 4; t++) {
-        cfg.rows[t] = (uint8_t)rows_c[t];
-        cfg.colsb[t] = 64;
-    }
-    cfg.rows[4] = (uint8_t)rows0;
-    cfg.colsb[4] = 64;
-    cfg.rows[5] = (uint8_t)rows1;
-    cfg.colsb[5] = 64;
-    for (int t = 6; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
-    tm_tile_load_config(&cfg);
-}
 
 /* One accumulator tile (rows x 16 floats) plus bias, rounded into out. */
 static inline void tm_write(const float *acc, int rows, const uint16_t *bias, uint16_t *out,
@@ -109,7 +86,7 @@ int bf16_matmul_amx(const uint16_t *x, int64_t ldx, const uint16_t *packed,
                 const int rows0 = M - m0 < 16 ? M - m0 : 16;
                 const int rows1 = M - m0 - 16 < 0 ? 0 : (M - m0 - 16 < 16 ? M - m0 - 16 : 16);
                 if (rows0 != configured0 || rows1 != configured1) {
-                    tm_configure(rows0, rows1 > 0 ? rows1 : 1);
+                    tm_tile_configure_bf16_pass(rows0, rows1 > 0 ? rows1 : 1);
                     configured0 = rows0;
                     configured1 = rows1;
                 }

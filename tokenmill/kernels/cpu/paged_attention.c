@@ -200,6 +200,30 @@ static inline int tm_avx512_fits(int head_dim, int num_heads, int num_kv_heads) 
     return head_dim % 16 == 0 && head_dim <= 256 && num_heads / num_kv_heads <= TM_MAX_GROUP;
 }
 
+/* A head's scores s[lo .. visible) replaced by exp(s - max), in place; returns 1 / their
+   sum. The maximum sixteen lanes at a time (a scalar loop waits on each max's latency); a
+   NaN score is skipped, as the scalar tail skips it. */
+static inline float tm_softmax16(float *s, int lo, int visible) {
+    __m512 m16 = _mm512_set1_ps(-INFINITY);
+    int t = lo;
+    for (; t + 16 <= visible; t += 16) m16 = _mm512_max_ps(_mm512_loadu_ps(s + t), m16);
+    float mx = _mm512_reduce_max_ps(m16);
+    for (; t < visible; t++) mx = s[t] > mx ? s[t] : mx;
+    const __m512 mx16 = _mm512_set1_ps(mx);
+    __m512 sum16 = _mm512_setzero_ps();
+    for (t = lo; t + 16 <= visible; t += 16) {
+        const __m512 e = tm_exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), mx16));
+        _mm512_storeu_ps(s + t, e);
+        sum16 = _mm512_add_ps(sum16, e);
+    }
+    float sum = _mm512_reduce_add_ps(sum16);
+    for (; t < visible; t++) {
+        s[t] = expf(s[t] - mx);
+        sum += s[t];
+    }
+    return 1.0f / sum;
+}
+
 /* float32 queries: float32, bfloat16 and float16 caches */
 #define TM_KV_T float
 #define TM_LOAD16(p) _mm512_loadu_ps(p)
@@ -266,29 +290,7 @@ static inline __attribute__((always_inline)) void tm_bf16_row(
         }
     }
     float inv[TM_MAX_GROUP];
-    for (int g = 0; g < group; g++) {
-        float *s = sc + g * sc_stride;
-        /* the maximum sixteen lanes at a time (a scalar loop waits on each max's latency;
-           NaN skipped, as below) */
-        __m512 m16 = _mm512_set1_ps(-INFINITY);
-        int t = lo;
-        for (; t + 16 <= visible; t += 16) m16 = _mm512_max_ps(_mm512_loadu_ps(s + t), m16);
-        float mx = _mm512_reduce_max_ps(m16);
-        for (; t < visible; t++) mx = s[t] > mx ? s[t] : mx;
-        const __m512 mx16 = _mm512_set1_ps(mx);
-        __m512 sum16 = _mm512_setzero_ps();
-        for (t = lo; t + 16 <= visible; t += 16) {
-            const __m512 e = tm_exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), mx16));
-            _mm512_storeu_ps(s + t, e);
-            sum16 = _mm512_add_ps(sum16, e);
-        }
-        float sum = _mm512_reduce_add_ps(sum16);
-        for (; t < visible; t++) {
-            s[t] = expf(s[t] - mx);
-            sum += s[t];
-        }
-        inv[g] = 1.0f / sum;
-    }
+    for (int g = 0; g < group; g++) inv[g] = tm_softmax16(sc + g * sc_stride, lo, visible);
     /* weighted sums of V: 64 columns of up to 6 heads in 24 registers */
     for (int d0 = 0; d0 < D; d0 += 64) {
         const int w16 = (D - d0 < 64 ? D - d0 : 64) / 16;

@@ -23,7 +23,6 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 /* bytes of one (panel, group) block: q4_matmul_panels.c, int8_matmul_panels.c */
 #define TM_Q4A_BLOCK 320
@@ -36,22 +35,6 @@
 #define TM_PANEL_AMX 1
 
 #include "amx_tiles.h"
-
-/* Tiles 0-3: accumulators C[m][n] (m: the pass's two row tiles, n: its two panels), 4-5
-   the row tiles' activations A[m], 6-7 the panels' weight blocks B[n]: each tile loaded
-   feeds two tile products. Row tile 0 has rows0 rows, row tile 1 rows1 (at least 1 when
-   unused). Every row is 64 bytes (16 floats, or 32 bfloat16). */
-static void tm_pa_configure(int rows0, int rows1) {
-    tm_tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    const int rows[8] = {rows0, rows0, rows1, rows1, rows0, rows1, 16, 16};
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = (uint8_t)rows[t];
-        cfg.colsb[t] = 64;
-    }
-    tm_tile_load_config(&cfg);
-}
 
 /* Row r of a B tile: the 16 columns' weights for an even and an odd input, rounded to
    bfloat16 (nearest even) and interleaved (word 2c <- even[c], word 2c + 1 <- odd[c]). */
@@ -192,7 +175,7 @@ static inline __attribute__((always_inline)) int panel_matmul_amx(
                 const int rows0 = M - m0 < 16 ? M - m0 : 16;
                 const int rows1 = M - m0 - 16 <= 0 ? 0 : (M - m0 - 16 < 16 ? M - m0 - 16 : 16);
                 if (32 * rows0 + rows1 != configured) {
-                    tm_pa_configure(rows0, rows1 > 0 ? rows1 : 1);
+                    tm_tile_configure_bf16_pass(rows0, rows1 > 0 ? rows1 : 1);
                     configured = 32 * rows0 + rows1;
                 }
                 const uint16_t *a0 = xb + (int64_t)m0 * K, *a1 = a0 + 16 * (int64_t)K;

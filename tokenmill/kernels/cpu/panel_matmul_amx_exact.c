@@ -44,16 +44,9 @@ int bf16_matmul_amx_init(void); /* bf16_matmul.c: asks Linux for the tile state 
    int32), 4-5: the row tiles' input codes A[m] (rows x 32 bytes), 6-7: the panels'
    weight codes B[n] (8 rows of 4 inputs x 16 columns). */
 static void tm_px_configure(int rows0, int rows1) {
-    tm_tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
     const int rows[8] = {rows0, rows0, rows1, rows1, rows0, rows1, 8, 8};
     const int colsb[8] = {64, 64, 64, 64, 32, 32, 64, 64};
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = (uint8_t)rows[t];
-        cfg.colsb[t] = (uint16_t)colsb[t];
-    }
-    tm_tile_load_config(&cfg);
+    tm_tile_configure(rows, colsb);
 }
 
 /* A Q4_1 block's codes as a B tile (512 bytes): row 2h holds the low nibbles of bytes
