@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -24,10 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from quantized_prefill import SHAPES, best_of  # noqa: E402  (this script's folder)
+
 from tokenmill.kernels import cpu  # noqa: E402
 
-# (in, out) of qkv, o, gate_up and down in SmolLM2-135M; its LM head
-LAYER_SHAPES = ((576, 960), (576, 576), (576, 3072), (1536, 576))
+# (in, out) of SmolLM2-135M's LM head; its four layers' are quantized_prefill.SHAPES
 HEAD_SHAPE = (576, 49152)
 
 
@@ -40,16 +40,6 @@ def _q4(k: int, n: int, g: torch.Generator) -> torch.Tensor:
 def _q8(k: int, n: int, g: torch.Generator) -> torch.Tensor:
     return cpu.pack_int8_panels(torch.randint(-127, 128, (n, k), generator=g),
                                 torch.rand(n, k // 32, generator=g) * 0.01)
-
-
-def best_of(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` timed calls of ``fn``, in milliseconds."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     g = torch.Generator().manual_seed(0)
     sets = {
-        "int4": ([(k, _q4(k, n, g)) for _ in range(args.layers) for k, n in LAYER_SHAPES],
+        "int4": ([(k, _q4(k, n, g)) for _ in range(args.layers) for k, n in SHAPES],
                  cpu.q4_matmul_panels, cpu.q4_matmul_panels_amx),
-        "int8": ([(k, _q8(k, n, g)) for _ in range(args.layers) for k, n in LAYER_SHAPES],
+        "int8": ([(k, _q8(k, n, g)) for _ in range(args.layers) for k, n in SHAPES],
                  cpu.int8_matmul_panels, cpu.int8_matmul_panels_amx),
         "head": ([(HEAD_SHAPE[0], _q8(*HEAD_SHAPE, g))],
                  cpu.int8_matmul_panels, cpu.int8_matmul_panels_amx),
@@ -88,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                         for k, packed in weights:
                             kernel(inputs[k], packed)
 
-                    times[key] = min(times[key], best_of(run, args.repeats))
+                    times[key] = min(times[key], best_of(run, args.repeats) * 1e3)
             print(f"{name:<8}{rows:>6}{times['vector']:>11.2f}{times['tiles']:>12.2f}"
                   f"{times['bf16']:>12.2f}{times['vector'] / times['tiles']:>10.2f}x"
                   f"{times['bf16'] / times['tiles']:>8.2f}x", flush=True)
