@@ -210,6 +210,16 @@ static inline __attribute__((always_inline)) int panel_matmul_amx(
                 }
                 float *o = out + (int64_t)m0 * out_stride + 32 * q;
                 const float *b = bias ? bias + 32 * q : NULL;
+                if (!b) { /* the tiles straight into out (a tile's rows are out's rows) */
+                    const int64_t ldo = out_stride * 4;
+                    _tile_stored(0, o, ldo);
+                    _tile_stored(1, o + 16, ldo);
+                    if (rows1 > 0) {
+                        _tile_stored(2, o + 16 * out_stride, ldo);
+                        _tile_stored(3, o + 16 * out_stride + 16, ldo);
+                    }
+                    continue;
+                }
                 _tile_stored(0, acc, 64);
                 tm_pa_write(acc, rows0, b, o, out_stride);
                 _tile_stored(1, acc, 64);
