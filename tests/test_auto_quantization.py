@@ -123,3 +123,26 @@ def test_bundled_model_runs_its_own_int4_codes_by_default(monkeypatch):
     named = LLM(num_threads=2, quantization="int4")
     want = [o.outputs[0].token_ids for o in named.generate(prompts, greedy, use_tqdm=False)]
     assert got == want
+
+
+@pytest.mark.skipif(not cpu.q4_panels_available(), reason="no int4 panel kernel on this CPU")
+def test_batch_invariant_bundled_model_alone_equals_batched(monkeypatch):
+    """``--batch-invariant`` on the real model with its default int4 weights: each request
+    gives the same greedy tokens alone as in a batch of 24. (Without it, on a CPU with
+    AMX, a 32-stream batch multiplies on bfloat16 tiles and most outputs differ from the
+    same requests alone; docs/server.md.)"""
+    monkeypatch.delenv(CPU_QUANTIZATION_ENV, raising=False)
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    assert EngineArgs.from_cli(parser.parse_args(["--batch-invariant"])).batch_invariant
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    texts = ["Once upon a time, in a small village by the sea, there lived an old fisherman who",
+             "Write a short Python function that returns the n-th Fibonacci number:\n",
+             "The three most important rules of writing clean code are",
+             "List five countries in South America and their capitals:\n1."]
+    llm = LLM(num_threads=2, batch_invariant=True)
+    assert llm.engine.config.quantization == "int4"
+    prompts = [llm.tokenizer.encode(f"{i}. {texts[i % len(texts)]}") for i in range(24)]
+    batched = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    for ids, want in zip(prompts[:3], batched[:3]):
+        assert llm.generate([ids], greedy, use_tqdm=False)[0].outputs[0].token_ids == want

@@ -82,6 +82,36 @@ def test_quantized_engine_invariance(tiny_llama, quant, amx_min_rows, monkeypatc
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_batch_invariant_engine(tiny_llama, quant, monkeypatch):
+    """``batch_invariant``: the same tokens alone, batched and chunked, with every
+    row-count switch of the CPU path armed - quantized layers to AMX tiles (where the CPU
+    has them) or to the dense float path from 2 rows, prompt chunks over 16 tokens to the
+    tiled attention kernel - and nothing pinned by hand."""
+    monkeypatch.setattr(dequant_matmul, "DENSE_MIN_ROWS", 2)
+    monkeypatch.setattr(dequant_matmul, "PANEL_DENSE_MIN_ROWS", 2)
+    monkeypatch.setattr(quantization, "AMX_MIN_ROWS", {4: 2, 8: 2})
+    prompts = _prompts(8)
+    assert max(map(len, prompts)) > torch_backend.SHORT_QUERY_LEN
+    plain = LLM(tiny_llama, num_threads=1, quantization=quant)
+    layer = plain.engine.core.runner.model.model.layers[0].mlp.gate_up_proj
+    assert 2 in (layer.amx_min_rows, layer.dense_min_rows)  # armed without the flag
+    del plain
+
+    llm = LLM(tiny_llama, num_threads=1, quantization=quant, batch_invariant=True)
+    model = llm.engine.core.runner.model
+    quantized = [m for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
+    assert quantized and all(m.amx_min_rows == m.dense_min_rows == 0 for m in quantized)
+    assert model.model.layers[0].self_attn.attn_backend.short_query_len > 1 << 20
+    batched = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    del llm
+    alone = [_tokens(tiny_llama, [p], quantization=quant, batch_invariant=True)[0]
+             for p in prompts[:4]]
+    assert alone == batched[:4]
+    assert _tokens(tiny_llama, prompts, quantization=quant, batch_invariant=True,
+                   max_num_batched_tokens=7) == batched
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_dense_prefill_matches_integer_kernels(tiny_llama, quant, monkeypatch):
     """Prompt logprobs with the dense prefill path (float activations) are at least as
     close to the float32 model's as the integer kernels' (8-bit activations)."""

@@ -77,12 +77,20 @@ def window_start(position: int, sliding_window: int | None) -> int:
     return max(0, position - sliding_window + 1)
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
-    """Return the backend registered under ``name`` ("torch" or "triton")."""
-    if name == "torch":
-        from tokenmill.attention.torch_backend import TorchAttentionBackend
+# A query length no chunk reaches (int32 in the kernels' arguments).
+UNLIMITED_QUERY_LEN = 1 << 30
 
-        return TorchAttentionBackend()
+
+def get_attention_backend(name: str, batch_invariant: bool = False) -> AttentionBackend:
+    """Return the backend registered under ``name`` ("torch" or "triton").
+
+    ``batch_invariant``: the CPU kernels attend every query with the same kernel, however
+    long its chunk (see :class:`~tokenmill.attention.torch_backend.TorchAttentionBackend`).
+    """
+    if name == "torch":
+        from tokenmill.attention.torch_backend import SHORT_QUERY_LEN, TorchAttentionBackend
+
+        return TorchAttentionBackend(UNLIMITED_QUERY_LEN if batch_invariant else SHORT_QUERY_LEN)
     if name == "triton":
         from tokenmill.attention.triton_backend import TritonAttentionBackend
 

@@ -73,9 +73,19 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int,
 
 
 class TorchAttentionBackend:
-    """Paged attention with stock PyTorch operations."""
+    """Paged attention with stock PyTorch operations.
+
+    ``short_query_len``: the longest query the native per-query kernel takes on the CPU
+    (longer prompt chunks go to the tiled kernel, or SDPA). The two kernels add in
+    different orders, so a prompt's numbers then depend on how the scheduler chunked it;
+    a batch-invariant engine (``EngineArgs.batch_invariant``) lifts the limit: one kernel
+    for every query.
+    """
 
     name = "torch"
+
+    def __init__(self, short_query_len: int = SHORT_QUERY_LEN) -> None:
+        self.short_query_len = short_query_len
 
     def forward(
         self,
@@ -119,14 +129,14 @@ class TorchAttentionBackend:
         window = sliding_window
         if q.device.type == "cpu" and cpu_kernels.paged_attention(
             q, out, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            scale, SHORT_QUERY_LEN, window or 0,
+            scale, self.short_query_len, window or 0,
         ):
-            if meta.max_query_len > SHORT_QUERY_LEN and not cpu_kernels.prefill_attention(
+            short = self.short_query_len
+            if meta.max_query_len > short and not cpu_kernels.prefill_attention(
                 q, out, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
-                meta.block_tables, scale, SHORT_QUERY_LEN, window or 0,
+                meta.block_tables, scale, short, window or 0,
             ):
-                self._prefill_each(q, out, k_cache, v_cache, meta, scale, window,
-                                   SHORT_QUERY_LEN)
+                self._prefill_each(q, out, k_cache, v_cache, meta, scale, window, short)
             return out
         if meta.is_decode_only:
             b = meta.num_seqs

@@ -134,6 +134,10 @@ class EngineArgs:
     async_scheduling: bool | None = None
     seed: int = 0
     num_threads: int | None = None  # CPU threads for torch; default: all cores
+    # A request's output does not depend on what it is batched with (CPU): integer
+    # kernels for quantized layers at every row count, one attention kernel for every
+    # query length. Slower prompts; see docs/server.md.
+    batch_invariant: bool = False
     # Speculative decoding (off unless a method is named; see SpeculativeConfig).
     speculative_method: str | None = None  # None | "ngram" | "draft"
     num_speculative_tokens: int = 4
@@ -357,6 +361,11 @@ class EngineArgs:
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--num-threads", type=int, default=None,
                        help="CPU threads for the forward pass (default: all cores)")
+        g.add_argument("--batch-invariant", action="store_true",
+                       help="the same output for a request alone or in any batch (CPU): "
+                            "quantized layers on their integer kernels at every row count "
+                            "(no AMX bfloat16 tiles or dense prompt path), one attention "
+                            "kernel for every query length; prompts run slower")
         s = parser.add_argument_group("speculative decoding")
         s.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
                        help="propose draft tokens by n-gram prompt lookup or with a draft "

@@ -86,11 +86,15 @@ def build_rank_model(
 
     args = args.resolved_for(device)
     dtype = args.resolved_dtype(device)
-    backend = get_attention_backend(args.resolved_backend(device))
+    backend = get_attention_backend(args.resolved_backend(device), args.batch_invariant)
+    if args.batch_invariant and device.type != "cpu":
+        logger.warning("--batch-invariant: only the CPU kernels are made batch-invariant; "
+                       "on %s a request's numbers can still depend on its batch", device)
     t0 = time.perf_counter()
     resolved = resolve_model(args.model, args.load_format)
     loaded = load_model(resolved, dtype=dtype, device=str(device), attn_backend=backend,
-                        quantization=args.quantization, tp=tp, max_model_len=args.max_model_len)
+                        quantization=args.quantization, tp=tp, max_model_len=args.max_model_len,
+                        batch_invariant=args.batch_invariant)
     load_s = time.perf_counter() - t0
     model_config = loaded.config
     kv_heads = loaded.model.shard.num_kv_heads

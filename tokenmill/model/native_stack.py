@@ -159,14 +159,17 @@ class NativeDecoderStack:
     """
 
     def __init__(self, model: torch.nn.Module, layers: list[_Layer], dims: _Dims,
-                 max_rows: int, dtype: torch.dtype = torch.float32) -> None:
+                 max_rows: int, dtype: torch.dtype = torch.float32,
+                 short_query_len: int = SHORT_QUERY_LEN) -> None:
         self._model = model  # keeps the weights the pointers point into alive
         self._layers = (_Layer * len(layers))(*layers)
         self._dims = dims
         self.max_rows = max_rows
         # of the activations and the KV cache (the float32 stack also reads 16-bit caches)
         self.dtype = dtype
-        # Prompt chunks longer than SHORT_QUERY_LEN: the float32 stack attends them with
+        # the attention backend's: queries up to it take the per-query kernel
+        self.short_query_len = short_query_len
+        # Prompt chunks longer than that: the float32 stack attends them with
         # prefill_attention_f32 where this build has it; the bfloat16 one leaves them to
         # the per-layer path (SDPA).
         self.long_chunks = (dtype == torch.float32
@@ -221,7 +224,8 @@ class NativeDecoderStack:
         use_native_elementwise(model)  # steps the stack does not take round as it does
         logger.info("native %s decoder stack: %d layers, steps of up to %d rows", dtype,
                     len(layers), max_rows)
-        return cls(model, layers, dims, max_rows, dtype)
+        short = getattr(model.layers[0].self_attn.attn_backend, "short_query_len", SHORT_QUERY_LEN)
+        return cls(model, layers, dims, max_rows, dtype, short)
 
     def _bind_caches(self, kv_caches: list) -> bool:
         """Point the layers at this step's KV caches (contiguous; the stack's dtype, or
@@ -255,7 +259,7 @@ class NativeDecoderStack:
         them, or None (nothing done) when this step needs the per-layer path."""
         tokens = hidden.shape[0]
         if (tokens == 0 or tokens > self.max_rows
-                or (meta.max_query_len > SHORT_QUERY_LEN and not self.long_chunks)
+                or (meta.max_query_len > self.short_query_len and not self.long_chunks)
                 or meta.has_padding_slots is not False or sin_folded is None
                 or hidden.device.type != "cpu"
                 or not _contiguous(self.dtype, hidden, cos, sin_folded)
@@ -272,7 +276,7 @@ class NativeDecoderStack:
         residual = torch.empty_like(hidden)
         tables = meta.block_tables
         step = _Step(tokens, meta.seq_lens.shape[0], tables.shape[1] if tables.dim() == 2 else 0,
-                     SHORT_QUERY_LEN, cos.data_ptr(), sin_folded.data_ptr(),
+                     self.short_query_len, cos.data_ptr(), sin_folded.data_ptr(),
                      meta.slot_mapping.data_ptr(), meta.query_start_loc.data_ptr(),
                      meta.seq_lens.data_ptr(), tables.data_ptr())
         name = "decoder_stack_bf16" if self.dtype == torch.bfloat16 else "decoder_stack_f32"

@@ -238,6 +238,22 @@ def panel_amx_min_rows(out_features: int, kernel: str, bits: int) -> int:
     return rows
 
 
+def keep_integer_numbers(model: nn.Module) -> int:
+    """Make every int4/int8 layer of ``model`` compute with its integer kernel at any row
+    count (never AMX bfloat16 tiles, never the dense float path), so that a row's result
+    does not depend on how many rows are multiplied with it: what a batch-invariant
+    engine needs (the AMX int8 tiles, used from a few dozen rows, give the integer
+    kernels' bits). Returns how many layers it changed. Call it before the native decoder
+    stack is built: the stack copies the thresholds."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, (Int4Linear, Int8Linear)) and (module.amx_min_rows
+                                                             or module.dense_min_rows):
+            module.amx_min_rows = module.dense_min_rows = 0
+            changed += 1
+    return changed
+
+
 def default_quantized_kernel(out_features: int, bits: int = 4) -> str:
     """The :class:`Int4Linear` (``bits`` 4) or :class:`Int8Linear` (8) kernel for a layer
     of ``out_features`` outputs on this CPU: ``panels`` where the outputs fill 16-column
