@@ -61,6 +61,22 @@ static inline void tm_write(const float *acc, int rows, const uint16_t *bias, ui
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < 16; c++) out[r * ldo + c] = tm_f32_to_bf16(acc[r * 16 + c] + b[c]);
 }
+
+/* A pass's four accumulator tiles (rows0 + rows1 rows x 32 columns) plus bias, through
+   acc, rounded into out. */
+static inline void tm_pass_write(float acc[4][16 * 16], int rows0, int rows1,
+                                 const uint16_t *bias, uint16_t *out, int64_t ldo) {
+    _tile_stored(0, acc[0], 64);
+    _tile_stored(1, acc[1], 64);
+    tm_write(acc[0], rows0, bias, out, ldo);
+    tm_write(acc[1], rows0, bias ? bias + 16 : NULL, out + 16, ldo);
+    if (rows1 > 0) {
+        _tile_stored(2, acc[2], 64);
+        _tile_stored(3, acc[3], 64);
+        tm_write(acc[2], rows1, bias, out + 16 * ldo, ldo);
+        tm_write(acc[3], rows1, bias ? bias + 16 : NULL, out + 16 * ldo + 16, ldo);
+    }
+}
 /* More than 32 rows (prompt chunks). The loop below (rows outer) streams the whole weight
    once per 32 rows, from memory once a layer outgrows L2. Here each thread takes its
    column pairs one at a time: every 32-row pass re-reads the pair's B tiles from L1. The
@@ -94,54 +110,14 @@ static int bf16_matmul_amx_rows(const uint16_t *x, int64_t ldx, const uint16_t *
             const uint16_t *b0 = packed + (int64_t)(2 * g) * kblocks * tile;
             const uint16_t *b1 = b0 + kblocks * tile;
             for (int m0 = 0; m0 < M; m0 += 32) {
-                const int rows0 = M - m0 < 16 ? M - m0 : 16;
-                const int rows1 = M - m0 - 16 <= 0 ? 0 : (M - m0 - 16 < 16 ? M - m0 - 16 : 16);
-                if (32 * rows0 + rows1 != configured) {
-                    tm_tile_configure_bf16_pass(rows0, rows1 > 0 ? rows1 : 1);
-                    configured = 32 * rows0 + rows1;
-                }
+                int rows0, rows1;
+                tm_bf16_pass_rows(M, m0, &rows0, &rows1, &configured);
                 const uint16_t *a0 = xb + (int64_t)(m0 / 16) * kblocks * 512;
                 const uint16_t *a1 = a0 + (int64_t)kblocks * 512;
-                {
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    if (rows1 > 0) {
-                        _tile_zero(2);
-                        _tile_zero(3);
-                    }
-                    for (int kb = 0; kb < kblocks; kb++) {
-                        if (m0 == 0) { /* the first pass reads the pair from memory */
-                            const char *p0 = (const char *)(b0 + (kb + 2) * tile);
-                            const char *p1 = (const char *)(b1 + (kb + 2) * tile);
-                            for (int l = 0; l < 1024; l += 64) {
-                                _mm_prefetch(p0 + l, _MM_HINT_T0);
-                                _mm_prefetch(p1 + l, _MM_HINT_T0);
-                            }
-                        }
-                        _tile_stream_loadd(4, a0 + 512 * kb, 64);
-                        _tile_loadd(6, b0 + kb * tile, 64);
-                        _tile_loadd(7, b1 + kb * tile, 64);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_dpbf16ps(1, 4, 7);
-                        if (rows1 > 0) {
-                            _tile_stream_loadd(5, a1 + 512 * kb, 64);
-                            _tile_dpbf16ps(2, 5, 6);
-                            _tile_dpbf16ps(3, 5, 7);
-                        }
-                    }
-                    _tile_stored(0, acc[0], 64);
-                    _tile_stored(1, acc[1], 64);
-                    uint16_t *out = y + (int64_t)m0 * ldy + 32 * g;
-                    const uint16_t *bg = bias ? bias + 32 * g : NULL;
-                    tm_write(acc[0], rows0, bg, out, ldy);
-                    tm_write(acc[1], rows0, bg ? bg + 16 : NULL, out + 16, ldy);
-                    if (rows1 > 0) {
-                        _tile_stored(2, acc[2], 64);
-                        _tile_stored(3, acc[3], 64);
-                        tm_write(acc[2], rows1, bg, out + 16 * ldy, ldy);
-                        tm_write(acc[3], rows1, bg ? bg + 16 : NULL, out + 16 * ldy + 16, ldy);
-                    }
-                }
+                /* the first pass reads the pair from memory */
+                tm_bf16_pass_products(a0, a1, 512, 64, 1, b0, b1, tile, m0 == 0, kblocks, rows1);
+                tm_pass_write(acc, rows0, rows1, bias ? bias + 32 * g : NULL,
+                              y + (int64_t)m0 * ldy + 32 * g, ldy);
             }
         }
         _tile_release();
@@ -163,7 +139,7 @@ int bf16_matmul_amx(const uint16_t *x, int64_t ldx, const uint16_t *packed,
     #pragma omp parallel
     {
         float acc[4][16 * 16] __attribute__((aligned(64)));
-        int configured0 = -1, configured1 = -1;
+        int configured = -1;
         /* each thread a contiguous range of column groups; rows outer, so a chunk of
            32 activation rows stays in L1 while the thread's weights stream past it */
         const int nt = omp_get_num_threads(), t = omp_get_thread_num();
@@ -173,53 +149,13 @@ int bf16_matmul_amx(const uint16_t *x, int64_t ldx, const uint16_t *packed,
             for (int g = g_begin; g < g_end; g++) {
                 const uint16_t *b0 = packed + (int64_t)(2 * g) * kblocks * tile;
                 const uint16_t *b1 = b0 + kblocks * tile;
-                const int rows0 = M - m0 < 16 ? M - m0 : 16;
-                const int rows1 = M - m0 - 16 < 0 ? 0 : (M - m0 - 16 < 16 ? M - m0 - 16 : 16);
-                if (rows0 != configured0 || rows1 != configured1) {
-                    tm_tile_configure_bf16_pass(rows0, rows1 > 0 ? rows1 : 1);
-                    configured0 = rows0;
-                    configured1 = rows1;
-                }
+                int rows0, rows1;
+                tm_bf16_pass_rows(M, m0, &rows0, &rows1, &configured);
                 const uint16_t *a0 = x + (int64_t)m0 * ldx;
                 const uint16_t *a1 = a0 + 16 * ldx;
-                _tile_zero(0);
-                _tile_zero(1);
-                if (rows1 > 0) {
-                    _tile_zero(2);
-                    _tile_zero(3);
-                }
-                for (int kb = 0; kb < kblocks; kb++) {
-                    /* two tiles ahead: the hardware prefetcher alone reached 12-15 GB/s,
-                       this 15-20 (the tile loads do not train it well) */
-                    const char *p0 = (const char *)(b0 + (kb + 2) * tile);
-                    const char *p1 = (const char *)(b1 + (kb + 2) * tile);
-                    for (int l = 0; l < 1024; l += 64) {
-                        _mm_prefetch(p0 + l, _MM_HINT_T0);
-                        _mm_prefetch(p1 + l, _MM_HINT_T0);
-                    }
-                    _tile_loadd(4, a0 + 32 * kb, ldx * 2);
-                    _tile_loadd(6, b0 + kb * tile, 64);
-                    _tile_loadd(7, b1 + kb * tile, 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 4, 7);
-                    if (rows1 > 0) {
-                        _tile_loadd(5, a1 + 32 * kb, ldx * 2);
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
-                    }
-                }
-                _tile_stored(0, acc[0], 64);
-                _tile_stored(1, acc[1], 64);
-                uint16_t *out = y + (int64_t)m0 * ldy + 32 * g;
-                const uint16_t *bg = bias ? bias + 32 * g : NULL;
-                tm_write(acc[0], rows0, bg, out, ldy);
-                tm_write(acc[1], rows0, bg ? bg + 16 : NULL, out + 16, ldy);
-                if (rows1 > 0) {
-                    _tile_stored(2, acc[2], 64);
-                    _tile_stored(3, acc[3], 64);
-                    tm_write(acc[2], rows1, bg, out + 16 * ldy, ldy);
-                    tm_write(acc[3], rows1, bg ? bg + 16 : NULL, out + 16 * ldy + 16, ldy);
-                }
+                tm_bf16_pass_products(a0, a1, 32, ldx * 2, 0, b0, b1, tile, 1, kblocks, rows1);
+                tm_pass_write(acc, rows0, rows1, bias ? bias + 32 * g : NULL,
+                              y + (int64_t)m0 * ldy + 32 * g, ldy);
             }
         }
         _tile_release();

@@ -178,36 +178,16 @@ static inline __attribute__((always_inline)) int panel_matmul_amx(
                 }
             }
             for (int m0 = 0; m0 < M; m0 += 32) {
-                const int rows0 = M - m0 < 16 ? M - m0 : 16;
-                const int rows1 = M - m0 - 16 <= 0 ? 0 : (M - m0 - 16 < 16 ? M - m0 - 16 : 16);
-                if (32 * rows0 + rows1 != configured) {
-                    tm_tile_configure_bf16_pass(rows0, rows1 > 0 ? rows1 : 1);
-                    configured = 32 * rows0 + rows1;
-                }
+                int rows0, rows1;
+                tm_bf16_pass_rows(M, m0, &rows0, &rows1, &configured);
                 const uint16_t *a0 = xb + (int64_t)(m0 / 16) * groups * 512;
                 const uint16_t *a1 = a0 + (int64_t)groups * 512;
-                _tile_zero(0);
-                _tile_zero(1);
-                if (rows1 > 0) {
-                    _tile_zero(2);
-                    _tile_zero(3);
-                }
                 /* A tiles with the no-reuse hint (tileloaddt1): each is read once per
                    pass, and kept out of L1 they leave it to the pair's B tiles, which
                    every pass re-reads (2-core Sapphire Rapids, a scratch loop of
                    18-group passes: 9.4-10.1 -> 7.3-7.7 ns per tile product) */
-                for (int g = 0; g < groups; g++) {
-                    _tile_loadd(6, tiles_b + 1024 * g, 64);
-                    _tile_loadd(7, tiles_b + 1024 * g + 512, 64);
-                    _tile_stream_loadd(4, a0 + 512 * g, 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 4, 7);
-                    if (rows1 > 0) {
-                        _tile_stream_loadd(5, a1 + 512 * g, 64);
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
-                    }
-                }
+                tm_bf16_pass_products(a0, a1, 512, 64, 1, tiles_b, tiles_b + 512, 1024, 0,
+                                      groups, rows1);
                 float *o = out + (int64_t)m0 * out_stride + 32 * q;
                 const float *b = bias ? bias + 32 * q : NULL;
                 if (!b) { /* the tiles straight into out (a tile's rows are out's rows) */
