@@ -251,6 +251,8 @@ def keep_integer_numbers(model: nn.Module) -> int:
                                                              or module.dense_min_rows):
             module.amx_min_rows = module.dense_min_rows = 0
             changed += 1
+    logger.info("batch-invariant: %d quantized layers moved to their integer kernels at every "
+                "row count", changed)
     return changed
 
 
