@@ -77,6 +77,7 @@ static inline void tm_pass_write(float acc[4][16 * 16], int rows0, int rows1,
         tm_write(acc[3], rows1, bias ? bias + 16 : NULL, out + 16 * ldo + 16, ldo);
     }
 }
+
 /* More than 32 rows (prompt chunks). The loop below (rows outer) streams the whole weight
    once per 32 rows, from memory once a layer outgrows L2. Here each thread takes its
    column pairs one at a time: every 32-row pass re-reads the pair's B tiles from L1. The
