@@ -77,10 +77,6 @@ def window_start(position: int, sliding_window: int | None) -> int:
     return max(0, position - sliding_window + 1)
 
 
-# A query length no chunk reaches (int32 in the kernels' arguments).
-UNLIMITED_QUERY_LEN = 1 << 30
-
-
 def get_attention_backend(name: str, batch_invariant: bool = False) -> AttentionBackend:
     """Return the backend registered under ``name`` ("torch" or "triton").
 
@@ -88,7 +84,11 @@ def get_attention_backend(name: str, batch_invariant: bool = False) -> Attention
     long its chunk (see :class:`~tokenmill.attention.torch_backend.TorchAttentionBackend`).
     """
     if name == "torch":
-        from tokenmill.attention.torch_backend import SHORT_QUERY_LEN, TorchAttentionBackend
+        from tokenmill.attention.torch_backend import (
+            SHORT_QUERY_LEN,
+            UNLIMITED_QUERY_LEN,
+            TorchAttentionBackend,
+        )
 
         return TorchAttentionBackend(UNLIMITED_QUERY_LEN if batch_invariant else SHORT_QUERY_LEN)
     if name == "triton":

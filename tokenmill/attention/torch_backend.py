@@ -31,6 +31,8 @@ from tokenmill.kernels.kv_quant import to_cache_rows, to_model_rows
 
 # Longest query the native CPU kernel takes; longer prefill chunks use SDPA.
 SHORT_QUERY_LEN = 16
+# A limit no chunk reaches (int32 in the kernels' arguments): one kernel for every query.
+UNLIMITED_QUERY_LEN = 1 << 30
 
 
 def write_kv_cache(
@@ -127,11 +129,11 @@ class TorchAttentionBackend:
         if meta.num_seqs == 0:
             return out
         window = sliding_window
+        short = self.short_query_len
         if q.device.type == "cpu" and cpu_kernels.paged_attention(
             q, out, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            scale, self.short_query_len, window or 0,
+            scale, short, window or 0,
         ):
-            short = self.short_query_len
             if meta.max_query_len > short and not cpu_kernels.prefill_attention(
                 q, out, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
                 meta.block_tables, scale, short, window or 0,
